@@ -7,9 +7,9 @@ validator so a spec that loads is a spec that can be built. Line numbers and fil
 """
 from __future__ import annotations
 
-from typing import Annotated, Dict, List, Literal, Optional, Union
+from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
@@ -223,6 +223,9 @@ class TrainSpec(StrictModel):
 
 
 class Spec(StrictModel):
+    """A whole job. Validating one runs `check_references` too (the loader defers that step so it can report
+    reference problems with file lines; see `recsys.spec.loader`)."""
+
     name: str = Field(pattern=NAME_PATTERN)
     description: str = ""
     data: DataSpec
@@ -233,6 +236,24 @@ class Spec(StrictModel):
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
 
+    # Where the spec came from, set by the loader (None for specs built in code): the YAML file, the line of
+    # every key path, and which key paths `--set` overrides replaced. Used by `resolve_path` and by data-
+    # dependent checks that report file lines after loading (`check_domains_have_rows`).
+    _source_path: Optional[str] = PrivateAttr(default=None)
+    _key_lines: Dict[Tuple, int] = PrivateAttr(default_factory=dict)
+    _override_origin: Dict[Tuple, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _references_resolve(self, info: ValidationInfo):
+        # The loader passes context {"defer_references": True} and runs check_references itself, so each
+        # problem gets its own file line; specs built in code get one combined error here.
+        if isinstance(info.context, dict) and info.context.get("defer_references"):
+            return self
+        issues = check_references(self)
+        if issues:
+            raise ValueError("; ".join(f"{'.'.join(map(str, loc))}: {msg}" for loc, msg in issues))
+        return self
+
     # -- convenient views -------------------------------------------------------------------------------------
     def features_of(self, *kinds: str) -> list:
         return [f for f in self.features if f.kind in kinds]
@@ -242,3 +263,123 @@ class Spec(StrictModel):
 
     def domain_index(self, name: str) -> int:
         return [d.name for d in self.domains].index(name)
+
+
+# ------------------------------------------------------------------------------------------- cross-references
+Loc = Tuple[Union[str, int], ...]
+RAW_ID_KINDS = ("id", "sequence")  # features whose values are raw ids, looked up as-is
+
+
+def _first_dupes(names: List[str]) -> Dict[int, int]:
+    """index of each repeated name -> index of its first occurrence."""
+    seen: Dict[str, int] = {}
+    out: Dict[int, int] = {}
+    for i, n in enumerate(names):
+        if n in seen:
+            out[i] = seen[n]
+        else:
+            seen[n] = i
+    return out
+
+
+def _one_of(names) -> str:
+    names = list(names)
+    return "|".join(names) if names else "(none declared)"
+
+
+def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
+    """All cross-section problems of a schema-valid spec, as (key path, message), in spec order.
+
+    Key paths point at the offending list item's field (e.g. ``("features", 4, "table")``) so the loader can
+    report its YAML line.
+    """
+    issues: List[Tuple[Loc, str]] = []
+
+    # unique names per namespace
+    for section, items, what in (
+        (("data", "side_tables"), spec.data.side_tables, "side table"),
+        (("domains",), spec.domains, "domain"),
+        (("features",), spec.features, "feature"),
+        (("tables",), spec.tables, "table"),
+        (("text", "tables"), spec.text.tables, "text table"),
+    ):
+        for i, first in _first_dupes([x.name for x in items]).items():
+            issues.append(((*section, i, "name"),
+                           f"duplicate {what} name '{items[i].name}' (first at {'.'.join(section)}.{first})"))
+    for i, first in _first_dupes([d.match_value for d in spec.domains]).items():
+        issues.append((("domains", i, "value"), f"domain value '{spec.domains[i].match_value}' already selects "
+                       f"domain '{spec.domains[first].name}' (domains.{first}); each row must map to one domain"))
+
+    side_names = [t.name for t in spec.data.side_tables]
+    for i, t in enumerate(spec.data.side_tables):
+        if t.name == "rows":  # `source: rows` in text tables means the impression rows themselves
+            issues.append((("data", "side_tables", i, "name"), "side table name 'rows' is reserved"))
+    table_names = [t.name for t in spec.tables]
+    feature_index = {f.name: i for i, f in reversed(list(enumerate(spec.features)))}
+    text_table_names = [t.name for t in spec.text.tables]
+
+    # features -> tables / side tables / text tables / targets
+    text_needs_tables_reported = False
+    for i, f in enumerate(spec.features):
+        table = getattr(f, "table", None)
+        if table is not None and table not in table_names:
+            issues.append((("features", i, "table"), f"unknown table '{table}'; expected one of {_one_of(table_names)}"))
+        source = getattr(f, "source", None)
+        if source is not None and source not in side_names:
+            issues.append((("features", i, "source"),
+                           f"unknown side table '{source}'; expected one of {_one_of(side_names)} (data.side_tables)"))
+        if f.kind == "sequence" and f.target is not None:
+            j = feature_index.get(f.target)
+            if j is None:
+                issues.append((("features", i, "target"), f"unknown target feature '{f.target}'"))
+            else:
+                tgt = spec.features[j]
+                tgt_table = getattr(tgt, "table", None)
+                if tgt_table != f.table:
+                    got = f"table '{tgt_table}'" if tgt_table else f"no table (kind {tgt.kind})"
+                    issues.append((("features", i, "target"), f"target '{f.target}' must share table '{f.table}' "
+                                   f"with the sequence (target attention compares their embeddings), it has {got}"))
+        if f.kind == "text" and spec.text.mode != "none":
+            if not text_table_names:
+                if not text_needs_tables_reported:
+                    issues.append((("features", i, "text_table"), f"text feature needs text.tables when text.mode "
+                                   f"is '{spec.text.mode}' (declare text.tables or set text.mode: none)"))
+                    text_needs_tables_reported = True
+            elif f.text_table not in text_table_names:
+                issues.append((("features", i, "text_table"),
+                               f"unknown text table '{f.text_table}'; expected one of {_one_of(text_table_names)}"))
+
+    # features sharing a table must put values of one id space into it: tokens split out of a string column
+    # (sparse with a separator) are a different id space than raw ids (id / sequence features).
+    raw_users: Dict[str, int] = {}
+    token_users: Dict[str, int] = {}
+    for i, f in enumerate(spec.features):
+        if f.kind in RAW_ID_KINDS:
+            raw_users.setdefault(f.table, i)
+        elif f.kind == "sparse" and f.separator is not None:
+            token_users.setdefault(f.table, i)
+    for table, i in token_users.items():
+        if table in raw_users:
+            j = raw_users[table]
+            issues.append((("features", i, "table"), f"table '{table}' would mix tokens split from "
+                           f"'{spec.features[i].column}' with the raw ids of features.{j} '{spec.features[j].name}' "
+                           f"({spec.features[j].kind}); give the tokens their own table"))
+
+    # text tables read a side table or the impression rows
+    for i, t in enumerate(spec.text.tables):
+        if t.source != "rows" and t.source not in side_names:
+            issues.append((("text", "tables", i, "source"),
+                           f"unknown source '{t.source}'; expected 'rows' or a side table: {_one_of(side_names)}"))
+        elif t.source != "rows" and t.text is None:
+            issues.append((("text", "tables", i), f"text table reads side table '{t.source}': name its text column "
+                           f"with 'text'"))
+
+    if spec.model.single_domain is not None and spec.model.single_domain not in [d.name for d in spec.domains]:
+        issues.append((("model", "single_domain"), f"unknown domain '{spec.model.single_domain}'; expected one of "
+                       f"{_one_of(d.name for d in spec.domains)}"))
+
+    for key in spec.train.sharding_constraints:
+        if key not in table_names:
+            issues.append((("train", "sharding_constraints", key),
+                           f"unknown table '{key}'; expected one of {_one_of(table_names)}"))
+    return issues
