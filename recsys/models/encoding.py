@@ -1,0 +1,237 @@
+"""L0, User-Query-Item encoding: every feature becomes an aspect vector of its side (user, query or item).
+
+Aspects per side (a side without features of an aspect simply lacks it):
+- `id`:     id features of the side; for the user also each behaviour sequence, read as target attention of the
+            candidate item over the history plus a mean-pooled history (both from the shared item table).
+- `sparse`: sparse categorical and dense features of the side.
+- `text`:   frozen LLM vectors (or hashed-token embeddings in text mode `random`) of the side's texts; a text history
+            is pooled by attention on its cosine with the candidate's text and by its mean.
+Each aspect is projected to `model.dim`. Besides the aspects L0 emits a few scalar *interactions* (text cosines of
+candidate vs query and vs history, attention logits) that L2 feeds straight to its heads: they carry cold-start
+items, whose id embedding has never been trained.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys.data.batch import Batch
+from recsys.data.features import sequence_keys
+from recsys.spec.config import Spec, TextFeature
+
+SIDES = ("user", "query", "item")
+ASPECTS = ("id", "sparse", "text")
+
+
+@dataclass
+class Encoded:
+    """What L0 hands to L1/L2."""
+
+    aspects: Dict[str, torch.Tensor]  # side -> [B, n_aspects(side), dim]
+    interactions: torch.Tensor  # [B, n_interactions]
+
+
+class TextLookup(nn.Module):
+    """Text rows -> vectors. `llm`: a frozen matrix of precomputed vectors (a non-persistent buffer: it is rebuilt
+    from the text cache, so a checkpoint does not carry a copy of the LLM output). `random`: trainable hashed-token
+    embeddings mean-pooled per text (the paper's no-LLM ablation)."""
+
+    def __init__(self, mode: str, table: np.ndarray, random_buckets: int = 0, random_dim: int = 0):
+        super().__init__()
+        self.mode = mode
+        if mode == "llm":
+            self.register_buffer("vectors", torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)),
+                                 persistent=False)
+            self.dim = int(table.shape[1])
+        else:  # random: `table` holds token ids [rows, T], 0 = padding
+            self.register_buffer("token_ids", torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)),
+                                 persistent=False)
+            self.tokens = nn.EmbeddingBag(random_buckets, random_dim, mode="mean", padding_idx=0)
+            nn.init.normal_(self.tokens.weight, std=0.05)
+            self.dim = random_dim
+
+    def forward(self, rows: torch.Tensor) -> torch.Tensor:
+        if self.mode == "llm":
+            return self.vectors[rows]
+        flat = rows.reshape(-1)
+        out = self.tokens(self.token_ids[flat])
+        out = out * (rows.reshape(-1, 1) > 0)  # row 0 (no text) stays a zero vector
+        return out.reshape(*rows.shape, self.dim)
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty."""
+    m = mask.unsqueeze(-1).to(x.dtype)
+    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+
+
+def _masked_softmax_pool(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    scores = scores.masked_fill(~mask, -1e4)
+    w = torch.softmax(scores, dim=1) * mask.to(values.dtype)  # empty history -> all-zero weights
+    return torch.einsum("bl,bld->bd", w, values)
+
+
+def _key(table_name: str) -> str:
+    """ModuleDict key of a text table (prefixed: a table named `items` would shadow ModuleDict.items)."""
+    return f"table_{table_name}"
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)
+
+
+class UserQueryItemEncoder(nn.Module):
+    def __init__(self, spec: Spec, ebc: EmbeddingBagCollection, text_tables: Dict[str, np.ndarray]):
+        super().__init__()
+        self.spec = spec
+        self.ebc = ebc
+        dim = spec.model.dim
+        table_dim = {t.name: t.dim for t in spec.tables}
+        self.text_mode = spec.text.mode
+
+        self.id_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
+        self.sparse_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
+        self.dense_index: Dict[str, List[int]] = {s: [] for s in SIDES}
+        self.sequences = [f for f in spec.features if f.kind == "sequence"]
+        self.text_feats: Dict[str, List[TextFeature]] = {s: [] for s in SIDES}
+        widths: Dict[Tuple[str, str], int] = {}
+        dense_i = 0
+        for f in spec.features:
+            if f.kind == "id":
+                self.id_feats[f.side].append(f.name)
+                widths[(f.side, "id")] = widths.get((f.side, "id"), 0) + table_dim[f.table]
+            elif f.kind == "sparse":
+                self.sparse_feats[f.side].append(f.name)
+                widths[(f.side, "sparse")] = widths.get((f.side, "sparse"), 0) + table_dim[f.table]
+            elif f.kind == "dense":
+                self.dense_index[f.side].append(dense_i)
+                dense_i += 1
+                widths[(f.side, "sparse")] = widths.get((f.side, "sparse"), 0) + 1
+            elif f.kind == "sequence":
+                # attention-pooled + mean-pooled history
+                widths[(f.side, "id")] = widths.get((f.side, "id"), 0) + 2 * table_dim[f.table]
+            elif f.kind == "text" and self.text_mode != "none":
+                self.text_feats[f.side].append(f)
+
+        # text lookups, one per text table used
+        self.text_lookup = nn.ModuleDict()
+        if self.text_mode != "none":
+            for name, table in text_tables.items():
+                self.text_lookup[_key(name)] = TextLookup(self.text_mode, table, spec.text.random_buckets,
+                                                    spec.text.random_dim)
+            for side in SIDES:
+                w = 0
+                for f in self.text_feats[side]:
+                    w += self.text_lookup[_key(f.text_table)].dim * (2 if f.sequence else 1)
+                if w:
+                    widths[(side, "text")] = w
+
+        # sequence attention: a bilinear map of the target (candidate) embedding, cheap enough for 20 positions
+        self.seq_query = nn.ModuleDict()
+        for f in self.sequences:
+            d = table_dim[f.table]
+            lin = nn.Linear(d, d, bias=False)
+            nn.init.eye_(lin.weight)
+            self.seq_query[f.name] = lin
+
+        # the candidate's text feature for each text history (same text table, item side, scalar)
+        self.text_targets: Dict[str, Optional[str]] = {}
+        for side in SIDES:
+            for f in self.text_feats[side]:
+                if f.sequence:
+                    tgt = next((g.name for g in self.text_feats["item"] if not g.sequence
+                                and g.text_table == f.text_table), None)
+                    self.text_targets[f.name] = tgt
+        self.text_temperature = nn.Parameter(torch.tensor(10.0))
+
+        self.aspect_names: Dict[str, List[str]] = {}
+        self.proj = nn.ModuleDict()
+        for side in SIDES:
+            names = [a for a in ASPECTS if (side, a) in widths]
+            if names:
+                self.aspect_names[side] = names
+            for a in names:
+                self.proj[f"{side}_{a}"] = nn.Sequential(nn.Linear(widths[(side, a)], dim), nn.LayerNorm(dim))
+        self.num_interactions = self._count_interactions()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _count_interactions(self) -> int:
+        n = 2 * len(self.sequences)  # max and mean attention logit of the candidate over each id history
+        item_texts = [f for f in self.text_feats["item"] if not f.sequence]
+        for side in SIDES:
+            for f in self.text_feats[side]:
+                if f.sequence and self.text_targets.get(f.name):
+                    n += 2  # max / mean cosine of candidate text with the history texts
+                elif not f.sequence and side != "item":
+                    n += len(item_texts)  # cosine of candidate text with the query (or user) text
+        return n
+
+    def forward(self, batch: Batch) -> Encoded:
+        pooled = self.ebc(batch.sparse)  # KeyedTensor: one vector per KJT key
+        feats = pooled.to_dict()
+        parts: Dict[Tuple[str, str], List[torch.Tensor]] = {}
+        interactions: List[torch.Tensor] = []
+
+        def add(side: str, aspect: str, t: torch.Tensor) -> None:
+            parts.setdefault((side, aspect), []).append(t)
+
+        for side in SIDES:
+            for name in self.id_feats[side]:
+                add(side, "id", feats[name])
+            for name in self.sparse_feats[side]:
+                add(side, "sparse", feats[name])
+            if self.dense_index[side]:
+                add(side, "sparse", batch.dense[:, self.dense_index[side]])
+
+        for f in self.sequences:
+            hist = torch.stack([feats[k] for k in sequence_keys(f.name, f.max_len)], dim=1)  # [B, L, D]
+            lengths = batch.seq_lengths[f.name]
+            mask = torch.arange(f.max_len, device=hist.device).unsqueeze(0) < lengths.unsqueeze(1)
+            target = feats[f.target] if f.target else _masked_mean(hist, mask)
+            q = self.seq_query[f.name](target)
+            scores = torch.einsum("bld,bd->bl", hist, q) / math.sqrt(hist.shape[-1])
+            add(f.side, "id", _masked_softmax_pool(scores, hist, mask))
+            add(f.side, "id", _masked_mean(hist, mask))
+            has = mask.any(1)
+            interactions.append(torch.where(has, scores.masked_fill(~mask, -1e4).amax(1), torch.zeros_like(has,
+                                                                                                  dtype=hist.dtype)))
+            interactions.append(_masked_mean(scores.unsqueeze(-1), mask).squeeze(-1))
+
+        if self.text_mode != "none":
+            vectors = {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name])
+                       for side in SIDES for f in self.text_feats[side]}
+            item_texts = [f.name for f in self.text_feats["item"] if not f.sequence]
+            for side in SIDES:
+                for f in self.text_feats[side]:
+                    v = vectors[f.name]
+                    if not f.sequence:
+                        add(side, "text", v)
+                        if side != "item":
+                            for it in item_texts:
+                                interactions.append(_cos(v, vectors[it]))
+                        continue
+                    mask = batch.text[f.name] > 0
+                    tgt = self.text_targets.get(f.name)
+                    if tgt is not None:
+                        cos = _cos(v, vectors[tgt].unsqueeze(1))  # [B, L]
+                        add(side, "text", _masked_softmax_pool(cos * self.text_temperature, v, mask))
+                        has = mask.any(1)
+                        interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),
+                                                        torch.zeros_like(cos[:, 0])))
+                        interactions.append(_masked_mean(cos.unsqueeze(-1), mask).squeeze(-1))
+                    else:
+                        add(side, "text", _masked_mean(v, mask))
+                    add(side, "text", _masked_mean(v, mask))
+
+        aspects = {
+            side: torch.stack([self.proj[f"{side}_{a}"](torch.cat(parts[(side, a)], dim=1)) for a in names], dim=1)
+            for side, names in self.aspect_names.items()
+        }
+        inter = torch.stack(interactions, dim=1) if interactions else batch.dense.new_zeros(batch.size, 0)
+        return Encoded(aspects=aspects, interactions=inter)

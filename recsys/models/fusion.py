@@ -1,0 +1,69 @@
+"""L1, Aspect Gating Fusion: merge each side's aspect vectors (id, sparse, text) into one vector per domain.
+
+- `domain`: w_a = softmax_a(E_D . E_a / sqrt(dim)), E_D a learned domain embedding, E_a the sample's aspect vector —
+  each domain learns how much to trust ids versus text (cold-start domains lean on text).
+- `mean`:   plain average of the aspects.
+- `cls`:    [CLS]-gating: a learned token (plus the domain embedding) attends over the aspects.
+Gate weights of the last forward are kept (detached) so the training loop can log them per domain.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, List
+
+import torch
+from torch import nn
+
+
+class AspectGate(nn.Module):
+    def __init__(self, mode: str, num_domains: int, dim: int):
+        super().__init__()
+        self.mode = mode
+        self.scale = 1.0 / math.sqrt(dim)
+        if mode in ("domain", "cls"):
+            self.domain_embedding = nn.Embedding(num_domains, dim)
+            nn.init.normal_(self.domain_embedding.weight, std=1.0)
+        if mode == "cls":
+            self.cls = nn.Parameter(torch.randn(dim) * 0.1)
+            self.key = nn.Linear(dim, dim, bias=False)
+
+    def weights(self, aspects: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
+        """aspects [B, A, D], domain [B] -> gate weights [B, A]."""
+        if self.mode == "mean":
+            return aspects.new_full(aspects.shape[:2], 1.0 / aspects.shape[1])
+        e_d = self.domain_embedding(domain)
+        if self.mode == "domain":
+            return torch.softmax(torch.einsum("bad,bd->ba", aspects, e_d) * self.scale, dim=1)
+        query = self.cls + e_d
+        return torch.softmax(torch.einsum("bad,bd->ba", self.key(aspects), query) * self.scale, dim=1)
+
+    def forward(self, aspects: torch.Tensor, domain: torch.Tensor):
+        w = self.weights(aspects, domain)
+        return torch.einsum("ba,bad->bd", w, aspects), w
+
+
+class AspectGatingFusion(nn.Module):
+    """One gate per side; returns the fused side vectors concatenated in side order."""
+
+    def __init__(self, mode: str, sides: Dict[str, List[str]], num_domains: int, dim: int):
+        super().__init__()
+        self.sides = list(sides)
+        self.aspect_names = dict(sides)
+        self.gates = nn.ModuleDict({s: AspectGate(mode, num_domains, dim) for s in self.sides})
+        self.last_weights: Dict[str, torch.Tensor] = {}
+
+    def forward(self, aspects: Dict[str, torch.Tensor], domain: torch.Tensor) -> Dict[str, torch.Tensor]:
+        fused = {}
+        for s in self.sides:
+            fused[s], w = self.gates[s](aspects[s], domain)
+            self.last_weights[s] = w.detach()
+        return fused
+
+    def gate_weights_by_domain(self, domain: torch.Tensor, num_domains: int) -> Dict[str, torch.Tensor]:
+        """Mean gate weight per (domain, aspect) of the last batch: side -> [num_domains, A] (NaN if absent)."""
+        out = {}
+        for s, w in self.last_weights.items():
+            sums = torch.zeros(num_domains, w.shape[1], dtype=w.dtype, device=w.device).index_add_(0, domain, w)
+            counts = torch.bincount(domain, minlength=num_domains).to(w.dtype).unsqueeze(1)
+            out[s] = sums / counts
+        return out

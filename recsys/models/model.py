@@ -1,0 +1,90 @@
+"""The S&R foundation model, assembled from a spec. Its children are exactly `l0`, `l1`, `l2`, so every parameter
+name starts with its level and fine-tuning can freeze by prefix."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+from recsys.data.batch import Batch
+from recsys.models.encoding import SIDES, UserQueryItemEncoder
+from recsys.models.fusion import AspectGatingFusion
+from recsys.models.regularizers import divergence
+from recsys.models.tables import embedding_bag_configs
+from recsys.models.towers import DomainHeads, build_tower
+from recsys.spec.config import Spec
+
+
+class DomainAdaptiveMultiTask(nn.Module):
+    """L2: feature crosses of the fused sides -> tower (domain adaptive layer or a baseline) -> per-domain heads."""
+
+    def __init__(self, spec: Spec, sides: List[str], num_interactions: int):
+        super().__init__()
+        m = spec.model
+        self.sides = sides
+        self.num_domains = len(spec.domains)
+        dim = m.dim
+        self.crosses = [s for s in sides if s != "item"] if "item" in sides else []
+        in_dim = dim * (len(sides) + len(self.crosses)) + num_interactions
+        self.tower = build_tower(m.tower, in_dim, m.hidden, self.num_domains, m.num_experts, m.num_specific_experts,
+                                 m.dropout, m.domain_adaptive)
+        self.heads = DomainHeads(m.hidden[-1], num_interactions, self.num_domains)
+        self.regularizer = m.regularizer
+
+    def forward(self, fused: Dict[str, torch.Tensor], interactions: torch.Tensor, domain: torch.Tensor):
+        parts = [fused[s] for s in self.sides] + [fused[s] * fused["item"] for s in self.crosses] + [interactions]
+        h, z = self.tower(torch.cat(parts, dim=1), domain)
+        logits = self.heads(h, interactions, domain)
+        reg = divergence(self.regularizer, z, domain, self.num_domains) if self.training else logits.new_zeros(())
+        return logits, reg, z
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    regularizer: torch.Tensor
+    representation: torch.Tensor
+
+
+class SRFoundationModel(nn.Module):
+    def __init__(self, spec: Spec, table_rows: Dict[str, int], text_tables: Dict[str, np.ndarray],
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec, table_rows),
+                                     device=device or torch.device("meta"))
+        self.l0 = UserQueryItemEncoder(spec, ebc, text_tables)
+        sides = [s for s in SIDES if s in self.l0.aspect_names]
+        self.l1 = AspectGatingFusion(spec.model.fusion, {s: self.l0.aspect_names[s] for s in sides},
+                                     len(spec.domains), spec.model.dim)
+        self.l2 = DomainAdaptiveMultiTask(spec, sides, self.l0.num_interactions)
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        enc = self.l0(batch)
+        fused = self.l1(enc.aspects, batch.domain)
+        logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
+        return ModelOutput(logits, reg, z)
+
+
+class TrainTask(nn.Module):
+    """Wraps the model with its loss in the shape TrainPipelineSparseDist expects: forward(batch) ->
+    (loss, (loss, logits, labels, domain, regularizer)).
+
+    The loss is the sample-weighted BCE (weight = the domain's loss_weight) averaged over the local batch, plus
+    reg_weight x divergence. Averaging per sample (not per domain) keeps 1 and N ranks on the same objective."""
+
+    def __init__(self, model: SRFoundationModel, spec: Spec):
+        super().__init__()
+        self.model = model
+        self.register_buffer("domain_weight", torch.tensor([d.loss_weight for d in spec.domains],
+                                                           dtype=torch.float32), persistent=False)
+        self.reg_weight = spec.model.reg_weight if spec.model.regularizer != "none" else 0.0
+
+    def forward(self, batch: Batch):
+        out = self.model(batch)
+        bce = nn.functional.binary_cross_entropy_with_logits(out.logits, batch.labels, reduction="none")
+        loss = (bce * self.domain_weight[batch.domain]).mean() + self.reg_weight * out.regularizer
+        return loss, (loss.detach(), out.logits.detach(), batch.labels, batch.domain, out.regularizer.detach())

@@ -1,0 +1,58 @@
+"""Spec -> TorchRec embedding table configs. Pure: no torch.distributed, testable on its own."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+
+from recsys.data.features import kjt_keys, table_of_key
+from recsys.errors import SpecError
+from recsys.spec.config import Spec
+
+_POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+
+
+def table_rows(spec: Spec, vocab_rows: Dict[str, int]) -> Dict[str, int]:
+    """Rows per table: `num_buckets` where the spec gives one (hash tables, or a cap/override for vocab tables),
+    else the prepared vocabulary size (which already counts row 0 for unseen ids)."""
+    out: Dict[str, int] = {}
+    for t in spec.tables:
+        if t.num_buckets is not None:
+            out[t.name] = t.num_buckets
+        elif t.name in vocab_rows:
+            out[t.name] = vocab_rows[t.name]
+        else:
+            raise SpecError(f"tables.{t.name}: vocabulary size unknown; run jobs/prepare_data.py or set num_buckets")
+    return out
+
+
+def embedding_bag_configs(spec: Spec, rows: Dict[str, int]) -> List[EmbeddingBagConfig]:
+    """One EmbeddingBagConfig per table that some feature reads, its feature_names in KJT key order.
+
+    Tables nobody reads are skipped (a spec may declare a table for a future domain)."""
+    key_table = table_of_key(spec)
+    configs: List[EmbeddingBagConfig] = []
+    for t in spec.tables:
+        names = [k for k in kjt_keys(spec) if key_table[k] == t.name]
+        if not names:
+            continue
+        configs.append(
+            EmbeddingBagConfig(
+                name=t.name,
+                embedding_dim=t.dim,
+                num_embeddings=rows[t.name],
+                feature_names=names,
+                pooling=_POOLING[t.pooling],
+                init_fn=_normal_init(t.init_std) if t.init_std is not None else None,
+            )
+        )
+    return configs
+
+
+def _normal_init(std: float):
+    import torch
+
+    def init(weight: "torch.Tensor") -> "torch.Tensor":
+        return torch.nn.init.normal_(weight, mean=0.0, std=std)
+
+    return init
