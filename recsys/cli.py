@@ -1,0 +1,109 @@
+"""Shared plumbing of the thin `jobs/*.py` scripts: spec arguments, logging, and error reporting.
+
+A job looks like::
+
+    def main(argv=None) -> int:
+        parser = argparse.ArgumentParser(description=...)
+        add_spec_args(parser)
+        args = parser.parse_args(argv)
+        setup_logging(rank=0)
+        spec = load_spec_from_args(args)
+        ...
+        return 0
+
+    if __name__ == "__main__":
+        run_main(main)
+
+`run_main` turns bad input (`RecsysError`) into `error: <message>` on stderr with exit code 2 instead of a
+traceback; set RECSYS_DEBUG=1 to get the traceback back.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Callable, Optional, Union
+
+from recsys.errors import RecsysError
+from recsys.spec.config import Spec
+from recsys.spec.loader import load_spec
+
+__all__ = ["add_spec_args", "load_spec_from_args", "run_main", "setup_logging", "EXIT_BAD_INPUT",
+           "EXIT_INTERRUPTED"]
+
+EXIT_BAD_INPUT = 2  # same code argparse uses for a bad command line
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
+
+_LOG = logging.getLogger("recsys.cli")
+
+
+def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add `--spec PATH` (required) and repeatable `--set key.path=value` to `parser`."""
+    parser.add_argument("--spec", required=True, metavar="PATH",
+                        help="feature spec YAML, e.g. feature_specs/movielens.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one spec value (repeatable); list items by index or name, "
+                             "e.g. --set model.fusion=mean --set domains.sci_rec.loss_weight=2")
+    return parser
+
+
+def load_spec_from_args(args: argparse.Namespace) -> Spec:
+    """The spec named by `--spec`, with every `--set` applied in order."""
+    return load_spec(args.spec, list(getattr(args, "overrides", None) or []))
+
+
+def _debug() -> bool:
+    return os.environ.get("RECSYS_DEBUG", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _report(message: str) -> None:
+    # One `error:` prefix per line: a spec with several problems prints one self-contained line per problem.
+    lines = str(message).strip().splitlines() or ["(no message)"]
+    for line in lines:
+        print(f"error: {line}", file=sys.stderr)
+
+
+def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
+    """Run `main_fn()` and exit with its return code (None = 0).
+
+    `RecsysError` / argparse errors -> `error: <message>` on stderr, exit 2, no traceback (RECSYS_DEBUG=1
+    re-raises); Ctrl-C -> exit 130. Other exceptions are bugs and keep their traceback.
+    """
+    try:
+        rc = main_fn()
+    except (RecsysError, argparse.ArgumentError, argparse.ArgumentTypeError) as e:
+        if _debug():
+            raise
+        _report(str(e))
+        sys.exit(EXIT_BAD_INPUT)
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print("error: interrupted", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(int(rc or 0))
+
+
+def setup_logging(rank: Optional[int] = None, level: Optional[Union[int, str]] = None) -> None:
+    """Log to stderr with time and logger name: INFO on rank 0, WARNING on other ranks (so N ranks do not print
+    N copies). `rank` defaults to $RANK (0 when unset); `level` or $RECSYS_LOG_LEVEL overrides the level."""
+    if rank is None:
+        try:
+            rank = int(os.environ.get("RANK", "0"))
+        except ValueError:
+            rank = 0
+    chosen = level if level is not None else os.environ.get("RECSYS_LOG_LEVEL")
+    if chosen is None:
+        resolved = logging.INFO if rank == 0 else logging.WARNING
+    elif isinstance(chosen, str):
+        resolved = logging.getLevelName(chosen.strip().upper())
+        if not isinstance(resolved, int):
+            raise RecsysError(f"unknown log level '{chosen}' (use DEBUG, INFO, WARNING or ERROR)")
+    else:
+        resolved = int(chosen)
+    prefix = f"[rank {rank}] " if rank != 0 else ""
+    fmt = f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"
+    # force=True: jobs may be called in-process (tests) more than once; replace handlers rather than stack them.
+    logging.basicConfig(level=resolved, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger("recsys").setLevel(resolved)
