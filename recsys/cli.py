@@ -35,7 +35,6 @@ __all__ = ["add_spec_args", "load_spec_from_args", "run_main", "setup_logging", 
 EXIT_BAD_INPUT = 2  # same code argparse uses for a bad command line
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, what shells report for Ctrl-C
 
-_LOG = logging.getLogger("recsys.cli")
 
 
 def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

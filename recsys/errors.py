@@ -13,7 +13,13 @@ class RecsysError(Exception):
 
 
 class SpecError(RecsysError):
-    """A feature spec (YAML file or ``--set`` override) is invalid."""
+    """A feature spec (YAML file or ``--set`` override) is invalid.
+
+    The message has one line per problem; the loader also sets ``issues`` (``recsys.spec.loader.SpecIssue``
+    records with file, line, key path and message) for callers that want them structured.
+    """
+
+    issues: tuple = ()
 
 
 class DataError(RecsysError):

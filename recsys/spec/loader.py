@@ -56,7 +56,7 @@ def _raise(issues: List[SpecIssue]) -> None:
         return
     ordered = sorted(dict.fromkeys(issues), key=lambda i: (i.override is not None, i.line or 0))
     err = SpecError("\n".join(str(i) for i in ordered))
-    err.issues = ordered  # structured view for callers and tests
+    err.issues = tuple(ordered)  # structured view for callers and tests
     raise err
 
 
@@ -74,6 +74,11 @@ class _Origins:
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.overrides:
                 return SpecIssue(self.file, loc, message, override=self.overrides[loc[:n]])
+        if loc not in self.lines:
+            # A key the file never had but an override created on its way down (--set nosuch.x=1 -> `nosuch`).
+            created = [arg for path, arg in self.overrides.items() if path[:len(loc)] == loc]
+            if created:
+                return SpecIssue(self.file, loc, message, override=created[-1])
         # Missing keys have no line of their own: report the nearest ancestor that exists (their parent).
         for n in range(len(loc), -1, -1):
             if loc[:n] in self.lines:
