@@ -1,0 +1,87 @@
+"""Vectorised arrow -> numpy helpers shared by prepare and the loader (no per-row Python)."""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+ArrayLike = Union[pa.Array, pa.ChunkedArray]
+
+
+def as_strings(arr: ArrayLike) -> ArrayLike:
+    """Ids may be strings or integers (or dictionary-encoded): compare them as strings."""
+    t = arr.type
+    if pa.types.is_dictionary(t):
+        arr = pc.cast(arr, t.value_type) if not isinstance(arr, pa.ChunkedArray) or arr.num_chunks else arr
+        t = arr.type
+    if pa.types.is_string(t):
+        return arr
+    if pa.types.is_large_string(t) or pa.types.is_integer(t):
+        return pc.cast(arr, pa.string())
+    raise TypeError(f"cannot use {t} as an id")
+
+
+def _chunks(arr: ArrayLike):
+    return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
+
+
+def lookup(arr: ArrayLike, keys: pa.Array, missing: int = -1) -> np.ndarray:
+    """int64 position of every value in `keys` (string array), `missing` when absent or null. Dictionary-encoded
+    chunks are looked up once per distinct value."""
+    parts = []
+    for ch in _chunks(arr):
+        if pa.types.is_dictionary(ch.type):
+            pos = lookup(ch.dictionary, keys, missing)
+            idx = ch.indices.to_numpy(zero_copy_only=False) if ch.null_count == 0 else \
+                pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False)
+            out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
+            if ch.null_count:
+                out[idx < 0] = missing
+            parts.append(out)
+        else:
+            r = pc.index_in(as_strings(ch), value_set=keys)
+            parts.append(pc.fill_null(r, missing).to_numpy(zero_copy_only=False).astype(np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def apply_distinct(arr: ArrayLike, fn) -> np.ndarray:
+    """Apply `fn(pa.Array of strings) -> np.ndarray` once per distinct value of dictionary chunks."""
+    parts = []
+    for ch in _chunks(arr):
+        if pa.types.is_dictionary(ch.type):
+            vals = fn(as_strings(ch.dictionary))
+            idx = pc.fill_null(ch.indices, 0).to_numpy(zero_copy_only=False)
+            out = vals[idx] if len(vals) else np.zeros(len(idx), dtype=vals.dtype)
+            if ch.null_count:
+                out[~np.asarray(ch.is_valid())] = fn(pa.array([None], pa.string()))[0]
+            parts.append(out)
+        else:
+            parts.append(fn(as_strings(ch)))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def list_parts(arr: ArrayLike) -> Tuple[pa.Array, np.ndarray]:
+    """(flat values, int64 lengths per row) of a list column; null lists count as empty."""
+    if isinstance(arr, pa.ChunkedArray):
+        arr = arr.combine_chunks() if arr.num_chunks != 1 else arr.chunk(0)
+    lens = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False).astype(np.int64)
+    return pc.list_flatten(arr), lens
+
+
+def pad(flat: np.ndarray, lens: np.ndarray, width: int, keep_last: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Jagged (flat, lens) -> ([n, width] left-aligned, 0-padded; kept lengths). keep_last keeps each row's newest
+    `width` values (histories), otherwise its first `width` (multi-valued features)."""
+    n = len(lens)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    kept = np.minimum(lens, width)
+    start = offsets[:-1] + (lens - kept if keep_last else 0)
+    cols = np.arange(width, dtype=np.int64)
+    mask = cols[None, :] < kept[:, None]
+    out = np.zeros((n, width), dtype=np.int64)
+    if len(flat):
+        idx = start[:, None] + cols[None, :]
+        out[mask] = flat[idx[mask]]
+    return out, kept
