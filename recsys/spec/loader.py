@@ -87,6 +87,35 @@ class _Origins:
 
 
 # ------------------------------------------------------------------------------------------------ YAML + lines
+def _duplicate_keys(root: yaml.Node, file: str) -> List[SpecIssue]:
+    """Keys written twice in one mapping (PyYAML silently keeps the last); merge keys (<<) may be overridden."""
+    issues: List[SpecIssue] = []
+    seen_nodes: set = set()
+
+    def walk(n: yaml.Node, loc: Loc) -> None:
+        if id(n) in seen_nodes:  # aliases share nodes; anchored trees are checked once
+            return
+        seen_nodes.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first_line: Dict[str, int] = {}
+            for k_node, v_node in n.value:
+                if not isinstance(k_node, yaml.ScalarNode) or k_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key, line = k_node.value, k_node.start_mark.line + 1
+                if key in first_line:
+                    issues.append(SpecIssue(file, (*loc, key), f"duplicate key '{key}' (first at line "
+                                                                f"{first_line[key]})", line=line))
+                else:
+                    first_line[key] = line
+                walk(v_node, (*loc, key))
+        elif isinstance(n, yaml.SequenceNode):
+            for i, item in enumerate(n.value):
+                walk(item, (*loc, i))
+
+    walk(root, ())
+    return issues
+
+
 def _compose(text: str, file: str) -> Tuple[Any, Dict[Loc, int], List[SpecIssue]]:
     """Parse YAML into plain data plus the 1-based line of every key path; flags duplicate keys."""
     loader = yaml.SafeLoader(text)
@@ -94,6 +123,7 @@ def _compose(text: str, file: str) -> Tuple[Any, Dict[Loc, int], List[SpecIssue]
         node = loader.get_single_node()
         if node is None:
             raise SpecError(f"{file}:1: the spec is empty")
+        duplicates = _duplicate_keys(node, file)  # before construction rewrites merge keys in place
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
@@ -105,25 +135,20 @@ def _compose(text: str, file: str) -> Tuple[Any, Dict[Loc, int], List[SpecIssue]
         loader.dispose()
 
     lines: Dict[Loc, int] = {(): node.start_mark.line + 1}
-    issues: List[SpecIssue] = []
+    issues = duplicates
 
     def walk(n: yaml.Node, value: Any, loc: Loc) -> None:
         if isinstance(n, yaml.MappingNode) and isinstance(value, dict):
-            first_line: Dict[Any, int] = {}
+            # Construction flattened merge keys (<<: *anchor) into n.value ahead of the explicit keys, so the
+            # last occurrence of a key is the one that took effect: its line wins.
             for k_node, v_node in n.value:
-                if not isinstance(k_node, yaml.ScalarNode) or k_node.tag == "tag:yaml.org,2002:merge":
-                    continue  # merged keys (<<: *anchor) keep the anchor's lines via the fallback to the parent
-                key = k_node.value
-                match = next((k for k in value if str(k) == key), key)
-                line = k_node.start_mark.line + 1
-                if key in first_line:
-                    issues.append(SpecIssue(file, (*loc, key), f"duplicate key '{key}' (first at line "
-                                                                f"{first_line[key]})", line=line))
+                if not isinstance(k_node, yaml.ScalarNode):
                     continue
-                first_line[key] = line
-                lines[(*loc, match)] = line
-                if match in value:
-                    walk(v_node, value[match], (*loc, match))
+                match = next((k for k in value if str(k) == k_node.value), None)
+                if match is None:
+                    continue
+                lines[(*loc, match)] = k_node.start_mark.line + 1
+                walk(v_node, value[match], (*loc, match))
         elif isinstance(n, yaml.SequenceNode) and isinstance(value, list):
             for i, (item_node, item) in enumerate(zip(n.value, value)):
                 lines[(*loc, i)] = item_node.start_mark.line + 1

@@ -175,3 +175,23 @@ def test_check_domains_have_rows(tmp_path: Path):
     with pytest.raises(SpecError, match=r"\[--set domains\.0=\{name: d_x, kind: rec\}\] domains\.0\.name: "
                                         r"domain 'd_x' has no rows"):
         check_domains_have_rows(load_spec(path, ["domains.0={name: d_x, kind: rec}"]), {"d_search": 2})
+
+
+def test_anchors_and_merge_keys(tmp_path: Path):
+    # a merged key overridden explicitly is no duplicate; errors point at the key that took effect
+    path = tmp_path / "anchors.yaml"
+    path.write_text(
+        "name: anchors\n"
+        "data: {adapter: parquet, raw_dir: r, prepared_dir: p}\n"
+        "domains:\n"
+        "  - &dom {name: d1, kind: rec}\n"
+        "  - <<: *dom\n"
+        "    name: d2\n"
+        "    kind: serch\n"
+        "features:\n"
+        "  - {kind: id, name: u, column: u, side: user, table: t}\n"
+        "tables: [{name: t, dim: 4}]\n")
+    assert spec_errors(path) == [f"{path}:7 domains.1.kind: expected one of search|rec, got 'serch'"]
+    path.write_text(path.read_text().replace("kind: serch", "kind: search"))
+    spec = load_spec(path)
+    assert [d.name for d in spec.domains] == ["d1", "d2"] and spec.domains[1].kind == "search"
