@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -21,12 +22,24 @@ log = logging.getLogger("recsys.text")
 IDENTITY_MEMO = "model_identity_memo.json"
 
 
+def _spec_arg(spec: Spec) -> str:
+    """The spec file as the user would pass it (specs built in code fall back to the usual location)."""
+    source = getattr(spec, "_source_path", None)
+    if source:
+        try:
+            rel = os.path.relpath(source)
+            return source if rel.startswith("..") else rel
+        except ValueError:
+            return source
+    return f"feature_specs/{spec.name}.yaml"
+
+
 def _encode_hint(spec: Spec) -> str:
-    return f"python jobs/encode_text.py --spec feature_specs/{spec.name}.yaml"
+    return f"python jobs/encode_text.py --spec {_spec_arg(spec)}"
 
 
 def _prepare_hint(spec: Spec) -> str:
-    return f"python jobs/prepare_data.py --spec feature_specs/{spec.name}.yaml"
+    return f"python jobs/prepare_data.py --spec {_spec_arg(spec)}"
 
 
 def _table_spec(spec: Spec, table_name: str) -> TextTableSpec:
@@ -73,6 +86,8 @@ def encode_text_tables(spec: Spec, device: Optional[str] = None, progress: bool 
         log.info("text.mode is %s: nothing to encode", spec.text.mode)
         return {}
     enc_spec = spec.text.encoder
+    # Read every table before touching the model: a missing table fails in milliseconds, not after extraction.
+    tables = {t.name: _read_table(spec, t.name) for t in spec.text.tables}
     folder = model_dir(spec)
     key = cache_key(spec, folder)
     cache = VectorCache(paths.cache_root(spec), key)
@@ -81,7 +96,7 @@ def encode_text_tables(spec: Spec, device: Optional[str] = None, progress: bool 
     stats: Dict[str, dict] = {}
     for table_spec in spec.text.tables:
         start = time.perf_counter()
-        table = _read_table(spec, table_spec.name)
+        table = tables[table_spec.name]
         texts, _, hashes = _texts_to_encode(table)
         todo = cache.missing(hashes)
         unique = len(set(hashes.tolist()))

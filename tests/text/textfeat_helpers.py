@@ -41,9 +41,13 @@ def write_text_table(prepared: Path, name: str, keys: List[str], texts: List[Opt
 
 
 def make_spec(tmp: Path, model: str, mode: str = "llm", encoder: Optional[Dict] = None) -> Spec:
+    return Spec.model_validate(spec_dict(tmp, model, mode, encoder))
+
+
+def spec_dict(tmp: Path, model: str, mode: str = "llm", encoder: Optional[Dict] = None) -> Dict:
     enc = {"model": model, "device": "cpu", "batch_size": 4, "max_length": 32}
     enc.update(encoder or {})
-    return Spec.model_validate({
+    return {
         "name": "text_test",
         "data": {"adapter": "parquet", "raw_dir": str(tmp / "raw"), "prepared_dir": str(tmp / "prepared"),
                  "side_tables": [{"name": "items", "path": "items.parquet", "key": "item_id",
@@ -59,4 +63,4 @@ def make_spec(tmp: Path, model: str, mode: str = "llm", encoder: Optional[Dict] 
         "text": {"mode": mode, "cache_dir": str(tmp / "cache"), "encoder": enc,
                  "tables": [{"name": "items", "source": "items", "key": "item_id", "text": "text"},
                             {"name": "queries", "source": "rows", "key": "query"}]},
-    })
+    }
