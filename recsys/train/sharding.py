@@ -1,0 +1,375 @@
+"""The one place that builds TorchRec sharding plans (jobs/plan.py and the pretrain job both come here).
+
+A plan is made on a *simulated* topology built through `TopologyFactory` (no devices needed), or, inside a running
+process group, collectively (`planner.collective_plan`: rank 0 plans, everybody receives the same plan). Failures
+of the planner are translated into a `SpecError` that names the tables that do not fit and by how many GiB, because
+the planner's own message only gives global totals.
+
+Sizes are in GiB (1024**3 bytes), as TorchRec counts them (it calls them "GB").
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from recsys.data.features import kjt_keys, table_of_key
+from recsys.errors import SpecError
+from recsys.models.tables import embedding_bag_configs
+from recsys.spec.config import Spec
+
+log = logging.getLogger("recsys.train.sharding")
+
+GIB = 1024**3
+FP32_BYTES = 4
+DEFAULT_LOCAL_WORLD_SIZE = 8  # GPUs per host on the usual 8-GPU nodes
+RESERVED_FRACTION = 0.15  # of every rank kept for the dense model, activations and input buffers
+HEADROOM = 1.0 - RESERVED_FRACTION
+
+ROW_WISE_TYPES = ("row_wise", "table_row_wise")
+# The stock CPU sharder also offers table_column_wise, which we keep off as well: on gloo only these three are used
+# and tested by the training job.
+CPU_SHARDING_TYPES = ("table_wise", "column_wise", "data_parallel")
+# Kernels that need no extra configuration (the SSD / key-value / virtual-table kernels need parameters a spec
+# does not declare, so offering them would let the planner pick plans that cannot be built).
+CUDA_COMPUTE_KERNELS = ("fused", "fused_uvm", "fused_uvm_caching", "dense")
+CPU_COMPUTE_KERNELS = ("fused", "dense")
+
+# Optimiser state per row, as a multiple of the row's weight (rowwise: one float per row).
+_OPTIMIZER_STATE = {"sgd": 0.0, "rowwise_adagrad": None, "adagrad": 1.0, "adam": 2.0}
+
+
+def _check_device(device_type: str) -> str:
+    if device_type not in ("cpu", "cuda"):
+        raise SpecError(f"device must be 'cpu' or 'cuda', got {device_type!r}")
+    return device_type
+
+
+# ----------------------------------------------------------------------------------------------------- topology
+def make_topology(
+    world_size: int,
+    device_type: str,
+    hbm_gb: Optional[float] = None,
+    ddr_gb: Optional[float] = None,
+    local_world_size: Optional[int] = None,
+):
+    """A planner Topology of `world_size` identical ranks. Capacities default to TorchRec's (32 GiB HBM,
+    128 GiB DDR per rank). Built through `TopologyFactory` (a bare `Topology(...)` logs a warning on TorchRec 1.8)."""
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
+
+    _check_device(device_type)
+    if world_size < 1:
+        raise SpecError(f"world size must be >= 1, got {world_size}")
+    for name, value in (("hbm_gb", hbm_gb), ("ddr_gb", ddr_gb)):
+        if value is not None and value <= 0:
+            raise SpecError(f"{name} must be > 0, got {value}")
+    if local_world_size is None:
+        local_world_size = min(world_size, DEFAULT_LOCAL_WORLD_SIZE) if device_type == "cuda" else world_size
+    if world_size % local_world_size:
+        raise SpecError(f"world size {world_size} is not a multiple of local world size {local_world_size}")
+    trainer = TrainerConfig(
+        world_size=world_size,
+        local_world_size=local_world_size,
+        hbm_cap_bytes=int(hbm_gb * GIB) if hbm_gb is not None and device_type == "cuda" else None,
+        ddr_cap_bytes=int(ddr_gb * GIB) if ddr_gb is not None else None,
+    )
+    return TopologyFactory.create_topology(trainer_config=trainer, kernel_config=KernelConfig(compute_device=device_type))
+
+
+# ----------------------------------------------------------------------------------------------------- sharders
+def fused_params_for(spec: Spec) -> Dict[str, Any]:
+    """FBGEMM fused-optimiser parameters from `train.embedding_optimizer` / `train.embedding_lr`."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    optim = {
+        "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD,
+        "adagrad": EmbOptimType.EXACT_ADAGRAD,
+        "sgd": EmbOptimType.EXACT_SGD,
+        "adam": EmbOptimType.ADAM,
+    }[spec.train.embedding_optimizer]
+    return {"optimizer": optim, "learning_rate": spec.train.embedding_lr}
+
+
+def _make_sharder_class():
+    from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+
+    class RecsysEBCSharder(EmbeddingBagCollectionSharder):
+        """The stock EBC sharder, limited to the sharding types and kernels we can build on each device."""
+
+        def sharding_types(self, compute_device_type: str) -> List[str]:
+            types = super().sharding_types(compute_device_type)
+            if compute_device_type == "cpu":
+                types = [t for t in types if t in CPU_SHARDING_TYPES]
+            return types
+
+        def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+            allowed = CUDA_COMPUTE_KERNELS if compute_device_type == "cuda" else CPU_COMPUTE_KERNELS
+            return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in allowed]
+
+    return RecsysEBCSharder
+
+
+def sharders_for(device_type: str, fused_params: Optional[Dict[str, Any]] = None) -> List[Any]:
+    """`[EmbeddingBagCollectionSharder]` with the fused optimiser; on CPU only table/column-wise and DP."""
+    _check_device(device_type)
+    return [_make_sharder_class()(fused_params=dict(fused_params) if fused_params else None)]
+
+
+# -------------------------------------------------------------------------------------------------- constraints
+def _pooling_factors(spec: Spec, table: str) -> List[float]:
+    """Expected values per sample for each feature of `table`, in KJT order: ids and sequence positions hold
+    exactly one; a sparse feature at most `max_values` (an upper bound keeps the comms estimate conservative)."""
+    by_name = {f.name: f for f in spec.features}
+    out: List[float] = []
+    key_table = table_of_key(spec)
+    for key in kjt_keys(spec):
+        if key_table[key] != table:
+            continue
+        feat = by_name.get(key)
+        out.append(float(feat.max_values) if feat is not None and feat.kind == "sparse" else 1.0)
+    return out
+
+
+def constraints_from_spec(spec: Spec, device_type: str) -> Dict[str, Any]:
+    """`train.sharding_constraints` (table -> allowed sharding types) as TorchRec ParameterConstraints.
+
+    Every table some feature reads gets an entry (it carries the pooling factors the cost model needs). On CPU each
+    entry lists only CPU-buildable types: row-wise types are dropped with a warning, and a table left with nothing
+    falls back to all CPU types. On CUDA unconstrained tables leave the choice to the planner."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    _check_device(device_type)
+    read_tables = set(table_of_key(spec).values())
+    declared = {t.name for t in spec.tables}
+    for name in spec.train.sharding_constraints:
+        if name not in declared:
+            raise SpecError(f"train.sharding_constraints.{name}: no such table (tables: {sorted(declared)})")
+    out: Dict[str, ParameterConstraints] = {}
+    for table in spec.tables:
+        if table.name not in read_tables:
+            continue
+        wanted = spec.train.sharding_constraints.get(table.name)
+        types: Optional[List[str]] = list(dict.fromkeys(wanted)) if wanted else None
+        if device_type == "cpu":
+            if types is None:
+                types = list(CPU_SHARDING_TYPES)
+            else:
+                dropped = [t for t in types if t not in CPU_SHARDING_TYPES]
+                types = [t for t in types if t in CPU_SHARDING_TYPES]
+                if dropped:
+                    log.warning("train.sharding_constraints.%s: %s not available on CPU, dropped%s", table.name,
+                                "/".join(dropped), "" if types else "; using " + "/".join(CPU_SHARDING_TYPES))
+                types = types or list(CPU_SHARDING_TYPES)
+        out[table.name] = ParameterConstraints(sharding_types=types,
+                                               pooling_factors=_pooling_factors(spec, table.name))
+    return out
+
+
+# -------------------------------------------------------------------------------------------------------- sizes
+def table_bytes(rows: int, dim: int, optimizer: str) -> int:
+    """fp32 weights plus the embedding optimiser's state (what a table costs wherever it is placed)."""
+    weights = rows * dim * FP32_BYTES
+    mult = _OPTIMIZER_STATE[optimizer]
+    state = rows * FP32_BYTES if mult is None else int(weights * mult)
+    return weights + state
+
+
+def _min_split(allowed: Sequence[str], world_size: int, dim: int) -> int:
+    """Into how many ranks a table can at best be divided under the allowed sharding types."""
+    best = 1
+    if any(t in ROW_WISE_TYPES for t in allowed):
+        best = max(best, world_size)
+    if "column_wise" in allowed or "table_column_wise" in allowed:
+        best = max(best, min(world_size, max(1, dim // 4)))  # column shards are at least 4 wide
+    return best
+
+
+def explain_no_fit(spec: Spec, rows: Dict[str, int], world_size: int, device_type: str,
+                   hbm_gb: Optional[float], ddr_gb: Optional[float]) -> str:
+    """Which tables cannot be placed, and by how much, on `world_size` ranks of the given capacity."""
+    from torchrec.distributed.planner.constants import DDR_CAP, HBM_CAP
+
+    hbm = hbm_gb * GIB if hbm_gb is not None else HBM_CAP
+    ddr = ddr_gb * GIB if ddr_gb is not None else DDR_CAP
+    # On CUDA the UVM kernels may place a table in host memory; on CPU there is only DDR.
+    per_rank = (hbm + ddr if device_type == "cuda" else ddr) * HEADROOM
+    where = "HBM+DDR" if device_type == "cuda" else "DDR"
+    constraints = constraints_from_spec(spec, device_type)
+    cpu_or_all = CPU_SHARDING_TYPES if device_type == "cpu" else ROW_WISE_TYPES + ("column_wise", "table_wise")
+    sizes: Dict[str, int] = {}
+    problems: List[str] = []
+    for t in spec.tables:
+        if t.name not in constraints:
+            continue
+        sizes[t.name] = table_bytes(rows[t.name], t.dim, spec.train.embedding_optimizer)
+        allowed = constraints[t.name].sharding_types or list(cpu_or_all)
+        split = _min_split(allowed, world_size, t.dim)
+        need = sizes[t.name] / split
+        if need > per_rank:
+            problems.append(f"table {t.name} ({rows[t.name]:,} rows x {t.dim}) needs {sizes[t.name] / GIB:.1f} GiB, "
+                            f"at best {need / GIB:.1f} GiB per rank over {split} rank(s) ({'/'.join(allowed)}), "
+                            f"{(need - per_rank) / GIB:.1f} GiB over the {per_rank / GIB:.1f} GiB usable {where} per rank")
+    total, capacity = sum(sizes.values()), per_rank * world_size
+    if not problems and total > capacity:
+        largest = sorted(sizes, key=sizes.get, reverse=True)[:3]
+        problems.append(f"tables need {total / GIB:.1f} GiB, {(total - capacity) / GIB:.1f} GiB over the "
+                        f"{capacity / GIB:.1f} GiB usable {where} of {world_size} ranks; largest: "
+                        + ", ".join(f"{n} {sizes[n] / GIB:.1f} GiB" for n in largest))
+    return "; ".join(problems)
+
+
+# --------------------------------------------------------------------------------------------------------- plan
+@dataclass
+class TableShardSummary:
+    name: str
+    sharding_type: str
+    compute_kernel: str
+    ranks: List[int]  # ranks holding a shard (all ranks for data_parallel)
+    rows: int
+    dim: int
+    bytes: int  # weights + optimiser state, whole table
+
+
+@dataclass
+class RankMemory:
+    rank: int
+    hbm_bytes: int
+    ddr_bytes: int
+
+
+@dataclass
+class PlanResult:
+    plan: Any  # torchrec ShardingPlan
+    tables: List[TableShardSummary]
+    ranks: List[RankMemory]  # planner's estimate (weights, optimiser state, I/O buffers); weights only off rank 0
+    world_size: int
+    device_type: str
+    hbm_cap_bytes: int  # per rank, before the planner's reservation
+    ddr_cap_bytes: int
+    perf_ms: Optional[float] = None  # planner's estimate of the slowest rank's fwd+bwd embedding time per step
+    memory_from_planner: bool = field(default=False)
+
+
+def build_meta_ebc(spec: Spec, rows: Dict[str, int]) -> nn.Module:
+    """The spec's EmbeddingBagCollection on the meta device: planning needs shapes, not memory."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    return EmbeddingBagCollection(tables=embedding_bag_configs(spec, rows), device=torch.device("meta"))
+
+
+def _capturing_stats():
+    from torchrec.distributed.planner.types import Stats
+
+    class CapturingStats(Stats):
+        """Keeps the planner's chosen sharding options (with per-shard storage and perf) for our summary."""
+
+        def __init__(self) -> None:
+            self.best_plan: Optional[list] = None
+
+        def log(self, sharding_plan, topology, batch_size, storage_reservation, num_proposals, num_plans,
+                run_time, best_plan, *args, **kwargs) -> None:
+            if sharding_plan.plan:  # the failure path also logs, with an empty plan
+                self.best_plan = best_plan
+            log.debug("planner: %d proposals, %d plans, %.2fs", num_proposals, num_plans, run_time)
+
+    return CapturingStats()
+
+
+def _shard_rank(placement: Any) -> int:
+    return int(str(placement).split("/")[0].split(":")[1])  # "rank:3/cuda:3"
+
+
+def _summarise(plan: Any, spec: Spec, rows: Dict[str, int], world_size: int) -> List[TableShardSummary]:
+    dims = {t.name: t.dim for t in spec.tables}
+    out: List[TableShardSummary] = []
+    for module_plan in plan.plan.values():
+        for name, ps in module_plan.items():
+            if ps.sharding_type == "data_parallel":
+                ranks = list(range(world_size))
+            elif ps.sharding_spec is not None:
+                ranks = sorted({_shard_rank(s.placement) for s in ps.sharding_spec.shards})
+            else:
+                ranks = sorted(set(ps.ranks or []))
+            out.append(TableShardSummary(name=name, sharding_type=ps.sharding_type, compute_kernel=ps.compute_kernel,
+                                         ranks=ranks, rows=rows[name], dim=dims[name],
+                                         bytes=table_bytes(rows[name], dims[name], spec.train.embedding_optimizer)))
+    return out
+
+
+def _memory_from_weights(plan: Any, world_size: int) -> List[RankMemory]:
+    """Weights per rank from the shard metadata (ranks that did not plan have no planner estimate)."""
+    per_rank = [0] * world_size
+    for module_plan in plan.plan.values():
+        for ps in module_plan.values():
+            if ps.sharding_spec is None:
+                continue
+            for s in ps.sharding_spec.shards:
+                n = 1
+                for d in s.shard_sizes:
+                    n *= d
+                per_rank[_shard_rank(s.placement)] += n * FP32_BYTES
+    return [RankMemory(r, b, 0) for r, b in enumerate(per_rank)]
+
+
+def plan_for(
+    spec: Spec,
+    rows: Dict[str, int],
+    world_size: int,
+    device_type: str,
+    hbm_gb: Optional[float] = None,
+    ddr_gb: Optional[float] = None,
+    batch_size: Optional[int] = None,
+    pg: Optional[Any] = None,
+    module: Optional[nn.Module] = None,
+    local_world_size: Optional[int] = None,
+) -> PlanResult:
+    """Shard the spec's tables over `world_size` ranks.
+
+    `rows`: table -> row count (`recsys.models.tables.table_rows`). `batch_size`: per-rank batch (default: the
+    spec's global batch / world size). `module`: the model to plan (its EBCs on meta or real devices); default a
+    bare meta EBC built from the spec, whose plan is keyed by the empty module path. With `pg` the plan is made on
+    rank 0 and broadcast (every rank must call). Raises SpecError when the tables cannot be placed."""
+    from torchrec.distributed.planner import EmbeddingShardingPlanner
+    from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
+    from torchrec.distributed.planner.types import PlannerError
+
+    _check_device(device_type)
+    topology = make_topology(world_size, device_type, hbm_gb, ddr_gb, local_world_size)
+    local_batch = batch_size if batch_size is not None else max(1, spec.train.batch_size // world_size)
+    stats = _capturing_stats()
+    # A fixed reservation, not TorchRec's default heuristic: the heuristic sizes the dense part from materialised
+    # tensors, which a meta-device dry run does not have (TorchRec warns about exactly that).
+    planner = EmbeddingShardingPlanner(topology=topology, batch_size=local_batch,
+                                       storage_reservation=FixedPercentageStorageReservation(RESERVED_FRACTION),
+                                       constraints=constraints_from_spec(spec, device_type), stats=stats, debug=False)
+    target = module if module is not None else build_meta_ebc(spec, rows)
+    sharders = sharders_for(device_type, fused_params_for(spec))
+    try:
+        plan = planner.plan(target, sharders) if pg is None else planner.collective_plan(target, sharders, pg)
+    except PlannerError as err:
+        why = explain_no_fit(spec, rows, world_size, device_type, hbm_gb, ddr_gb)
+        first_line = str(err).strip().splitlines()[0]
+        raise SpecError(f"{spec.name}: no sharding plan on {world_size} {device_type} rank(s): "
+                        f"{why or first_line}") from None
+
+    dev0 = topology.devices[0].storage
+    result = PlanResult(plan=plan, tables=_summarise(plan, spec, rows, world_size), ranks=[],
+                        world_size=world_size, device_type=device_type, hbm_cap_bytes=int(dev0.hbm),
+                        ddr_cap_bytes=int(dev0.ddr))
+    if stats.best_plan is not None:
+        hbm, ddr, perf = [0] * world_size, [0] * world_size, [0.0] * world_size
+        for option in stats.best_plan:
+            for shard in option.shards:
+                hbm[shard.rank] += shard.storage.hbm
+                ddr[shard.rank] += shard.storage.ddr
+                if shard.perf is not None:
+                    perf[shard.rank] += shard.perf.total
+        result.ranks = [RankMemory(r, hbm[r], ddr[r]) for r in range(world_size)]
+        result.perf_ms = max(perf) if any(perf) else None
+        result.memory_from_planner = True
+    else:
+        result.ranks = _memory_from_weights(plan, world_size)
+    return result
