@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on a split: per-domain AUC, GAUC, logloss, the cold-item slice and overall AUC.
+
+    python jobs/evaluate.py --spec feature_specs/amazon_sr.yaml --checkpoint runs/amazon_sr --split test \
+        --out results.json [--save-predictions pred.npy]
+
+--checkpoint takes a checkpoint folder or a run folder (its best checkpoint, else its newest good one).
+--save-predictions writes raw logits in the split's row order (the input of shared/tools/score_amazon_sr.py).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_spec_args(p)
+    p.add_argument("--checkpoint", required=True, type=Path)
+    p.add_argument("--split", default="test")
+    p.add_argument("--out", type=Path)
+    p.add_argument("--save-predictions", type=Path)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    args = p.parse_args(argv)
+    setup_logging()
+    spec = load_spec_from_args(args)
+    if args.split not in spec.data.splits:
+        raise SystemExit(f"error: --split {args.split!r}: the spec has {sorted(spec.data.splits)}")
+
+    from recsys.train.dist import init_distributed, shutdown
+    from recsys.train.evaluation import markdown_table, metrics_from_scores, predict
+    from recsys.train.loop import load_for_inference
+
+    ctx = init_distributed(args.device)
+    try:
+        model, ckpt = load_for_inference(spec, ctx, args.checkpoint)
+        scores = predict(model, spec, args.split, ctx)
+        if ctx.is_main:
+            metrics = metrics_from_scores(spec, args.split, scores)
+            metrics["checkpoint"] = str(ckpt)
+            if args.save_predictions:
+                args.save_predictions.parent.mkdir(parents=True, exist_ok=True)
+                import numpy as np
+
+                np.save(args.save_predictions, scores.astype(np.float32))
+            if args.out:
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(metrics, indent=1))
+            print(f"{spec.name} / {args.split} / {ckpt}\n")
+            print(markdown_table(metrics))
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

@@ -1,0 +1,71 @@
+#!/usr/bin/env python
+"""Pretrain the S&R foundation model on every domain of a spec.
+
+    torchrun --nproc_per_node=2 jobs/pretrain.py --spec feature_specs/movielens.yaml [--set train.epochs=2]
+    python jobs/pretrain.py --spec ... --dry-run      # validate spec, data schema and sharding plan; no training
+
+gloo on CPU, NCCL on GPU; the TorchRec planner picks the sharding. A run directory that already holds checkpoints is
+refused unless --resume (a torchrun restart with --max-restarts resumes by itself).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.errors import RecsysError  # noqa: E402
+
+log = logging.getLogger("recsys.jobs.pretrain")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_spec_args(p)
+    p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of the run")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dry-run", action="store_true", help="validate spec, data schema and sharding plan, then stop")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    setup_logging()
+    spec = load_spec_from_args(args)
+    if args.dry_run:
+        from recsys.train.dry_run import dry_run
+
+        print(dry_run(spec, world_size=int(os.environ.get("WORLD_SIZE", "1")), device=args.device))
+        return 0
+
+    from recsys.spec.loader import resolve_path
+    from recsys.train import checkpoint
+    from recsys.train.dist import init_distributed, shutdown
+    from recsys.train.loop import Trainer
+
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
+    resume = args.resume or restarted
+    ckpts = checkpoint.list_checkpoints(resolve_path(spec, spec.train.output_dir) / "checkpoints")
+    if ckpts and not resume:
+        raise RecsysError(f"train.output_dir {spec.train.output_dir!r} already holds checkpoints; pass --resume to "
+                          f"continue it or --set train.output_dir=<new dir>")
+    ctx = init_distributed(args.device)
+    try:
+        trainer = Trainer(spec, ctx)
+        if resume and not trainer.resume():
+            log.info("no checkpoint to resume from; starting fresh")
+        summary = trainer.fit()
+        if ctx.is_main:
+            print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+    finally:
+        shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    run_main(main)

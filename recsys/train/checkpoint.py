@@ -1,0 +1,134 @@
+"""Crash-safe checkpoints through torch.distributed.checkpoint.
+
+Layout: `<output_dir>/checkpoints/step_<N>/` holds the DCP shards of {"model", "optim"} plus `manifest.json`
+(step, epoch, spec hash, loader position, RNG state, metrics, and the size of every file written). A checkpoint is
+written into `step_<N>.tmp` and renamed only when every rank has finished and the manifest is complete, so a crash
+mid-save leaves the previous checkpoint untouched; `latest_good` skips anything truncated or half-written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from recsys.errors import CheckpointError
+
+log = logging.getLogger("recsys.train.checkpoint")
+MANIFEST = "manifest.json"
+
+
+def _file_sizes(folder: Path) -> Dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Dict[str, Any], keep: int,
+         protect: Optional[Path] = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    final = root / f"step_{step:09d}"
+    tmp = root / f"step_{step:09d}.tmp"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    _barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    _barrier()
+    if rank == 0:
+        manifest = dict(meta, step=step, files=_file_sizes(tmp), format=1)
+        with open(tmp / (MANIFEST + ".part"), "w") as f:
+            json.dump(manifest, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp / (MANIFEST + ".part"), tmp / MANIFEST)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _prune(root, keep, protect)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int, protect: Optional[Path]) -> None:
+    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for p in done[:-keep]:
+        if protect is not None and p.resolve() == protect.resolve():
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def verify(folder: Path) -> Dict[str, Any]:
+    """The manifest of a complete checkpoint, or CheckpointError saying what is wrong."""
+    mf = folder / MANIFEST
+    if not mf.is_file():
+        raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
+    for name, size in manifest.get("files", {}).items():
+        p = folder / name
+        if not p.is_file():
+            raise CheckpointError(f"{folder}: missing file {name}")
+        if p.stat().st_size != size:
+            raise CheckpointError(f"{p}: truncated ({p.stat().st_size} of {size} bytes)")
+    return manifest
+
+
+def list_checkpoints(root: Path) -> List[Path]:
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+
+
+def latest_good(root: Path) -> Optional[Path]:
+    """Newest checkpoint that verifies; broken ones are reported and skipped."""
+    for p in list_checkpoints(root):
+        try:
+            verify(p)
+            return p
+        except CheckpointError as e:
+            log.warning("skipping bad checkpoint: %s", e)
+    return None
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder, or a run folder / checkpoints folder (-> its newest good checkpoint)."""
+    path = Path(path)
+    if (path / MANIFEST).exists() or path.name.startswith("step_"):
+        verify(path)
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_good(root)
+        if found is not None:
+            return found
+    raise CheckpointError(f"{path}: no complete checkpoint found")
+
+
+def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) -> Dict[str, Any]:
+    """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest."""
+    manifest = verify(folder)
+    state: Dict[str, Any] = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank tracebacks
+        first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{folder}: does not match this model ({first[:300]})") from None
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    return manifest

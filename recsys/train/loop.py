@@ -1,0 +1,302 @@
+"""The one training loop: meta-device model -> in-backward embedding optimiser -> DistributedModelParallel (the
+planner's sharding) -> dense Adam -> TrainPipelineSparseDist, with per-epoch evaluation on valid, best-epoch
+selection, crash-safe checkpoints, exact resume, TensorBoard scalars and a progress bar on rank 0."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from recsys.data.features import active_domains
+from recsys.errors import NumericsError, RecsysError
+from recsys.models.build import build_model, spec_table_rows, text_tables_for
+from recsys.models.model import SRFoundationModel, TrainTask
+from recsys.spec.config import Spec
+from recsys.spec.loader import dump_resolved, resolve_path, spec_hash
+from recsys.train import checkpoint
+from recsys.train.dist import DistContext
+from recsys.train.evaluation import evaluate_split, predict
+from recsys.train.sharding import plan_for, sharders_for
+
+log = logging.getLogger("recsys.train.loop")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2 ** 32))
+    torch.manual_seed(seed)
+
+
+def _embedding_optimizer(name: str):
+    from torchrec.optim import rowwise_adagrad
+
+    if name == "rowwise_adagrad":
+        return rowwise_adagrad.RowWiseAdagrad, {}
+    if name == "adagrad":
+        return torch.optim.Adagrad, {}
+    if name == "sgd":
+        return torch.optim.SGD, {}
+    return torch.optim.Adam, {}
+
+
+def freeze_by_prefix(model: nn.Module, prefixes: Sequence[str]) -> List[str]:
+    """Set requires_grad=False on every parameter under the given level prefixes (`l0`, `l1`, `l2.tower`, ...).
+    A prefix matching nothing is an error: a typo must not silently train everything."""
+    frozen: List[str] = []
+    names = [n for n, _ in model.named_parameters()]
+    for prefix in prefixes:
+        hits = [n for n in names if n == prefix or n.startswith(prefix + ".")]
+        if not hits:
+            raise RecsysError(f"--freeze {prefix!r}: matches no parameter (levels: l0, l1, l2)")
+        frozen.extend(hits)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            p.requires_grad_(False)
+    return frozen
+
+
+@dataclass
+class RunState:
+    epoch: int = 0
+    step_in_epoch: int = 0
+    global_step: int = 0
+    best_metric: float = -math.inf
+    best_epoch: int = -1
+    best_checkpoint: Optional[str] = None
+    history: List[Dict[str, Any]] = field(default_factory=list)
+
+
+class Trainer:
+    def __init__(self, spec: Spec, ctx: DistContext, freeze: Sequence[str] = (),
+                 init_hook=None, for_training: bool = True):
+        self.spec, self.ctx = spec, ctx
+        self.out_dir = resolve_path(spec, spec.train.output_dir)
+        self.ckpt_root = self.out_dir / "checkpoints"
+        seed_everything(spec.train.seed)
+        self.rows = spec_table_rows(spec)
+        self.text_tables = text_tables_for(spec)
+        model = build_model(spec, torch.device("meta"), self.rows, self.text_tables)
+        self.frozen = freeze_by_prefix(model, freeze) if freeze else []
+        frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
+        self.task = TrainTask(model, spec)
+        # Sparse optimiser applied in backward (fused into the embedding kernels by the sharder). Frozen tables get
+        # none; they stay bit-identical.
+        opt_cls, extra = _embedding_optimizer(spec.train.embedding_optimizer)
+        trainable_tables = [p for n, p in model.l0.ebc.named_parameters()
+                            if n.split(".")[-2] not in frozen_tables]
+        if trainable_tables:
+            apply_optimizer_in_backward(opt_cls, trainable_tables, dict(lr=spec.train.embedding_lr, **extra))
+        plan = plan_for(spec, self.rows, ctx.world_size, ctx.device.type, pg=dist.group.WORLD, module=self.task)
+        self.plan = plan
+        self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
+                                            sharders=sharders_for(ctx.device.type))
+        if init_hook is not None:
+            init_hook(self)
+        dense = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
+        dense = {k: v for k, v in dense.items() if v.requires_grad}
+        self.dense_optimizer = KeyedOptimizerWrapper(
+            dense, lambda ps: torch.optim.Adam(ps, lr=spec.train.lr, weight_decay=spec.train.weight_decay))
+        self.optimizer = CombinedOptimizer([self.dmp.fused_optimizer, self.dense_optimizer])
+        self.state = RunState()
+        self.writer = None
+        if ctx.is_main and for_training:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "spec.resolved.yaml").write_text(dump_resolved(spec))
+            self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    # ------------------------------------------------------------------------------------------------ model views
+    @property
+    def model(self) -> SRFoundationModel:
+        return self.dmp.module.model
+
+    def _loader(self, split: str, epoch: int):
+        from recsys.data.loader import BatchLoader
+
+        loader = BatchLoader(self.spec, split, batch_size=self.spec.train.batch_size // self.ctx.world_size,
+                             rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.spec.train.seed,
+                             shuffle=self.spec.train.shuffle)
+        loader.set_epoch(epoch)
+        return loader
+
+    # --------------------------------------------------------------------------------------------------- resume
+    def _meta(self, loader_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        return {
+            "epoch": self.state.epoch,
+            "step_in_epoch": self.state.step_in_epoch,
+            "global_step": self.state.global_step,
+            "best_metric": self.state.best_metric,
+            "best_epoch": self.state.best_epoch,
+            "best_checkpoint": self.state.best_checkpoint,
+            "history": self.state.history,
+            "spec_hash": spec_hash(self.spec),
+            "world_size": self.ctx.world_size,
+            "torch_rng": torch.get_rng_state().tolist(),
+            "numpy_rng": list(map(str, np.random.get_state()[1][:4])),
+            "recsys_version": __import__("recsys").__version__,
+        }
+
+    def save(self, protect_best: bool = True) -> Path:
+        protect = Path(self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) else None
+        return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
+                               self.spec.train.keep_checkpoints, protect)
+
+    def resume(self) -> bool:
+        """Load the newest good checkpoint of this run; False when there is none."""
+        found = checkpoint.latest_good(self.ckpt_root)
+        if found is None:
+            return False
+        manifest = checkpoint.load(found, self.dmp, self.optimizer)
+        for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
+                  "history"):
+            setattr(self.state, k, manifest[k])
+        torch.set_rng_state(torch.tensor(manifest["torch_rng"], dtype=torch.uint8))
+        log.info("resumed from %s (epoch %d, step %d in epoch)", found, self.state.epoch, self.state.step_in_epoch)
+        return True
+
+    # ---------------------------------------------------------------------------------------------------- train
+    def fit(self) -> Dict[str, Any]:
+        spec = self.spec
+        for epoch in range(self.state.epoch, spec.train.epochs):
+            self.state.epoch = epoch
+            self._train_epoch(epoch)
+            metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
+            overall = metrics["overall"]["auc"]
+            self.state.history.append({"epoch": epoch, "valid": metrics})
+            self._log_eval(metrics, epoch)
+            improved = overall > self.state.best_metric
+            # the epoch is complete: the next resume starts the following epoch
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            if improved:
+                self.state.best_metric, self.state.best_epoch = overall, epoch
+                self.state.best_checkpoint = str(self.ckpt_root / f"step_{self.state.global_step:09d}")
+            path = self.save()
+            if self.ctx.is_main:
+                log.info("epoch %d valid AUC %.4f%s (%s)", epoch, overall, " *best*" if improved else "", path)
+        summary = {"best_epoch": self.state.best_epoch, "best_valid_auc": self.state.best_metric,
+                   "best_checkpoint": self.state.best_checkpoint, "history": self.state.history}
+        if self.ctx.is_main:
+            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            self.writer.flush()
+        return summary
+
+    def _train_epoch(self, epoch: int) -> None:
+        spec, ctx = self.spec, self.ctx
+        loader = self._loader("train", epoch)
+        total = len(loader)
+        if spec.train.max_steps:
+            total = min(total, spec.train.max_steps)
+        it = iter(loader)
+        skip = self.state.step_in_epoch
+        for _ in range(skip):  # exact resume: the order is a pure function of (seed, epoch)
+            next(it)
+        it = _take(it, total - skip)
+        self.dmp.train()
+        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, ctx.device, execute_all_batches=True)
+        bar = None
+        if ctx.is_main:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True,
+                       mininterval=2.0)
+        t0, seen = time.perf_counter(), 0
+        every = spec.train.log_every_steps
+        ckpt_every = spec.train.checkpoint_every_steps
+        while True:
+            try:
+                loss, logits, labels, domain, reg = pipeline.progress(it)
+            except StopIteration:
+                break
+            self.state.step_in_epoch += 1
+            self.state.global_step += 1
+            seen += int(labels.shape[0])
+            if not torch.isfinite(loss):
+                raise NumericsError(_nan_report(self.state, logits, labels, domain, spec))
+            if bar is not None:
+                bar.update(1)
+            if self.state.global_step % every == 0:
+                rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+                self._log_step(float(loss), float(reg), domain, rate)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:,.0f}")
+            if ckpt_every and self.state.global_step % ckpt_every == 0:
+                self.save()
+        if bar is not None:
+            bar.close()
+        self.epoch_rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+        if self.writer is not None:
+            self.writer.add_scalar("train/samples_per_s_epoch", self.epoch_rate, self.state.global_step)
+
+    # -------------------------------------------------------------------------------------------------- logging
+    def _log_step(self, loss: float, reg: float, domain: torch.Tensor, rate: float) -> None:
+        if self.writer is None:
+            return
+        step = self.state.global_step
+        self.writer.add_scalar("train/loss", loss, step)
+        self.writer.add_scalar("train/regularizer", reg, step)
+        self.writer.add_scalar("train/samples_per_s", rate, step)
+        names = [d.name for d in self.spec.domains]
+        gates = self.model.l1.gate_weights_by_domain(domain, len(names))
+        for side, w in gates.items():
+            aspects = self.model.l1.aspect_names[side]
+            for di, dname in enumerate(names):
+                if torch.isfinite(w[di]).all():
+                    for ai, a in enumerate(aspects):
+                        self.writer.add_scalar(f"gates/{dname}/{side}_{a}", float(w[di, ai]), step)
+
+    def _log_eval(self, metrics: Dict[str, Any], epoch: int) -> None:
+        if self.writer is None:
+            return
+        self.writer.add_scalar("valid/overall_auc", metrics["overall"]["auc"], epoch)
+        for d, m in metrics["domains"].items():
+            for k in ("auc", "gauc", "logloss", "cold_auc"):
+                if k in m and m[k] == m[k]:
+                    self.writer.add_scalar(f"valid/{d}/{k}", m[k], epoch)
+
+
+def _take(it: Iterable, n: int):
+    for i, x in enumerate(it):
+        if i >= n:
+            return
+        yield x
+
+
+def _nan_report(state: RunState, logits, labels, domain, spec: Spec) -> str:
+    bad = ~torch.isfinite(logits)
+    names = [d.name for d in spec.domains]
+    doms = sorted({names[i] for i in domain[bad].tolist()}) if bad.any() else "all (loss or regulariser)"
+    return (f"non-finite loss at epoch {state.epoch} step {state.step_in_epoch} (global {state.global_step}); "
+            f"domains {doms}; {int(bad.sum())} of {len(logits)} logits non-finite. The last good checkpoint is "
+            f"kept intact; lower train.lr / train.embedding_lr or check the data.")
+
+
+def load_for_inference(spec: Spec, ctx: DistContext, path: Path):
+    """A sharded model holding a checkpoint's weights (the run's best one when given a run folder)."""
+    path = Path(path)
+    chosen = None
+    summary = path / "train_summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best and Path(best).is_dir():
+            chosen = Path(best)
+    chosen = checkpoint.resolve(chosen or path)
+    trainer = Trainer(spec, ctx, for_training=False)
+    checkpoint.load(chosen, trainer.dmp)
+    trainer.dmp.eval()
+    return trainer.dmp, chosen
