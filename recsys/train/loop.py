@@ -237,6 +237,7 @@ class Trainer:
                     bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:,.0f}")
             if ckpt_every and self.state.global_step % ckpt_every == 0:
                 self.save()
+        pipeline.detach()  # restore the modules' own forwards so evaluation can call the model directly
         if bar is not None:
             bar.close()
         self.epoch_rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
