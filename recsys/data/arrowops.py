@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Tuple, Union
 
+import collections
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -27,13 +29,35 @@ def _chunks(arr: ArrayLike):
     return arr.chunks if isinstance(arr, pa.ChunkedArray) else [arr]
 
 
+_DICT_CACHE: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+
+
+def _per_dictionary(dictionary: pa.Array, held: tuple, fn) -> np.ndarray:
+    """fn(dictionary), memoised: every slice/take of one decoded row group shares its dictionary, so it is
+    mapped once per row group, not once per batch. The entry holds the dictionary and the `held` objects (the
+    vocabulary, the function), so neither a buffer address nor an id in the key can be reused while cached."""
+    buf = dictionary.buffers()[-1]
+    key = (buf.address if buf is not None else 0, dictionary.offset, len(dictionary)) + tuple(
+        id(h) if not isinstance(h, (int, str)) else h for h in held)
+    hit = _DICT_CACHE.get(key)
+    if hit is not None:
+        _DICT_CACHE.move_to_end(key)
+        return hit[1]
+    out = fn(dictionary)
+    _DICT_CACHE[key] = (dictionary, out, held)
+    while len(_DICT_CACHE) > 256:
+        _DICT_CACHE.popitem(last=False)
+    return out
+
+
 def lookup(arr: ArrayLike, keys: pa.Array, missing: int = -1) -> np.ndarray:
     """int64 position of every value in `keys` (string array), `missing` when absent or null. Dictionary-encoded
     chunks are looked up once per distinct value."""
     parts = []
     for ch in _chunks(arr):
         if pa.types.is_dictionary(ch.type):
-            pos = lookup(ch.dictionary, keys, missing)
+            pos = _per_dictionary(ch.dictionary, ("lookup", keys, missing),
+                                  lambda d: lookup(d, keys, missing))
             idx = ch.indices.to_numpy(zero_copy_only=False) if ch.null_count == 0 else \
                 pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False)
             out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
@@ -51,7 +75,7 @@ def apply_distinct(arr: ArrayLike, fn) -> np.ndarray:
     parts = []
     for ch in _chunks(arr):
         if pa.types.is_dictionary(ch.type):
-            vals = fn(as_strings(ch.dictionary))
+            vals = _per_dictionary(ch.dictionary, ("fn", fn), lambda d: fn(as_strings(d)))
             idx = pc.fill_null(ch.indices, 0).to_numpy(zero_copy_only=False)
             out = vals[idx] if len(vals) else np.zeros(len(idx), dtype=vals.dtype)
             if ch.null_count:

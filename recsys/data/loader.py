@@ -1,0 +1,339 @@
+"""Streaming, sharded, resumable batch loader over a split's parquet file.
+
+Reading: the file is cut into chunks = slices of at most `data.row_group_size` rows inside one parquet row group.
+Row groups are read with string columns dictionary-encoded (ids are then looked up once per distinct value) and
+kept in a small LRU cache bounded in bytes, so memory stays O(row group), never O(file) of Python objects.
+
+Row validity: the first loader of a split checks every row (bad label, unknown domain, empty required id,
+non-finite dense value, malformed list), writes `prepared_dir/quarantine/<split>.jsonl` (rewritten, not appended
+twice, because the result is cached in `prepared_dir/index/`) and raises `DataError` when the bad fraction exceeds
+`data.max_bad_fraction`. Kept rows = good rows of active domains (+ `data.row_filter` on train).
+
+Order of one epoch (identical on every rank for a seed): chunks in a seeded permutation (or file order without
+shuffle); the concatenated kept rows form the global stream of N rows. Rank r takes the contiguous range
+[r*N/W, (r+1)*N/W) of it (each rank reads only its chunks):
+  * train mode: every rank takes floor(N/W) rows -- at most W-1 rows at the end of the stream are dropped per
+    epoch (they differ between epochs because the chunk order does);
+  * eval mode (default for non-train splits): every rank takes ceil(N/W) rows, the missing ones are padding rows
+    (a copy of a real row with row_id = -1) that the evaluator drops; no real row is dropped or repeated.
+Within a rank, rows are shuffled inside windows of `train.shuffle_buffer_row_groups` chunks, then cut into
+batches, so all ranks yield the same number of batches. The sequence is a pure function of
+(seed, epoch, rank, world_size), which makes `state_dict` (epoch + batches yielded) an exact resume point.
+Inside torch DataLoader workers, worker w of n yields the rank's batches b with b % n == w, so the round-robin
+DataLoader order equals the single-process order.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import math
+import operator
+import os
+import queue
+import threading
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from recsys.data import paths, schema
+from recsys.data.batch import Batch
+from recsys.data.features import active_domains
+from recsys.data.mapping import REASONS, Arrays, FeatureMapper, assemble
+from recsys.errors import DataError
+from recsys.spec.config import Spec
+
+log = logging.getLogger("recsys.data.loader")
+
+_OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
+        "!=": operator.ne}
+MAP_BLOCK = 65536  # rows mapped per vectorised call
+CACHE_BYTES = 512 << 20  # decoded row groups kept in memory (at least one is always kept)
+
+
+def parse_row_filter(expr: str) -> Tuple[str, str, float]:
+    parts = expr.split()
+    if len(parts) != 3 or parts[1] not in _OPS:
+        raise DataError(f"data.row_filter {expr!r}: expected `column op number` with op in {sorted(_OPS)}")
+    try:
+        return parts[0], parts[1], float(parts[2])
+    except ValueError:
+        raise DataError(f"data.row_filter {expr!r}: {parts[2]!r} is not a number") from None
+
+
+class _RowGroupReader:
+    """Random access to row-group slices with a byte-bounded LRU of decoded (dictionary-encoded) row groups."""
+
+    def __init__(self, path: Path, columns: List[str]):
+        self.path = path
+        self.pf = pq.ParquetFile(path)
+        self.columns = columns
+        pschema = self.pf.schema  # parquet leaf paths: dictionary-read every string leaf we use
+        self.dict_cols = [c.path for c in pschema if c.path.split(".")[0] in columns and
+                          c.physical_type == "BYTE_ARRAY"]
+        self.cache: "collections.OrderedDict[int, pa.Table]" = collections.OrderedDict()
+        self.rg_rows = [self.pf.metadata.row_group(i).num_rows for i in range(self.pf.num_row_groups)]
+        self.rg_start = np.concatenate([[0], np.cumsum(self.rg_rows)]).astype(np.int64)
+
+    def row_group(self, rg: int) -> pa.Table:
+        if rg in self.cache:
+            self.cache.move_to_end(rg)
+            return self.cache[rg]
+        pf = pq.ParquetFile(self.path, read_dictionary=self.dict_cols)
+        t = pf.read_row_group(rg, columns=self.columns)
+        self.cache[rg] = t
+        while len(self.cache) > 1 and sum(x.nbytes for x in self.cache.values()) > CACHE_BYTES:
+            self.cache.popitem(last=False)
+        return t
+
+    def slice(self, rg: int, start: int, length: int) -> pa.Table:
+        return self.row_group(rg).slice(start, length)
+
+
+class BatchLoader:
+    def __init__(self, spec: Spec, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 shuffle: bool = True, drop_last: bool = False, with_row_filter: bool = True,
+                 eval_mode: Optional[bool] = None, prefetch: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        self.spec, self.split, self.batch_size = spec, split, int(batch_size)
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
+        self.eval_mode = (split != "train") if eval_mode is None else eval_mode
+        self.path = paths.split_path(spec, split)
+        self.columns = list(schema.row_columns(spec, split, with_row_filter))
+        schema.check_file(self.path, schema.row_columns(spec, split, with_row_filter))
+        self.mapper = FeatureMapper(spec)
+        self.reader = _RowGroupReader(self.path, self.columns)
+        rows = int(self.reader.rg_start[-1])
+        step = spec.data.row_group_size
+        self.chunks: List[Tuple[int, int, int]] = [(rg, s, min(step, n - s)) for rg, n in
+                                                   enumerate(self.reader.rg_rows) for s in range(0, n, step)]
+        reason, domain = self._validity()
+        self.bad_row_counts: Dict[str, int] = {r: int((reason == i).sum()) for i, r in enumerate(REASONS) if i
+                                               and (reason == i).any()}
+        active = [spec.domain_index(n) for n in active_domains(spec)]
+        keep = (reason == 0) & np.isin(domain, active)
+        if spec.data.row_filter and with_row_filter and split == "train":
+            col, op, num = parse_row_filter(spec.data.row_filter)
+            vals = pq.read_table(self.path, columns=[col])[col].to_numpy(zero_copy_only=False).astype(np.float64)
+            keep &= _OPS[op](vals, num)
+        starts = np.array([self.reader.rg_start[rg] + s for rg, s, _ in self.chunks], dtype=np.int64)
+        # kept global row numbers of every chunk
+        self.kept: List[np.ndarray] = [np.nonzero(keep[s:s + ln])[0] + s for s, (_, _, ln) in zip(starts, self.chunks)]
+        self.num_rows = int(sum(len(k) for k in self.kept))
+        self.rows_per_rank = (math.ceil(self.num_rows / world_size) if self.eval_mode
+                              else self.num_rows // world_size)
+        self.epoch = 0
+        self.batches_yielded = 0
+        self.window_chunks = max(1, spec.train.shuffle_buffer_row_groups)
+        log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
+                 self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
+
+    # -- validity pre-pass (cached) ------------------------------------------------------------------------
+    def _validity(self) -> Tuple[np.ndarray, np.ndarray]:
+        st = self.path.stat()
+        fp = hashlib.sha256(json.dumps([str(self.path), st.st_size, st.st_mtime_ns, self.columns,
+                                        [d.match_value for d in self.spec.domains],
+                                        self.spec.data.model_dump(include={"domain_column", "label_column",
+                                                                           "user_column"}),
+                                        [f.model_dump() for f in self.spec.features]],
+                                       sort_keys=True).encode()).hexdigest()[:16]
+        cache = paths.prepared_dir(self.spec) / "index" / f"{self.split}-{fp}.npz"
+        if cache.exists():
+            z = np.load(cache)
+            reason, domain = z["reason"], z["domain"]
+        else:
+            parts_r, parts_d = [], []
+            for rg in range(len(self.reader.rg_rows)):
+                t = self.reader.row_group(rg)
+                parts_r.append(self.mapper.check(t))
+                parts_d.append(self.mapper.domain_index(t).astype(np.int16))
+            reason = np.concatenate(parts_r) if parts_r else np.zeros(0, np.int16)
+            domain = np.concatenate(parts_d) if parts_d else np.zeros(0, np.int16)
+            if self.rank == 0:
+                self._write_quarantine(reason)
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache.with_name(f"{cache.stem}.{os.getpid()}.tmp.npz")
+                np.savez(tmp, reason=reason, domain=domain)
+                tmp.replace(cache)
+        bad = int((reason > 0).sum())
+        if len(reason) and bad / len(reason) > self.spec.data.max_bad_fraction:
+            summary = ", ".join(f"{REASONS[i]}={int((reason == i).sum())}" for i in range(1, len(REASONS))
+                                if (reason == i).any())
+            raise DataError(f"{self.path}: {bad}/{len(reason)} bad rows ({summary}) exceed data.max_bad_fraction="
+                            f"{self.spec.data.max_bad_fraction}; see {paths.quarantine_path(self.spec, self.split)}")
+        return reason, domain
+
+    def _write_quarantine(self, reason: np.ndarray) -> None:
+        qp = paths.quarantine_path(self.spec, self.split)
+        bad = np.nonzero(reason)[0]
+        if not len(bad):
+            if qp.exists():
+                qp.unlink()
+            return
+        qp.parent.mkdir(parents=True, exist_ok=True)
+        with open(qp, "w") as fh:
+            for r in bad:
+                fh.write(json.dumps({"file": str(self.path), "row": int(r), "reason": REASONS[reason[r]]}) + "\n")
+        log.warning("%s: %d bad rows quarantined in %s", self.path, len(bad), qp)
+
+    # -- epoch plan ----------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self.epoch, self.batches_yielded = epoch, 0
+
+    def __len__(self) -> int:
+        n = self.rows_per_rank
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "batches_yielded": self.batches_yielded, "seed": self.seed,
+                "rank": self.rank, "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("seed", "world_size", "batch_size"):
+            if k in state and state[k] != getattr(self, k):
+                raise DataError(f"loader state has {k}={state[k]}, this loader has {getattr(self, k)}")
+        self.epoch, self.batches_yielded = int(state["epoch"]), int(state["batches_yielded"])
+
+    def _windows(self) -> List[np.ndarray]:
+        """Global row numbers of this rank, grouped in shuffle windows, each already in yield order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.chunks)) if self.shuffle else np.arange(len(self.chunks))
+        lo = self.rank * (math.ceil(self.num_rows / self.world_size) if self.eval_mode
+                          else self.num_rows // self.world_size)
+        hi = min(lo + self.rows_per_rank, self.num_rows)
+        windows, cur, pos, n_in_window = [], [], 0, 0
+        for c in order:
+            k = self.kept[c]
+            a, b = max(lo, pos), min(hi, pos + len(k))
+            pos += len(k)
+            if a < b:
+                cur.append(k[a - (pos - len(k)): b - (pos - len(k))])
+                n_in_window += 1
+                if n_in_window == self.window_chunks:
+                    windows.append(np.concatenate(cur))
+                    cur, n_in_window = [], 0
+        if cur:
+            windows.append(np.concatenate(cur))
+        wrng = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        if self.shuffle:
+            windows = [w[wrng.permutation(len(w))] for w in windows]
+        pad = self.rows_per_rank - (hi - lo if hi > lo else 0)
+        if pad > 0:  # eval padding: copies of a real row, flagged by a negative id (-1 - row)
+            real = next((w[-1] for w in reversed(windows) if len(w)), None)
+            if real is None:
+                real = next(k[0] for k in self.kept if len(k))
+            windows.append(np.full(pad, -1 - real, dtype=np.int64))
+        return windows
+
+    # -- reading -------------------------------------------------------------------------------------------
+    def _read_rows(self, rows: np.ndarray) -> Arrays:
+        """Map global rows (negative = padding copy of row -1-r) in the given order."""
+        real = np.where(rows < 0, -1 - rows, rows)
+        rg = np.searchsorted(self.reader.rg_start, real, side="right") - 1
+        parts: List[Arrays] = []
+        order_parts: List[np.ndarray] = []
+        for g in np.unique(rg):
+            sel = np.nonzero(rg == g)[0]
+            local = real[sel] - self.reader.rg_start[g]
+            t = self.reader.row_group(int(g)).take(pa.array(local))
+            parts.append(self.mapper.map(t, real[sel]))
+            order_parts.append(sel)
+        if len(parts) == 1:
+            out = parts[0]
+        else:
+            where = np.argsort(np.concatenate(order_parts), kind="stable")
+            out = {k: np.concatenate([p[k] for p in parts])[where] for k in parts[0]}
+        if (rows < 0).any():
+            out["row_id"] = np.where(rows < 0, -1, out["row_id"])
+        return out
+
+    def _generate(self, start_batch: int, worker: int, num_workers: int) -> Iterator[Tuple[int, Arrays]]:
+        """(batch index, arrays) of this worker from `start_batch` on. Rows are mapped in blocks of up to
+        MAP_BLOCK sequence positions (few large vectorised calls), then cut into batches; a batch that spans
+        two blocks or windows is completed from a carried tail."""
+        B, R = self.batch_size, self.rows_per_rank
+        total = len(self)
+        limit = total * B if self.drop_last else R  # positions past the last yielded batch are never read
+        carry_pos = np.zeros(0, dtype=np.int64)
+        carry: Optional[Arrays] = None
+        seq_pos = 0
+        for w in self._windows():
+            w_lo, w_hi = seq_pos, seq_pos + len(w)
+            seq_pos = w_hi
+            pos = np.arange(max(w_lo, start_batch * B), min(w_hi, limit), dtype=np.int64)
+            if num_workers > 1:
+                pos = pos[(pos // B) % num_workers == worker]
+            for s in range(0, len(pos), MAP_BLOCK):
+                p = pos[s:s + MAP_BLOCK]
+                arr = self._read_rows(w[p - w_lo])
+                if carry is not None:
+                    arr = {k: np.concatenate([carry[k], arr[k]]) for k in arr}
+                    p = np.concatenate([carry_pos, p])
+                covered = w_hi if s + MAP_BLOCK >= len(pos) else int(p[-1]) + 1  # positions read so far
+                bids = p // B
+                edges = np.flatnonzero(np.diff(bids)) + 1
+                starts = np.concatenate([[0], edges])
+                ends = np.concatenate([edges, [len(p)]])
+                carry, carry_pos = None, np.zeros(0, dtype=np.int64)
+                for a, e in zip(starts, ends):
+                    b = int(bids[a])
+                    if min((b + 1) * B, R) <= covered:
+                        yield b, {k: v[a:e] for k, v in arr.items()}
+                    else:  # incomplete: its remaining rows come with the next block/window
+                        carry, carry_pos = {k: v[a:] for k, v in arr.items()}, p[a:]
+                        break
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = torch.utils.data.get_worker_info()
+        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
+        start = self.batches_yielded
+        gen = self._generate(start, worker, nw)
+        it = _prefetch(gen) if self.prefetch else gen
+        keys = self.mapper.keys
+        for b, arrays in it:
+            self.batches_yielded = b + 1
+            yield assemble(self.spec, keys, arrays)
+        self.batches_yielded = 0  # epoch finished: the next iteration starts it again (call set_epoch)
+
+
+def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
+    """Run `gen` in a background thread (arrow/numpy release the GIL) so reading overlaps the consumer."""
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for item in gen:
+                if stop.is_set():
+                    return
+                q.put(item)
+            q.put(done)
+        except BaseException as e:  # re-raised in the consumer
+            q.put(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while th.is_alive():
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(timeout=0.01)

@@ -1,0 +1,234 @@
+"""Chunk -> numpy arrays: everything the model needs, mapped with vectorised arrow/numpy (no per-row Python).
+
+`FeatureMapper` loads vocabularies, side tables, text tables and dense stats once; `map(table)` turns a table of
+impression rows into a dict of numpy arrays that share the leading row dimension (so they can be permuted,
+concatenated and sliced generically); `check(table)` finds bad rows. `assemble` builds the `Batch`.
+"""
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from recsys.data import arrowops, paths, schema
+from recsys.data.batch import Batch
+from recsys.data.features import kjt_keys
+from recsys.data.hashing import hash_buckets, hash_user_keys
+from recsys.errors import DataError
+from recsys.spec.config import Spec
+
+Arrays = Dict[str, np.ndarray]
+
+
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
+class FeatureMapper:
+    def __init__(self, spec: Spec):
+        self.spec = spec
+        self.keys = kjt_keys(spec)
+        self._hashers: Dict[str, object] = {}  # one function object per hash table (memo key of arrowops)
+        self.vocab: Dict[str, pa.Array] = {}
+        for t in spec.tables:
+            if t.index == "vocab":
+                p = paths.vocab_path(spec, t.name)
+                if not p.exists():
+                    raise DataError(f"{p}: vocabulary missing; run jobs/prepare_data.py --spec <spec> first")
+                self.vocab[t.name] = pq.read_table(p, columns=["key"])["key"].combine_chunks()
+        self.text_keys: Dict[str, pa.Array] = {}
+        for tt in spec.text.tables:
+            if any(f.kind == "text" and f.text_table == tt.name for f in spec.features):
+                p = paths.text_table_path(spec, tt.name)
+                if not p.exists():
+                    raise DataError(f"{p}: text table missing; run jobs/prepare_data.py --spec <spec> first")
+                self.text_keys[tt.name] = pq.read_table(p, columns=["key"])["key"].combine_chunks()
+        sp = paths.stats_path(spec)
+        if spec.features_of("dense") and not sp.exists():
+            raise DataError(f"{sp}: stats missing; run jobs/prepare_data.py --spec <spec> first")
+        self.dense_stats = json.loads(sp.read_text())["dense"] if sp.exists() else {}
+        self.domain_values = pa.array([d.match_value for d in spec.domains], pa.string())
+        self._load_side_features()
+
+    # -- ids -> rows ---------------------------------------------------------------------------------------
+    def rows(self, table: str, arr) -> np.ndarray:
+        """Embedding rows of ids in `table`: vocab position + 1 (0 unseen/empty) or stable hash bucket."""
+        t = self.spec.table(table)
+        if t.index == "hash":
+            return arrowops.apply_distinct(arr, self._hashers.setdefault(
+                table, lambda s, n=int(t.num_buckets): hash_buckets(s, n)))
+        return arrowops.lookup(arr, self.vocab[table], missing=-1) + 1
+
+    def _jagged(self, f, arr) -> Tuple[np.ndarray, np.ndarray]:
+        """(flat rows, lengths) of a sparse/sequence column (list, separated string or scalar)."""
+        if _is_list(arr.type):
+            flat, lens = arrowops.list_parts(arr)
+            return self.rows(f.table, flat), lens
+        if getattr(f, "separator", None):
+            s = arrowops.as_strings(arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr)
+            flat, lens = arrowops.list_parts(pc.split_pattern(pc.fill_null(s, ""), f.separator))
+            nonempty = np.asarray(pc.greater(pc.utf8_length(flat), 0))
+            owner = np.repeat(np.arange(len(lens)), lens)
+            lens = np.bincount(owner[nonempty], minlength=len(lens)).astype(np.int64)
+            return self.rows(f.table, flat.filter(pa.array(nonempty))), lens
+        r = self.rows(f.table, arr)
+        return r, np.ones(len(r), dtype=np.int64)
+
+    # -- side tables: precompute per side row, one extra last row = "no match" ------------------------------
+    def _load_side_features(self) -> None:
+        self.side_keys: Dict[str, pa.Array] = {}
+        self.side_arrays: Dict[str, np.ndarray] = {}
+        for st in self.spec.data.side_tables:
+            feats = [f for f in self.spec.features if getattr(f, "source", None) == st.name]
+            if not feats:
+                continue
+            p = paths.side_table_path(self.spec, st.name)
+            schema.check_file(p, schema.side_columns(self.spec, st.name))
+            tab = pq.read_table(p, columns=list(schema.side_columns(self.spec, st.name)))
+            self.side_keys[st.name] = arrowops.as_strings(tab[st.key].combine_chunks())
+            for f in feats:
+                col = tab[f.column]
+                if f.kind == "dense":
+                    v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+                    mean = self.dense_stats.get(f.name, {}).get("mean", 0.0)
+                    v = np.where(np.isfinite(v), v, mean)  # side values are content: fill, never quarantine
+                    self.side_arrays[f.name] = self._transform(f, np.append(v, mean)).astype(np.float32)
+                elif f.kind == "id":
+                    self.side_arrays[f.name] = np.append(self.rows(f.table, col), 0)
+                else:
+                    flat, lens = self._jagged(f, col)
+                    padded, kept = arrowops.pad(flat, lens, f.max_values, keep_last=False)
+                    self.side_arrays[f.name] = np.vstack([padded, np.zeros((1, f.max_values), np.int64)])
+                    self.side_arrays[f.name + "#len"] = np.append(kept, 0)
+
+    def _transform(self, f, v: np.ndarray) -> np.ndarray:
+        if f.transform == "log1p":
+            v = np.log1p(np.maximum(v, 0.0))
+        if f.transform in ("standardize",):
+            s = self.dense_stats.get(f.name, {"mean": 0.0, "std": 1.0})
+            v = (v - s["mean"]) / s["std"]
+        return v
+
+    # -- rows -> arrays ------------------------------------------------------------------------------------
+    def domain_index(self, table: pa.Table) -> np.ndarray:
+        return arrowops.lookup(table[self.spec.data.domain_column], self.domain_values, missing=-1)
+
+    def map(self, table: pa.Table, row_ids: np.ndarray) -> Arrays:
+        spec, d = self.spec, self.spec.data
+        n = table.num_rows
+        out: Arrays = {"row_id": row_ids.astype(np.int64),
+                       "labels": pc.cast(table[d.label_column], pa.float32()).to_numpy(zero_copy_only=False),
+                       "domain": self.domain_index(table),
+                       "user": arrowops.apply_distinct(table[d.user_column], hash_user_keys)}
+        side_idx: Dict[str, np.ndarray] = {}
+        for st in d.side_tables:
+            if st.name in self.side_keys:
+                pos = arrowops.lookup(table[st.join_on], self.side_keys[st.name], missing=-1)
+                side_idx[st.name] = np.where(pos < 0, len(self.side_keys[st.name]), pos)
+        dense: List[np.ndarray] = []
+        for f in spec.features:
+            src = getattr(f, "source", None)
+            if f.kind == "dense":
+                if src:
+                    dense.append(self.side_arrays[f.name][side_idx[src]])
+                else:
+                    v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
+                    dense.append(self._transform(f, v).astype(np.float32))
+            elif f.kind == "id":
+                out["id/" + f.name] = self.side_arrays[f.name][side_idx[src]] if src else self.rows(f.table, table[f.column])
+            elif f.kind == "sparse":
+                if src:
+                    out["sp/" + f.name] = self.side_arrays[f.name][side_idx[src]]
+                    out["sp/" + f.name + "#len"] = self.side_arrays[f.name + "#len"][side_idx[src]]
+                else:
+                    flat, lens = self._jagged(f, table[f.column])
+                    out["sp/" + f.name], out["sp/" + f.name + "#len"] = arrowops.pad(flat, lens, f.max_values, False)
+            elif f.kind == "sequence":
+                flat, lens = self._jagged(f, table[f.column])
+                out["seq/" + f.name], out["seq/" + f.name + "#len"] = arrowops.pad(flat, lens, f.max_len, True)
+            elif f.kind == "text":
+                keys = self.text_keys[f.text_table]
+                col = table[f.column]
+                if f.sequence:
+                    flat, lens = arrowops.list_parts(col)
+                    rows = arrowops.lookup(flat, keys) + 1
+                    out["txt/" + f.name], _ = arrowops.pad(rows, lens, f.max_len, True)
+                else:
+                    out["txt/" + f.name] = arrowops.lookup(col, keys) + 1
+        out["dense"] = np.stack(dense, axis=1).astype(np.float32) if dense else np.zeros((n, 0), np.float32)
+        return out
+
+    # -- bad rows ------------------------------------------------------------------------------------------
+    def check(self, table: pa.Table) -> np.ndarray:
+        """Reason code per row (0 = good); codes index `REASONS`."""
+        d, n = self.spec.data, table.num_rows
+        reason = np.zeros(n, dtype=np.int16)
+
+        def flag(mask: np.ndarray, code: int) -> None:
+            reason[(reason == 0) & mask] = code
+
+        lab = pc.cast(table[d.label_column], pa.float64()).to_numpy(zero_copy_only=False)
+        flag(~np.isin(np.nan_to_num(lab, nan=-1.0), [0.0, 1.0]), 1)
+        flag(self.domain_index(table) < 0, 2)
+        required = [d.user_column] + [st.join_on for st in d.side_tables] + \
+                   [f.column for f in self.spec.features if f.kind == "id" and not f.source and f.side != "query"]
+        for col in dict.fromkeys(required):
+            flag(arrowops.apply_distinct(table[col], _empty), 3)
+        for f in self.spec.features:
+            if f.kind == "dense" and not f.source:
+                v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
+                flag(~np.isfinite(v), 4)
+        for name in table.column_names:
+            col = table[name]
+            if _is_list(col.type):
+                bad = np.asarray(pc.fill_null(pc.is_null(col), True))
+                flat, lens = arrowops.list_parts(col)
+                if flat.null_count:
+                    owner = np.repeat(np.arange(n), lens)
+                    bad[owner[~np.asarray(flat.is_valid())]] = True
+                flag(bad, 5)
+        return reason
+
+
+REASONS = ["ok", "label_not_0_1", "unknown_domain", "empty_required_id", "bad_dense_value", "malformed_list"]
+
+
+def _empty(s: pa.Array) -> np.ndarray:
+    return np.asarray(pc.fill_null(pc.equal(pc.utf8_length(s), 0), True))
+
+
+def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
+    """Numpy arrays of one batch -> Batch (KJT key-major: every key's lengths for all rows, then the next key)."""
+    values: List[np.ndarray] = []
+    lengths: List[np.ndarray] = []
+    b = len(a["labels"])
+    for f in spec.features:
+        if f.kind == "id":
+            values.append(a["id/" + f.name])
+            lengths.append(np.ones(b, dtype=np.int64))
+        elif f.kind == "sparse":
+            padded, lens = a["sp/" + f.name], a["sp/" + f.name + "#len"]
+            values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
+            lengths.append(lens)
+    seq_lengths: Dict[str, torch.Tensor] = {}
+    for f in spec.features:
+        if f.kind == "sequence":
+            padded, lens = a["seq/" + f.name], a["seq/" + f.name + "#len"]
+            mask_t = np.arange(padded.shape[1])[:, None] < lens[None, :]  # [L, B]: key-major over positions
+            values.append(padded.T[mask_t])
+            lengths.append(mask_t.ravel().astype(np.int64))
+            seq_lengths[f.name] = torch.from_numpy(np.ascontiguousarray(lens))
+    kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
+                            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
+    text = {f.name: torch.from_numpy(np.ascontiguousarray(a["txt/" + f.name])) for f in spec.features_of("text")}
+    return Batch(sparse=kjt, dense=torch.from_numpy(np.ascontiguousarray(a["dense"])), text=text,
+                 seq_lengths=seq_lengths, labels=torch.from_numpy(np.ascontiguousarray(a["labels"])),
+                 domain=torch.from_numpy(np.ascontiguousarray(a["domain"])),
+                 row_id=torch.from_numpy(np.ascontiguousarray(a["row_id"])),
+                 user=torch.from_numpy(np.ascontiguousarray(a["user"])))
