@@ -64,6 +64,10 @@ class TextEncoder:
             self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot load text encoder from {self.model_dir}: {exc}") from None
+        limit = getattr(self.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and self.max_length > limit:
+            raise DataError(f"text.encoder.max_length: {self.max_length} exceeds the model's "
+                            f"max_position_embeddings ({limit})")
         self.model.eval().to(self.device)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self.dim = int(self.model.config.hidden_size)

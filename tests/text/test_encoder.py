@@ -57,6 +57,8 @@ def test_truncation_to_max_length(tiny_bert):
 def test_bad_folder_and_device(tmp_path, tiny_bert):
     with pytest.raises(DataError):
         TextEncoder(tmp_path, device="cpu")
+    with pytest.raises(DataError, match="max_position_embeddings"):
+        TextEncoder(tiny_bert, max_length=65, device="cpu")
     import torch
 
     if not torch.cuda.is_available():
