@@ -78,7 +78,10 @@ class FeatureMapper:
             lens = np.bincount(owner[nonempty], minlength=len(lens)).astype(np.int64)
             return self.rows(f.table, flat.filter(pa.array(nonempty))), lens
         r = self.rows(f.table, arr)
-        return r, np.ones(len(r), dtype=np.int64)
+        if f.kind == "sequence":
+            return r, np.ones(len(r), dtype=np.int64)
+        present = ~arrowops.apply_distinct(arr, _empty)  # a sparse feature with an empty value has no value
+        return r[present], present.astype(np.int64)
 
     # -- side tables: precompute per side row, one extra last row = "no match" ------------------------------
     def _load_side_features(self) -> None:
@@ -123,7 +126,8 @@ class FeatureMapper:
         spec, d = self.spec, self.spec.data
         n = table.num_rows
         out: Arrays = {"row_id": row_ids.astype(np.int64),
-                       "labels": pc.cast(table[d.label_column], pa.float32()).to_numpy(zero_copy_only=False),
+                       "labels": np.array(pc.cast(table[d.label_column], pa.float32()).to_numpy(zero_copy_only=False),
+                                         dtype=np.float32),  # copy: arrow buffers are read-only
                        "domain": self.domain_index(table),
                        "user": arrowops.apply_distinct(table[d.user_column], hash_user_keys)}
         side_idx: Dict[str, np.ndarray] = {}
