@@ -23,7 +23,7 @@ def text_tables_for(spec: Spec) -> Dict[str, np.ndarray]:
 
 
 def spec_table_rows(spec: Spec) -> Dict[str, int]:
-    from recsys.data.vocab import table_num_rows
+    from recsys.data.prepare import table_num_rows
 
     return table_rows(spec, table_num_rows(spec))
 

@@ -46,8 +46,10 @@ class TextLookup(nn.Module):
         super().__init__()
         self.mode = mode
         if mode == "llm":
-            self.register_buffer("vectors", torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)),
-                                 persistent=False)
+            # unit rows: cosine similarity becomes one batched dot product (row 0, no text, stays zero)
+            vec = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))
+            vec = vec / vec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.register_buffer("vectors", vec, persistent=False)
             self.dim = int(table.shape[1])
         else:  # random: `table` holds token ids [rows, T], 0 = padding
             self.register_buffer("token_ids", torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)),
@@ -61,14 +63,16 @@ class TextLookup(nn.Module):
             return self.vectors[rows]
         flat = rows.reshape(-1)
         out = self.tokens(self.token_ids[flat])
-        out = out * (rows.reshape(-1, 1) > 0)  # row 0 (no text) stays a zero vector
+        out = nn.functional.normalize(out, dim=-1) * (flat.unsqueeze(1) > 0)  # row 0 (no text) stays zero
         return out.reshape(*rows.shape, self.dim)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty."""
-    m = mask.unsqueeze(-1).to(x.dtype)
-    return (x * m).sum(1) / m.sum(1).clamp_min(1.0)
+    """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty. One batched matmul, no [B, L, D]
+    temporaries (this runs on every history, every step)."""
+    m = mask.to(x.dtype)
+    w = m / m.sum(1, keepdim=True).clamp_min(1.0)
+    return torch.einsum("bl,bld->bd", w, x)
 
 
 def _masked_softmax_pool(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -82,8 +86,9 @@ def _key(table_name: str) -> str:
     return f"table_{table_name}"
 
 
-def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-6)
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine of text vectors, which TextLookup returns with unit norm (or zero for "no text")."""
+    return (a * b).sum(-1)
 
 
 class UserQueryItemEncoder(nn.Module):
@@ -201,7 +206,7 @@ class UserQueryItemEncoder(nn.Module):
             has = mask.any(1)
             interactions.append(torch.where(has, scores.masked_fill(~mask, -1e4).amax(1), torch.zeros_like(has,
                                                                                                   dtype=hist.dtype)))
-            interactions.append(_masked_mean(scores.unsqueeze(-1), mask).squeeze(-1))
+            interactions.append((scores * mask).sum(1) / mask.sum(1).clamp_min(1))
 
         if self.text_mode != "none":
             vectors = {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name])
@@ -214,19 +219,19 @@ class UserQueryItemEncoder(nn.Module):
                         add(side, "text", v)
                         if side != "item":
                             for it in item_texts:
-                                interactions.append(_cos(v, vectors[it]))
+                                interactions.append(_dot(v, vectors[it]))
                         continue
                     mask = batch.text[f.name] > 0
                     tgt = self.text_targets.get(f.name)
                     if tgt is not None:
-                        cos = _cos(v, vectors[tgt].unsqueeze(1))  # [B, L]
+                        cos = torch.einsum("bld,bd->bl", v, vectors[tgt])  # [B, L]
                         add(side, "text", _masked_softmax_pool(cos * self.text_temperature, v, mask))
                         has = mask.any(1)
                         interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),
                                                         torch.zeros_like(cos[:, 0])))
-                        interactions.append(_masked_mean(cos.unsqueeze(-1), mask).squeeze(-1))
-                    else:
-                        add(side, "text", _masked_mean(v, mask))
+                        interactions.append((cos * mask).sum(1) / mask.sum(1).clamp_min(1))
+                    else:  # no candidate text to attend with: max-pool instead
+                        add(side, "text", v.masked_fill(~mask.unsqueeze(-1), 0.0).amax(1))
                     add(side, "text", _masked_mean(v, mask))
 
         aspects = {

@@ -202,11 +202,10 @@ class Trainer:
         total = len(loader)
         if spec.train.max_steps:
             total = min(total, spec.train.max_steps)
-        it = iter(loader)
         skip = self.state.step_in_epoch
-        for _ in range(skip):  # exact resume: the order is a pure function of (seed, epoch)
-            next(it)
-        it = _take(it, total - skip)
+        # exact resume: the order is a pure function of (seed, epoch), so the position is a batch count
+        loader.load_state_dict(dict(loader.state_dict(), epoch=epoch, batches_yielded=skip))
+        it = _take(iter(loader), total - skip)
         self.dmp.train()
         pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, ctx.device, execute_all_batches=True)
         bar = None
