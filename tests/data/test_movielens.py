@@ -11,7 +11,7 @@ import pytest
 from recsys.data import paths
 from recsys.data.loader import BatchLoader
 from recsys.data.prepare import prepare, table_num_rows
-from tests.data.decode import batch_rows, expected_row, lookup_tables
+from data_decode import batch_rows, expected_row, lookup_tables
 
 
 def test_prepared_files(ml_spec):

@@ -17,8 +17,10 @@ from recsys.data.loader import BatchLoader
 from recsys.data.prepare import prepare, table_num_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
-from tests.data.conftest import REPO
-from tests.data.decode import batch_rows, expected_row, lookup_tables
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+from data_decode import batch_rows, expected_row, lookup_tables
 
 
 def _spec(raw, prepared, **data) -> Spec:
