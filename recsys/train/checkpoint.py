@@ -117,6 +117,16 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint found")
 
 
+def best_or_latest(path: Path) -> Path:
+    """A run folder's best checkpoint (by valid AUC, from train_summary.json), else `resolve(path)`."""
+    summary = Path(path) / "train_summary.json"
+    if summary.is_file():
+        best = json.loads(summary.read_text()).get("best_checkpoint")
+        if best and Path(best).is_dir():
+            return resolve(Path(best))
+    return resolve(path)
+
+
 def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) -> Dict[str, Any]:
     """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest."""
     manifest = verify(folder)

@@ -288,14 +288,7 @@ def _nan_report(state: RunState, logits, labels, domain, spec: Spec) -> str:
 
 def load_for_inference(spec: Spec, ctx: DistContext, path: Path):
     """A sharded model holding a checkpoint's weights (the run's best one when given a run folder)."""
-    path = Path(path)
-    chosen = None
-    summary = path / "train_summary.json"
-    if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and Path(best).is_dir():
-            chosen = Path(best)
-    chosen = checkpoint.resolve(chosen or path)
+    chosen = checkpoint.best_or_latest(Path(path))
     trainer = Trainer(spec, ctx, for_training=False)
     checkpoint.load(chosen, trainer.dmp)
     trainer.dmp.eval()
