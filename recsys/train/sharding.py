@@ -10,6 +10,7 @@ Sizes are in GiB (1024**3 bytes), as TorchRec counts them (it calls them "GB").
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -331,12 +332,15 @@ def plan_for(
     `rows`: table -> row count (`recsys.models.tables.table_rows`). `batch_size`: per-rank batch (default: the
     spec's global batch / world size). `module`: the model to plan (its EBCs on meta or real devices); default a
     bare meta EBC built from the spec, whose plan is keyed by the empty module path. With `pg` the plan is made on
-    rank 0 and broadcast (every rank must call). Raises SpecError when the tables cannot be placed."""
+    rank 0 and broadcast (every rank must call); ranks per host then default to $LOCAL_WORLD_SIZE.
+    Raises SpecError when the tables cannot be placed."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
     from torchrec.distributed.planner.storage_reservations import FixedPercentageStorageReservation
     from torchrec.distributed.planner.types import PlannerError
 
     _check_device(device_type)
+    if local_world_size is None and pg is not None and os.environ.get("LOCAL_WORLD_SIZE", "").isdigit():
+        local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])  # under torchrun: the real ranks per host
     topology = make_topology(world_size, device_type, hbm_gb, ddr_gb, local_world_size)
     local_batch = batch_size if batch_size is not None else max(1, spec.train.batch_size // world_size)
     stats = _capturing_stats()
