@@ -145,7 +145,7 @@ class BatchLoader:
         fp = hashlib.sha256(json.dumps([str(self.path), st.st_size, st.st_mtime_ns, self.columns,
                                         [d.match_value for d in self.spec.domains],
                                         self.spec.data.model_dump(include={"domain_column", "label_column",
-                                                                           "user_column"}),
+                                                                           "user_column", "ignore_domains"}),
                                         [f.model_dump() for f in self.spec.features]],
                                        sort_keys=True).encode()).hexdigest()[:16]
         cache = paths.prepared_dir(self.spec) / "index" / f"{self.split}-{fp}.npz"

@@ -179,7 +179,11 @@ class FeatureMapper:
 
         lab = pc.cast(table[d.label_column], pa.float64()).to_numpy(zero_copy_only=False)
         flag(~np.isin(np.nan_to_num(lab, nan=-1.0), [0.0, 1.0]), 1)
-        flag(self.domain_index(table) < 0, 2)
+        unknown = self.domain_index(table) < 0
+        if d.ignore_domains:  # held-out domains: dropped by the loader (no domain index), but not bad rows
+            unknown &= ~np.asarray(pc.fill_null(pc.is_in(table[d.domain_column],
+                                                         value_set=pa.array(d.ignore_domains)), False))
+        flag(unknown, 2)
         required = [d.user_column] + [st.join_on for st in d.side_tables] + \
                    [f.column for f in self.spec.features if f.kind == "id" and not f.source and f.side != "query"]
         for col in dict.fromkeys(required):

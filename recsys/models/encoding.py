@@ -22,7 +22,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
-from recsys.data.features import sequence_keys
+from recsys.data.features import sequence_keys, table_of_key
 from recsys.spec.config import Spec, TextFeature
 
 SIDES = ("user", "query", "item")
@@ -96,6 +96,10 @@ class UserQueryItemEncoder(nn.Module):
         super().__init__()
         self.spec = spec
         self.ebc = ebc
+        # Frozen tables (fine-tuning): their pooled outputs are detached, so no gradient reaches the fused
+        # embedding kernels and their in-backward optimiser never steps: the rows stay bit-identical.
+        self.frozen_keys: frozenset = frozenset()
+        self.keys = list(table_of_key(spec))
         dim = spec.model.dim
         table_dim = {t.name: t.dim for t in spec.tables}
         self.text_mode = spec.text.mode
@@ -165,6 +169,10 @@ class UserQueryItemEncoder(nn.Module):
                 self.proj[f"{side}_{a}"] = nn.Sequential(nn.Linear(widths[(side, a)], dim), nn.LayerNorm(dim))
         self.num_interactions = self._count_interactions()
 
+    def freeze_tables(self, tables) -> None:
+        tables = set(tables)
+        self.frozen_keys = frozenset(k for k, t in table_of_key(self.spec).items() if t in tables)
+
     # ------------------------------------------------------------------------------------------------------------
     def _count_interactions(self) -> int:
         n = 2 * len(self.sequences)  # max and mean attention logit of the candidate over each id history
@@ -180,6 +188,8 @@ class UserQueryItemEncoder(nn.Module):
     def forward(self, batch: Batch) -> Encoded:
         pooled = self.ebc(batch.sparse)  # KeyedTensor: one vector per KJT key
         feats = pooled.to_dict()
+        if self.frozen_keys:  # a new dict over the static key list: the pipeline fx-traces this forward
+            feats = {k: (feats[k].detach() if k in self.frozen_keys else feats[k]) for k in self.keys}
         parts: Dict[Tuple[str, str], List[torch.Tensor]] = {}
         interactions: List[torch.Tensor] = []
 

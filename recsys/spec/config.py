@@ -47,6 +47,9 @@ class DataSpec(StrictModel):
     label_column: str = "label"
     user_column: str = "user_id"  # used for GAUC and for rank-stable user subsets
     slice_columns: List[str] = Field(default_factory=lambda: ["cold_item"])  # boolean columns reported as slices
+    # domain values whose rows are skipped without counting as bad rows (e.g. a domain held out of pretraining
+    # for a cold-start experiment)
+    ignore_domains: List[str] = Field(default_factory=list)
     row_filter: Optional[str] = None  # e.g. "user_bucket < 10": a simple `column op number` filter on train rows
     max_bad_fraction: float = Field(default=0.01, ge=0.0, le=1.0)
     row_group_size: int = Field(default=65536, gt=0)

@@ -93,14 +93,15 @@ class Trainer:
         model = build_model(spec, torch.device("meta"), self.rows, self.text_tables)
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
+        frozen_tables |= {t.name for t in spec.tables if not t.trainable}
+        model.l0.freeze_tables(frozen_tables)
+        for p in model.l0.ebc.parameters():  # tables freeze by detaching their outputs (see freeze_tables)
+            p.requires_grad_(True)
         self.task = TrainTask(model, spec)
-        # Sparse optimiser applied in backward (fused into the embedding kernels by the sharder). Frozen tables get
-        # none; they stay bit-identical.
+        # Sparse optimiser applied in backward (fused into the embedding kernels by the sharder).
         opt_cls, extra = _embedding_optimizer(spec.train.embedding_optimizer)
-        trainable_tables = [p for n, p in model.l0.ebc.named_parameters()
-                            if n.split(".")[-2] not in frozen_tables]
-        if trainable_tables:
-            apply_optimizer_in_backward(opt_cls, trainable_tables, dict(lr=spec.train.embedding_lr, **extra))
+        apply_optimizer_in_backward(opt_cls, list(model.l0.ebc.parameters()),
+                                    dict(lr=spec.train.embedding_lr, **extra))
         plan = plan_for(spec, self.rows, ctx.world_size, ctx.device.type, pg=dist.group.WORLD, module=self.task)
         self.plan = plan
         self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
