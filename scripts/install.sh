@@ -16,8 +16,8 @@ PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
 if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
   # torch is already installed with CUDA on GPU hosts; pin fbgemm/torchrec to its minor (2.11<->1.6, 2.12<->1.7, 2.13<->1.8).
   TORCH_MINOR="$("$VENV/bin/python" -c 'import torch;print(torch.__version__.split("+")[0].rsplit(".",1)[0])')"
-  case "$TORCH_MINOR" in 2.11) TR=1.6.0;; 2.12) TR=1.7.0;; 2.13) TR=1.8.0;; *) echo "unsupported torch $TORCH_MINOR" >&2; exit 1;; esac
-  $PIP "fbgemm-gpu==$TR"
+  case "$TORCH_MINOR" in 2.11) TR=1.6.1; FB=1.6.0;; 2.12) TR=1.7.0; FB=1.7.0;; 2.13) TR=1.8.0; FB=1.8.0;; *) echo "unsupported torch $TORCH_MINOR" >&2; exit 1;; esac
+  $PIP "fbgemm-gpu==$FB"
   $PIP --no-deps "torchrec==$TR"
 else
   $PIP "torch==2.13.0" "fbgemm-gpu-cpu==1.8.0"
