@@ -183,6 +183,9 @@ class TextSpec(StrictModel):
     encoder: EncoderSpec = Field(default_factory=EncoderSpec)
     cache_dir: str = "data_cache/text"
     tables: List[TextTableSpec] = Field(default_factory=list)
+    # project LLM vectors on their top-k principal components inside the model (0 = keep the encoder's width);
+    # see recsys.models.encoding.TextLookup for why
+    reduce_dim: int = Field(default=64, ge=0)
     random_buckets: int = Field(default=100_000, gt=1)  # mode `random`: hashed text-token table size
     random_dim: int = Field(default=64, gt=0)
     random_max_tokens: int = Field(default=32, gt=0)

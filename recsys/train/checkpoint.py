@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -22,6 +23,7 @@ from recsys.errors import CheckpointError
 
 log = logging.getLogger("recsys.train.checkpoint")
 MANIFEST = "manifest.json"
+_NAME = re.compile(r"step_\d+$")  # finished checkpoints; `.tmp` (half-written) and `.bad` (set aside) are not
 
 
 def _file_sizes(folder: Path) -> Dict[str, int]:
@@ -57,7 +59,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Di
 
 
 def _prune(root: Path, keep: int, protect: Optional[Path]) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    done = sorted(list_checkpoints(root))
     for p in done[:-keep]:
         if protect is not None and p.resolve() == protect.resolve():
             continue
@@ -90,7 +92,7 @@ def verify(folder: Path) -> Dict[str, Any]:
 def list_checkpoints(root: Path) -> List[Path]:
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and _NAME.match(p.name)), reverse=True)
 
 
 def latest_good(root: Path) -> Optional[Path]:
@@ -104,6 +106,44 @@ def latest_good(root: Path) -> Optional[Path]:
     return None
 
 
+def set_aside_newer(root: Path, chosen: Path) -> List[Path]:
+    """Rename every checkpoint newer than `chosen` (the ones `latest_good` skipped as broken) to `<name>.bad`, so
+    the resumed run neither counts them when pruning nor mistakes them for its own later checkpoints."""
+    moved: List[Path] = []
+    for p in list_checkpoints(root):
+        if p.name > chosen.name:
+            bad = p.with_name(p.name + ".bad")
+            if bad.exists():
+                shutil.rmtree(bad)
+            os.replace(p, bad)
+            log.warning("set aside %s as %s (resuming from the older %s)", p.name, bad.name, chosen.name)
+            moved.append(bad)
+    return moved
+
+
+def check_resumable(folder: Path, manifest: Dict[str, Any], *, tables: Dict[str, List[int]], world_size: int,
+                    batch_size: int, seed: int) -> None:
+    """CheckpointError naming the first difference that makes `folder` unable to continue this run: table shapes
+    (another spec), or world size / global batch size / seed (the saved loader position counts batches of one
+    rank's stream, which depends on all three)."""
+    saved = manifest.get("tables")
+    if saved is not None:
+        for name in sorted(set(saved) | set(tables)):
+            if name not in saved or name not in tables:
+                where = "checkpoint" if name not in saved else "spec"
+                raise CheckpointError(f"{folder}: table {name!r} is missing from the {where}; this checkpoint was "
+                                      f"written by a different spec")
+            (r0, d0), (r1, d1) = saved[name], tables[name]
+            if (r0, d0) != (r1, d1):
+                raise CheckpointError(f"{folder}: table {name!r} is {r0} rows x dim {d0} in the checkpoint but "
+                                      f"{r1} x {d1} in this spec; it was written by a different spec (use a new "
+                                      f"train.output_dir, or jobs/finetune.py to transfer weights)")
+    for key, mine in (("world_size", world_size), ("batch_size", batch_size), ("seed", seed)):
+        if key in manifest and manifest[key] != mine:
+            raise CheckpointError(f"{folder}: saved with {key}={manifest[key]}, this run has {key}={mine}; an "
+                                  f"exact resume needs the same value (or start a new train.output_dir)")
+
+
 def resolve(path: Path) -> Path:
     """A checkpoint folder, or a run folder / checkpoints folder (-> its newest good checkpoint)."""
     path = Path(path)
@@ -115,6 +155,14 @@ def resolve(path: Path) -> Path:
         if found is not None:
             return found
     raise CheckpointError(f"{path}: no complete checkpoint found")
+
+
+def refresh_derived(model: torch.nn.Module) -> None:
+    """Recompute state derived from loaded buffers (text tables projected with a loaded basis). Explicit, since
+    DistributedModelParallel's load path need not run every submodule's load hooks."""
+    for m in model.modules():
+        if hasattr(m, "refresh_text"):
+            m.refresh_text()
 
 
 def best_or_latest(path: Path) -> Path:
@@ -139,6 +187,7 @@ def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) 
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: does not match this model ({first[:300]})") from None
     model.load_state_dict(state["model"])
+    refresh_derived(model)
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     return manifest
