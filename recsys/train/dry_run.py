@@ -1,13 +1,46 @@
 """`--dry-run`: everything a training job checks before its first step, without training."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import List
 
+from recsys.data import paths
 from recsys.data.paths import side_table_path, split_path
 from recsys.data.schema import check_file, row_columns, side_columns
 from recsys.models.build import spec_table_rows
+from recsys.errors import DataError
 from recsys.spec.config import Spec
 from recsys.train.sharding import plan_for
+
+
+def _spec_arg(spec: Spec) -> str:
+    src = getattr(spec, "_source_path", None)
+    return str(src) if src else "<spec>"
+
+
+def missing_prepared(spec: Spec) -> List[Path]:
+    """Outputs of jobs/prepare_data.py this spec needs that do not exist (split files of adapters that build
+    them, vocabularies, stats, text tables)."""
+    need: List[Path] = []
+    if spec.data.adapter == "movielens":  # this adapter writes the split files and side tables itself
+        need += [split_path(spec, s) for s in spec.data.splits]
+        need += [side_table_path(spec, st.name) for st in spec.data.side_tables]
+    need += [paths.vocab_path(spec, t.name) for t in spec.tables if t.index == "vocab" and t.num_buckets is None]
+    if spec.features_of("dense"):
+        need.append(paths.stats_path(spec))
+    if spec.text.mode != "none":
+        used = sorted({f.text_table for f in spec.features if f.kind == "text"})
+        need += [paths.text_table_path(spec, n) for n in used]
+    return [p for p in need if not p.exists()]
+
+
+def check_prepared(spec: Spec) -> None:
+    """DataError naming the missing files and the command that builds them."""
+    missing = missing_prepared(spec)
+    if missing:
+        shown = ", ".join(str(p) for p in missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
+        raise DataError(f"prepared data missing: {shown}; run `python jobs/prepare_data.py --spec "
+                        f"{_spec_arg(spec)}` first (with the same --set overrides)")
 
 
 def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
@@ -17,6 +50,8 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
 
     device_type = "cuda" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "cpu"
     lines: List[str] = [f"spec {spec.name}: OK"]
+    check_prepared(spec)
+    lines.append(f"prepared data in {paths.prepared_dir(spec)}: OK")
     for split in spec.data.splits:
         path = split_path(spec, split)
         schema = check_file(path, row_columns(spec, split))
@@ -26,6 +61,15 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
         check_file(path, side_columns(spec, st.name))
         lines.append(f"side table {st.name}: {path} OK")
     rows = spec_table_rows(spec)
+    if spec.text.mode != "none":
+        # mode llm reads cached vectors (built by jobs/encode_text.py), mode random the token ids
+        from recsys.models.build import text_tables_for
+
+        try:
+            shapes = {n: tuple(a.shape) for n, a in text_tables_for(spec).items()}
+        except DataError as e:
+            raise DataError(f"{e} (build text vectors with `python jobs/encode_text.py --spec {_spec_arg(spec)}`)")
+        lines.append("text tables: " + ", ".join(f"{n}={s}" for n, s in shapes.items()))
     lines.append("tables: " + ", ".join(f"{t}={n:,}" for t, n in rows.items()))
     result = plan_for(spec, rows, world_size, device_type)
     lines.append(f"sharding plan for {world_size} {device_type} rank(s):")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from recsys.spec.loader import dump_resolved, resolve_path, spec_hash
 from recsys.train import checkpoint
 from recsys.train.dist import DistContext
 from recsys.train.evaluation import evaluate_split, predict
+from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.sharding import plan_for, sharders_for
 
 log = logging.getLogger("recsys.train.loop")
@@ -138,6 +140,13 @@ class Trainer:
 
     # --------------------------------------------------------------------------------------------------- resume
     def _meta(self, loader_state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+        """Everything besides tensors that an exact resume needs. Collective (gathers every rank's RNG states)."""
+        rng = _rng_state()
+        if dist.is_initialized() and self.ctx.world_size > 1:
+            per_rank: List[Any] = [None] * self.ctx.world_size
+            dist.all_gather_object(per_rank, rng)
+        else:
+            per_rank = [rng]
         return {
             "epoch": self.state.epoch,
             "step_in_epoch": self.state.step_in_epoch,
@@ -148,10 +157,17 @@ class Trainer:
             "history": self.state.history,
             "spec_hash": spec_hash(self.spec),
             "world_size": self.ctx.world_size,
+            "batch_size": self.spec.train.batch_size,
+            "seed": self.spec.train.seed,
+            "tables": self._table_shapes(),
+            "rng": per_rank,  # one entry per rank: torch / numpy / python RNG states
             "torch_rng": torch.get_rng_state().tolist(),
-            "numpy_rng": list(map(str, np.random.get_state()[1][:4])),
             "recsys_version": __import__("recsys").__version__,
         }
+
+    def _table_shapes(self) -> Dict[str, List[int]]:
+        dims = {t.name: t.dim for t in self.spec.tables}
+        return {name: [int(rows), int(dims.get(name, -1))] for name, rows in self.rows.items()}
 
     def save(self, protect_best: bool = True) -> Path:
         protect = Path(self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) else None
@@ -159,16 +175,30 @@ class Trainer:
                                self.spec.train.keep_checkpoints, protect)
 
     def resume(self) -> bool:
-        """Load the newest good checkpoint of this run; False when there is none."""
+        """Load the newest good checkpoint of this run; False when there is none. Broken newer checkpoints are
+        reported, skipped and renamed `<name>.bad` (they belong to an abandoned timeline); a checkpoint that
+        cannot continue this spec (other tables, world size, batch size or seed) raises CheckpointError."""
         found = checkpoint.latest_good(self.ckpt_root)
         if found is None:
             return False
+        manifest = checkpoint.verify(found)
+        checkpoint.check_resumable(found, manifest, tables=self._table_shapes(), world_size=self.ctx.world_size,
+                                   batch_size=self.spec.train.batch_size, seed=self.spec.train.seed)
         manifest = checkpoint.load(found, self.dmp, self.optimizer)
         for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
                   "history"):
             setattr(self.state, k, manifest[k])
-        torch.set_rng_state(torch.tensor(manifest["torch_rng"], dtype=torch.uint8))
-        log.info("resumed from %s (epoch %d, step %d in epoch)", found, self.state.epoch, self.state.step_in_epoch)
+        rngs = manifest.get("rng")
+        if rngs and len(rngs) == self.ctx.world_size:
+            _set_rng_state(rngs[self.ctx.rank])
+        else:
+            torch.set_rng_state(torch.tensor(manifest["torch_rng"], dtype=torch.uint8))
+        if self.ctx.is_main:
+            checkpoint.set_aside_newer(self.ckpt_root, found)
+        if dist.is_initialized():
+            dist.barrier()
+        log.info("resumed from %s (epoch %d, step %d in epoch, global step %d)", found, self.state.epoch,
+                 self.state.step_in_epoch, self.state.global_step)
         return True
 
     # ---------------------------------------------------------------------------------------------------- train
@@ -208,7 +238,9 @@ class Trainer:
         loader.load_state_dict(dict(loader.state_dict(), epoch=epoch, batches_yielded=skip))
         it = _take(iter(loader), total - skip)
         self.dmp.train()
-        pipeline = TrainPipelineSparseDist(self.dmp, self.optimizer, ctx.device, execute_all_batches=True)
+        # The pipeline steps a guard that refuses non-finite dense gradients (the sparse step runs in backward).
+        guard = FiniteGradGuard(self.optimizer, dict(self.dense_optimizer.params))
+        pipeline = TrainPipelineSparseDist(self.dmp, guard, ctx.device, execute_all_batches=True)
         bar = None
         if ctx.is_main:
             from tqdm import tqdm
@@ -218,13 +250,25 @@ class Trainer:
         t0, seen = time.perf_counter(), 0
         every = spec.train.log_every_steps
         ckpt_every = spec.train.checkpoint_every_steps
+        crash_at = _test_crash_step()
         while True:
             try:
                 loss, logits, labels, domain, reg = pipeline.progress(it)
             except StopIteration:
                 break
+            except NumericsError as e:  # from the guard: the step counters still name the previous step
+                batch = pipeline.batches[0] if pipeline.batches else None
+                raise NumericsError(
+                    f"{e} at epoch {epoch} step {self.state.step_in_epoch + 1} (global "
+                    f"{self.state.global_step + 1}, rank {ctx.rank}); "
+                    f"{describe_batch(batch, [d.name for d in spec.domains])}. The dense step was refused and the "
+                    f"last good checkpoint in {self.ckpt_root} is kept intact; lower train.lr / "
+                    f"train.embedding_lr or check the data.") from None
             self.state.step_in_epoch += 1
             self.state.global_step += 1
+            if crash_at is not None and self.state.global_step == crash_at:
+                log.error("RECSYS_TEST_CRASH_AT_STEP=%d: exiting hard (testing hook)", crash_at)
+                os._exit(1)
             seen += int(labels.shape[0])
             if not torch.isfinite(loss):
                 raise NumericsError(_nan_report(self.state, logits, labels, domain, spec))
@@ -269,6 +313,31 @@ class Trainer:
             for k in ("auc", "gauc", "logloss", "cold_auc"):
                 if k in m and m[k] == m[k]:
                     self.writer.add_scalar(f"valid/{d}/{k}", m[k], epoch)
+
+
+def _rng_state() -> Dict[str, Any]:
+    st = np.random.get_state()
+    return {"torch": torch.get_rng_state().tolist(), "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]),
+                                                                float(st[4])],
+            "python": [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]]}
+
+
+def _set_rng_state(st: Dict[str, Any]) -> None:
+    torch.set_rng_state(torch.tensor(st["torch"], dtype=torch.uint8))
+    n = st["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
+def _test_crash_step() -> Optional[int]:
+    """Testing hook: RECSYS_TEST_CRASH_AT_STEP=N makes every rank exit hard (os._exit(1), no cleanup, like a
+    kill) right after global step N -- only on the first attempt (TORCHELASTIC_RESTART_COUNT unset or 0), so a
+    `torchrun --max-restarts` restart resumes and finishes. Used by tests/reliability; unset in real runs."""
+    raw = os.environ.get("RECSYS_TEST_CRASH_AT_STEP", "").strip()
+    if not raw or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        return None
+    return int(raw)
 
 
 def _take(it: Iterable, n: int):
