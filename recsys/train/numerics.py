@@ -65,5 +65,6 @@ def describe_batch(batch: Any, domain_names: Sequence[str], limit: int = 5) -> s
     rows = getattr(batch, "row_id", None)
     if rows is not None:
         r = rows.tolist()
-        parts.append(f"{len(r)} rows, file rows {r[:limit]}{' ...' if len(r) > limit else ''}")
+        shown = ", ".join(map(str, r[:limit])) + (", ..." if len(r) > limit else "")
+        parts.append(f"{len(r)} rows, file rows [{shown}]")
     return "; ".join(parts) or "batch unknown"

@@ -83,7 +83,13 @@ def summary(out: Path) -> dict:
 
 
 def error_lines(stderr: str) -> List[str]:
-    return [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    # progress bars redraw with "\r" and leave no newline: an error line may follow one on the same line
+    out: List[str] = []
+    for ln in stderr.splitlines():
+        i = ln.find("error: ")
+        if i >= 0 and (i == 0 or ln[i - 1] in "\r]|"):
+            out.append(ln[i:])
+    return out
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess, *needles: str) -> str:

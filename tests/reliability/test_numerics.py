@@ -1,0 +1,64 @@
+"""Non-finite loss/gradients stop training with step, domain and batch named; the last good checkpoint stays."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recsys.errors import NumericsError
+from recsys.train import checkpoint
+from recsys.train.numerics import FiniteGradGuard, describe_batch
+
+from reliability_helpers import SPEC, assert_clean_error, job, small_overrides
+
+
+class _Counting:
+    def __init__(self):
+        self.steps = 0
+
+    def step(self):
+        self.steps += 1
+
+    def zero_grad(self, set_to_none=True):
+        pass
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_guard_refuses_non_finite_gradient_and_names_parameter(bad):
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    a.grad, b.grad = torch.ones(3), torch.tensor([1.0, bad])
+    inner = _Counting()
+    guard = FiniteGradGuard(inner, {"tower.a": a, "tower.b": b})
+    with pytest.raises(NumericsError, match="parameter tower.b"):
+        guard.step()
+    assert inner.steps == 0  # the wrapped optimiser never stepped
+
+
+def test_guard_steps_on_finite_gradients_even_when_huge():
+    a = torch.nn.Parameter(torch.ones(4))
+    a.grad = torch.full((4,), 3e38)  # finite in float32; their float32 sum would overflow
+    inner = _Counting()
+    FiniteGradGuard(inner, {"a": a}).step()
+    assert inner.steps == 1
+
+
+def test_describe_batch_names_domains_and_rows():
+    class B:
+        domain = torch.tensor([0, 2, 2])
+        row_id = torch.tensor([7, 8, 9])
+    text = describe_batch(B(), ["x", "y", "z"], limit=2)
+    assert text == "domains ['x', 'z']; 3 rows, file rows [7, 8, ...]"
+
+
+def test_overflowing_training_stops_with_step_and_batch(ml_prepared, tmp_path):
+    """lr=1e30: the first Adam step makes dense weights ~1e30, the next forward overflows, the gradient check
+    refuses step 2. The step-1 checkpoint must still verify and nothing later may exist."""
+    out = tmp_path / "run"
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(
+        ml_prepared, out, **{"train.lr": "1e30", "train.checkpoint_every_steps": 1, "train.epochs": 1})])
+    msg = assert_clean_error(proc, "non-finite", "parameter", "epoch 0 step 2", "global 2", "domains [",
+                             "file rows [", "last good checkpoint")
+    assert len(msg.splitlines()) == 1
+    ckpts = checkpoint.list_checkpoints(out / "checkpoints")
+    assert [p.name for p in ckpts] == ["step_000000001"]
+    manifest = checkpoint.verify(ckpts[0])
+    assert manifest["global_step"] == 1
