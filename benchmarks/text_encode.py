@@ -59,29 +59,40 @@ def timed(fn, repeats: int = 1):
     return best, out
 
 
-def bench_ours(folder: Path, texts: List[str], args) -> Tuple[float, np.ndarray]:
+def make_ours(folder: Path, args):
     from recsys.text.encoder import TextEncoder
 
     enc = TextEncoder(folder, pooling="mean", max_length=args.max_length, batch_size=args.batch_size,
                       normalize=True, device=args.device)
-    enc.encode(texts[:64])  # warm-up (allocator, kernels)
-    return timed(lambda: enc.encode(texts), args.repeats)
+    return lambda sub: enc.encode(sub)
 
 
-def bench_sentence_transformers(folder: Path, texts: List[str], args):
+def make_sentence_transformers(folder: Path, args):
     try:
+        import sentence_transformers
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        return None
+        return None, None
     model = SentenceTransformer(str(folder), device=args.device, local_files_only=True)
     model.max_seq_length = args.max_length  # same truncation as ours
-    run = lambda sub: model.encode(sub, batch_size=args.batch_size, normalize_embeddings=True,  # noqa: E731
-                                   convert_to_numpy=True, show_progress_bar=False)
-    run(texts[:64])
-    seconds, vecs = timed(lambda: run(texts), args.repeats)
-    import sentence_transformers
+    return (lambda sub: np.asarray(model.encode(sub, batch_size=args.batch_size, normalize_embeddings=True,
+                                                convert_to_numpy=True, show_progress_bar=False), dtype=np.float32),
+            sentence_transformers.__version__)
 
-    return seconds, np.asarray(vecs, dtype=np.float32), sentence_transformers.__version__
+
+def interleaved(runners: dict, texts: List[str], repeats: int) -> dict:
+    """Time each runner `repeats` times, alternating between them so load drift on a shared machine hits all
+    of them alike; returns name -> (all seconds, last vectors)."""
+    for run in runners.values():
+        run(texts[:64])  # warm-up (allocator, kernels, lazy init)
+    times = {name: [] for name in runners}
+    vectors = {}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            vectors[name] = run(texts)
+            times[name].append(time.perf_counter() - start)
+    return {name: (times[name], vectors[name]) for name in runners}
 
 
 def bench_cached_pipeline(texts: List[str], args) -> dict:
@@ -128,35 +139,44 @@ def main() -> int:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--max-length", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--model", default="package:all_minilm_l6_v2")
     parser.add_argument("--out", default=str(RESULTS / "text_encode.json"))
     args = parser.parse_args()
     import torch
 
     texts, source = load_texts(args.n)
+    load_at_start = os.getloadavg()[0]  # the numbers mean little when other jobs share the cores
     if args.model.startswith("package:"):
         models_root = Path(tempfile.gettempdir()) / "recsys_bench_models"
         args.model_dir = extract_package_model(args.model.split(":", 1)[1], models_root)
     else:
         args.model_dir = Path(args.model)
 
-    ours_s, ours_v = bench_ours(args.model_dir, texts, args)
+    runners = {"ours": make_ours(args.model_dir, args)}
+    st_run, st_version = make_sentence_transformers(args.model_dir, args)
+    if st_run is not None:
+        runners["st"] = st_run
+    else:
+        print("sentence-transformers not installed: comparison skipped", file=sys.stderr)
+    timings = interleaved(runners, texts, args.repeats)
+    ours_times, ours_v = timings["ours"]
+    ours_s = min(ours_times)
     result = {
         "texts": len(texts), "source": source, "model": args.model, "model_identity": model_identity(args.model_dir),
         "device": args.device, "batch_size": args.batch_size, "max_length": args.max_length,
+        "repeats": args.repeats, "load_average_at_start": load_at_start,
         "torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or
         platform.machine(), "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None,
-        "ours": {"seconds": ours_s, "texts_per_s": len(texts) / ours_s},
+        "ours": {"seconds": ours_s, "all_seconds": ours_times, "texts_per_s": len(texts) / ours_s},
+        "sentence_transformers": None,
     }
-    st = bench_sentence_transformers(args.model_dir, texts, args)
-    if st is None:
-        result["sentence_transformers"] = None
-        print("sentence-transformers not installed: comparison skipped", file=sys.stderr)
-    else:
-        st_s, st_v, st_version = st
+    if st_run is not None:
+        st_times, st_v = timings["st"]
+        st_s = min(st_times)
         cos = np.sum(ours_v * st_v, axis=1)
-        result["sentence_transformers"] = {"version": st_version, "seconds": st_s, "texts_per_s": len(texts) / st_s,
+        result["sentence_transformers"] = {"version": st_version, "seconds": st_s, "all_seconds": st_times,
+                                           "texts_per_s": len(texts) / st_s,
                                            "min_cosine_vs_ours": float(cos.min()),
                                            "max_abs_diff": float(np.abs(ours_v - st_v).max())}
         result["speed_ratio_ours_vs_st"] = st_s / ours_s
@@ -166,7 +186,8 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     md = [f"# Text encoding ({result['texts']} texts: {source}; {args.model}; device {args.device}, "
-          f"{result['threads']} threads, batch {args.batch_size}, max_length {args.max_length})", "",
+          f"{result['threads']} threads, batch {args.batch_size}, max_length {args.max_length}; best of "
+          f"{args.repeats} interleaved runs; 1-min load average {load_at_start:.1f} at start)", "",
           "| what | seconds | texts/s |", "|---|---:|---:|",
           f"| recsys TextEncoder | {ours_s:.2f} | {len(texts) / ours_s:.1f} |"]
     if result["sentence_transformers"]:

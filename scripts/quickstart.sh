@@ -6,10 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 PY=.venv/bin/python
-SPEC=${SPEC:-feature_specs/movielens.yaml}
+SPEC=feature_specs/movielens.yaml
+RUN=runs/movielens   # the spec's train.output_dir
 NPROC=${NPROC:-2}
 $PY jobs/prepare_data.py --spec "$SPEC"
 $PY jobs/encode_text.py --spec "$SPEC"
-.venv/bin/torchrun --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume "$@"
-OUT_DIR=$($PY -c "import sys; from recsys.spec.loader import load_spec, resolve_path; s=load_spec(sys.argv[1], sys.argv[2:]); print(resolve_path(s, s.train.output_dir))" "$SPEC" "${@:2}" 2>/dev/null || true)
-$PY jobs/evaluate.py --spec "$SPEC" --checkpoint "${OUT_DIR:-runs/movielens}" --split test --out "${OUT_DIR:-runs/movielens}/test_metrics.json"
+.venv/bin/torchrun --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume
+$PY jobs/evaluate.py --spec "$SPEC" --checkpoint "$RUN" --split test --out "$RUN/test_metrics.json"
