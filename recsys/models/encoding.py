@@ -108,7 +108,7 @@ class TextLookup(nn.Module):
         flat = rows.reshape(-1)
         out = self.tokens(self.token_ids[flat])
         out = nn.functional.normalize(out, dim=-1) * (flat.unsqueeze(1) > 0)  # row 0 (no text) stays zero
-        return out.reshape(*rows.shape, self.dim)
+        return out.reshape(rows.shape + (self.dim,))  # no *-unpacking: the train pipeline fx-traces this
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
