@@ -3,11 +3,12 @@ name starts with its level and fine-tuning can freeze by prefix."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
 from torch import nn
+from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
@@ -52,10 +53,15 @@ class ModelOutput:
 
 class SRFoundationModel(nn.Module):
     def __init__(self, spec: Spec, table_rows: Dict[str, int], text_tables: Dict[str, np.ndarray],
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None,
+                 ebc_factory: Optional[Callable[[List[EmbeddingBagConfig]], nn.Module]] = None):
+        """`ebc_factory` (configs -> module with the EmbeddingBagCollection interface: KJT in, KeyedTensor out)
+        swaps TorchRec's EBC for another implementation, e.g. the plain-PyTorch reference of
+        benchmarks/plain_reference.py; None keeps TorchRec's."""
         super().__init__()
-        ebc = EmbeddingBagCollection(tables=embedding_bag_configs(spec, table_rows),
-                                     device=device or torch.device("meta"))
+        configs = embedding_bag_configs(spec, table_rows)
+        ebc = (ebc_factory(configs) if ebc_factory is not None
+               else EmbeddingBagCollection(tables=configs, device=device or torch.device("meta")))
         self.l0 = UserQueryItemEncoder(spec, ebc, text_tables)
         sides = [s for s in SIDES if s in self.l0.aspect_names]
         self.l1 = AspectGatingFusion(spec.model.fusion, {s: self.l0.aspect_names[s] for s in sides},

@@ -1,0 +1,331 @@
+#!/usr/bin/env python
+"""Offline quality benchmark: a table of models x domains (overall, per-domain AUC, cold-item AUC, GAUC, logloss)
+on amazon-sr and on the embedded MovieLens data, mean +- std over seeds.
+
+    python benchmarks/auc.py --quick                     # minutes: movielens, 1 seed, 2 models, few steps
+    python benchmarks/auc.py --data amazon_sr            # hours: every model, 3 seeds, 2 epochs each
+    python benchmarks/auc.py --data amazon_sr --models sr_foundation --seeds 1 2 3
+    python benchmarks/auc.py --data amazon_sr --report-only   # rebuild JSON/markdown/PNG from finished runs
+
+Each (model, seed) runs the real jobs -- `torchrun jobs/pretrain.py` (train on train, best epoch chosen on valid)
+then `jobs/evaluate.py --split test --save-predictions` -- into benchmarks/runs/<data>/<model>/seed<k>/; its metrics
+JSON is written as soon as it finishes and a re-run skips finished ones, so a long run can be stopped and resumed.
+`single_domain` trains one model per domain (model.single_domain=X) and scores each domain's test rows with its own
+model; `popularity` scores an item by its train impression count (no training, no seeds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+log = logging.getLogger("benchmarks.auc")
+
+RUNS = common.REPO / "benchmarks" / "runs"
+
+# Model name -> spec overrides relative to the default spec (sr_foundation: domain fusion, js, llm text).
+VARIANTS: Dict[str, List[str]] = {
+    "sr_foundation": [],
+    "fusion_mean": ["model.fusion=mean"],
+    "fusion_cls": ["model.fusion=cls"],
+    "reg_mmd": ["model.regularizer=mmd"],
+    "reg_none": ["model.regularizer=none"],
+    "text_random": ["text.mode=random"],
+    "text_none": ["text.mode=none"],
+    "tower_shared_bottom": ["model.tower=shared_bottom"],
+    "tower_mmoe": ["model.tower=mmoe"],
+    "tower_ple": ["model.tower=ple"],
+    "tower_star": ["model.tower=star"],
+}
+COMPOSITE = ("single_domain",)  # one run per domain, combined
+ANALYTIC = ("popularity",)  # no training
+ALL_MODELS = list(VARIANTS) + list(COMPOSITE) + list(ANALYTIC)
+# Default run order: the default model first, then the variants (the issue's priority).
+DEFAULT_ORDER = ["sr_foundation", "popularity", "tower_shared_bottom", "text_none", "fusion_mean", "reg_none",
+                 "tower_mmoe", "tower_ple", "tower_star", "fusion_cls", "reg_mmd", "text_random", "single_domain"]
+
+# Best public multi-domain model per column (Shared-Bottom, MMoE, PLE, STAR, M2M, AdaSparse; emb 16, no text).
+PEERS = {"overall": 0.796, "domains": {"games_rec": {"auc": 0.812, "cold_auc": 0.50},
+                                       "sci_rec": {"auc": 0.699, "cold_auc": 0.65},
+                                       "sci_search": {"auc": 0.648, "cold_auc": 0.59}}}
+
+
+# ------------------------------------------------------------------------------------------------------ running
+def _run(cmd: List[str], log_path: Path, timeout: Optional[float]) -> None:
+    """Run a job, its output appended to the run's log; a failure raises with the log's tail."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "a") as fh:
+        fh.write(f"\n$ {' '.join(cmd)}\n")
+        fh.flush()
+        rc = subprocess.run(cmd, cwd=common.REPO, env=common.env_for_children(), stdout=fh, stderr=subprocess.STDOUT,
+                            timeout=timeout).returncode
+    if rc != 0:
+        tail = "\n".join(log_path.read_text().splitlines()[-15:])
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... exited {rc}; see {log_path}\n{tail}")
+
+
+def train_and_evaluate(data: str, run_dir: Path, overrides: Sequence[str], nproc: int,
+                       timeout: Optional[float] = None) -> Dict[str, Any]:
+    """pretrain (torchrun) -> evaluate on test with predictions. Returns the evaluate job's metrics JSON."""
+    spec_file = str(common.SPEC_FILES[data])
+    sets: List[str] = []
+    for o in [*common.data_overrides(data), *overrides, f"train.output_dir={run_dir / 'train'}"]:
+        sets += ["--set", o]
+    log_path = run_dir / "log.txt"
+    ckpts = run_dir / "train" / "checkpoints"
+    resume = ["--resume"] if ckpts.exists() and any(ckpts.iterdir()) else []
+    t0 = time.time()
+    _run([common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+          "jobs/pretrain.py", "--spec", spec_file, *sets, *resume], log_path, timeout)
+    t1 = time.time()
+    _run([common.PYTHON, "jobs/evaluate.py", "--spec", spec_file, *sets, "--checkpoint", str(run_dir / "train"),
+          "--split", "test", "--out", str(run_dir / "eval.json"), "--save-predictions",
+          str(run_dir / "test_pred.npy")], log_path, timeout)
+    metrics = json.loads((run_dir / "eval.json").read_text())
+    summary_path = run_dir / "train" / "train_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    metrics["train_s"], metrics["eval_s"] = t1 - t0, time.time() - t1
+    metrics["best_epoch"] = summary.get("best_epoch")
+    metrics["overrides"] = list(overrides)
+    return metrics
+
+
+def popularity_scores(spec) -> np.ndarray:
+    """log(1 + train impressions of the row's item) for every test row, in file order."""
+    import pyarrow.parquet as pq
+
+    from recsys.data.paths import split_path
+
+    item = next(f.column for f in spec.features if f.kind == "id" and f.side == "item")
+    train = pq.read_table(split_path(spec, "train"), columns=[item])[item].to_numpy(zero_copy_only=False)
+    test = pq.read_table(split_path(spec, "test"), columns=[item])[item].to_numpy(zero_copy_only=False)
+    keys, counts = np.unique(train, return_counts=True)
+    pos = np.clip(np.searchsorted(keys, test), 0, len(keys) - 1)
+    found = keys[pos] == test
+    return np.log1p(np.where(found, counts[pos], 0)).astype(np.float64)
+
+
+def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, runs: Path,
+            timeout: Optional[float]) -> Path:
+    """Run (or skip, when finished) one (model, seed); returns its metrics file."""
+    run_dir = runs / data / model / f"seed{seed}"
+    out = run_dir / "metrics.json"
+    if out.exists():
+        log.info("skip %s/%s/seed%d (finished)", data, model, seed)
+        return out
+    log.info("run %s/%s/seed%d", data, model, seed)
+    from recsys.train.evaluation import metrics_from_scores
+
+    if model == "popularity":
+        spec = common.load(data, base)
+        scores = popularity_scores(spec)
+        metrics = metrics_from_scores(spec, "test", scores)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        np.save(run_dir / "test_pred.npy", scores.astype(np.float32))
+    elif model == "single_domain":
+        spec = common.load(data, base)
+        combined: Optional[np.ndarray] = None
+        parts = {}
+        for d in spec.domains:
+            sub = run_dir / d.name
+            if not (sub / "eval.json").exists():
+                parts[d.name] = train_and_evaluate(data, sub, [*base, f"train.seed={seed}",
+                                                               f"model.single_domain={d.name}"], nproc, timeout)
+            pred = np.load(sub / "test_pred.npy").astype(np.float64)
+            combined = pred if combined is None else np.where(np.isnan(combined), pred, combined)
+        metrics = metrics_from_scores(spec, "test", combined)
+        metrics["note"] = "each domain's test rows scored by the model trained on that domain alone"
+    else:
+        metrics = train_and_evaluate(data, run_dir, [*base, *VARIANTS[model], f"train.seed={seed}"], nproc, timeout)
+    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average())
+    common.write_json(out, metrics)
+    log.info("%s/%s/seed%d: test overall AUC %.4f", data, model, seed, metrics["overall"]["auc"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- reporting
+def _mean_std(values: List[float]) -> Dict[str, float]:
+    v = np.array([x for x in values if x is not None and x == x], dtype=np.float64)
+    if not len(v):
+        return {"mean": float("nan"), "std": float("nan")}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def aggregate(data: str, runs: Path, models: Sequence[str]) -> Dict[str, Any]:
+    """Finished runs -> {"models": {NAME: {"overall": {...}, "domains": {DOMAIN: {...}}, "seeds": [...]}}}."""
+    out: Dict[str, Any] = {}
+    for model in models:
+        files = sorted((runs / data / model).glob("seed*/metrics.json"))
+        if not files:
+            continue
+        ms = [json.loads(f.read_text()) for f in files]
+        ov = _mean_std([m["overall"]["auc"] for m in ms])
+        entry: Dict[str, Any] = {
+            "seeds": [m["seed"] for m in ms],
+            "overall": {"auc": ov["mean"], "auc_std": ov["std"],
+                        "gauc": _mean_std([m["overall"]["gauc"] for m in ms])["mean"],
+                        "logloss": _mean_std([m["overall"]["logloss"] for m in ms])["mean"],
+                        "cold_auc": _mean_std([m["overall"].get("cold_auc") for m in ms])["mean"]},
+            "domains": {},
+        }
+        for d in ms[0]["domains"]:
+            block = {}
+            for k in ("auc", "gauc", "logloss", "cold_auc"):
+                s = _mean_std([m["domains"][d].get(k) for m in ms])
+                block[k], block[f"{k}_std"] = s["mean"], s["std"]
+            entry["domains"][d] = block
+        if "train_s" in ms[0]:
+            entry["train_s_mean"] = _mean_std([m.get("train_s") for m in ms])["mean"]
+        out[model] = entry
+    return out
+
+
+def _fmt(m: float, s: Optional[float] = None) -> str:
+    if m is None or m != m:
+        return "n/a"
+    return f"{m:.4f}" if s is None or s != s else f"{m:.4f} ± {s:.4f}"
+
+
+def render_markdown(report: Dict[str, Any]) -> str:
+    models = report["models"]
+    domains = list(next(iter(models.values()))["domains"]) if models else []
+    header = ["model", "seeds", "overall AUC"] + [f"{d} AUC" for d in domains] + [f"{d} cold AUC" for d in domains] \
+        + [f"{d} GAUC" for d in domains] + [f"{d} logloss" for d in domains]
+    rows = []
+    for name, e in models.items():
+        dm = e["domains"]
+        rows.append([name, len(e["seeds"]), _fmt(e["overall"]["auc"], e["overall"]["auc_std"])]
+                    + [_fmt(dm[d]["auc"], dm[d]["auc_std"]) for d in domains]
+                    + [_fmt(dm[d]["cold_auc"], dm[d]["cold_auc_std"]) for d in domains]
+                    + [_fmt(dm[d]["gauc"]) for d in domains] + [_fmt(dm[d]["logloss"]) for d in domains])
+    ref = report.get("reference")
+    if ref:
+        rd = ref["domains"]
+        rows.append([f"peers (public, best of 6)", "-", _fmt(ref["overall"])]
+                    + [_fmt(rd.get(d, {}).get("auc")) for d in domains]
+                    + [_fmt(rd.get(d, {}).get("cold_auc")) for d in domains]
+                    + ["-"] * (2 * len(domains)))
+    m = report["machine"]
+    head = (f"# {report['data']}: test AUC by model and domain\n\nData `{report['data']}`, split: train on train, "
+            f"best epoch on valid, metrics on **test**. Seeds asked {report['seeds']} (column `seeds` = finished). "
+            f"{report['settings']}. Machine: {m['nproc']} x {m['cpu_model']}, commit `{m['commit']}`, "
+            f"{m['date']}. mean ± sample std over seeds.\n\n")
+    return head + common.markdown_table(header, rows) + "\n"
+
+
+def plot(report: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    if not models:
+        return
+    cols = ["overall"] + list(next(iter(models.values()))["domains"])
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(models) * len(cols) / 3), 4.5))
+    width = 0.8 / len(models)
+    for i, (name, e) in enumerate(models.items()):
+        vals = [e["overall"]["auc"]] + [e["domains"][d]["auc"] for d in cols[1:]]
+        errs = [e["overall"]["auc_std"]] + [e["domains"][d]["auc_std"] for d in cols[1:]]
+        ax.bar(np.arange(len(cols)) + i * width, vals, width, yerr=errs, label=name, capsize=2)
+    ref = report.get("reference")
+    if ref:
+        for j, c in enumerate(cols):
+            v = ref["overall"] if c == "overall" else ref["domains"].get(c, {}).get("auc")
+            if v:
+                ax.hlines(v, j - 0.05, j + 0.85, colors="k", linestyles="dashed",
+                          label="best public peer" if j == 0 else None)
+    ax.set_xticks(np.arange(len(cols)) + 0.4 - width / 2)
+    ax.set_xticklabels(cols)
+    ax.set_ylabel("test AUC")
+    ax.set_ylim(0.45, 1.0)
+    ax.set_title(f"{report['data']} test AUC (mean ± std over seeds)")
+    ax.legend(fontsize=7, ncol=3, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(data: str, runs: Path, results: Path, seeds: Sequence[int], settings: str) -> Dict[str, Any]:
+    report = {"data": data, "split": "test", "seeds": list(seeds), "settings": settings,
+              "commit": common.git_commit(), "machine": common.machine(),
+              "models": aggregate(data, runs, ALL_MODELS)}
+    if data == "amazon_sr":
+        report["reference"] = PEERS
+    stem = f"{data}_auc"
+    common.write_json(results / f"{stem}.json", report)
+    (results / f"{stem}.md").write_text(render_markdown(report))
+    plot(report, results / f"{stem}.png")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data", nargs="+", default=None, choices=list(common.SPEC_FILES))
+    ap.add_argument("--models", nargs="+", default=None, choices=ALL_MODELS)
+    ap.add_argument("--seeds", nargs="+", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--max-steps", type=int, default=None, help="train.max_steps (cap per epoch)")
+    ap.add_argument("--nproc", type=int, default=2, help="ranks per training run")
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="extra spec override for every run")
+    ap.add_argument("--quick", action="store_true", help="movielens, 1 seed, sr_foundation + popularity + "
+                    "shared_bottom, 1 epoch of at most 30 steps")
+    ap.add_argument("--runs-dir", type=Path, default=RUNS)
+    ap.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    ap.add_argument("--report-only", action="store_true", help="only rebuild the result files from finished runs")
+    ap.add_argument("--timeout", type=float, default=3600, help="seconds per job before it is killed")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+
+    if args.quick:
+        datas = args.data or ["movielens"]
+        models = args.models or ["sr_foundation", "popularity", "tower_shared_bottom"]
+        seeds = args.seeds or [1]
+        epochs, max_steps = 1, args.max_steps or 30
+    else:
+        datas = args.data or ["amazon_sr", "movielens"]
+        models = args.models or DEFAULT_ORDER
+        seeds = args.seeds or [1, 2, 3]
+        epochs, max_steps = args.epochs, args.max_steps
+    base = [f"train.epochs={epochs}", *([f"train.max_steps={max_steps}"] if max_steps else []), *args.extra]
+    settings = (f"{epochs} epoch(s)" + (f", at most {max_steps} steps each" if max_steps else "")
+                + f", {args.nproc} rank(s)" + (f", overrides {args.extra}" if args.extra else ""))
+    failures = 0
+    for data in datas:
+        why = common.data_available(data)
+        if why:
+            print(f"skip {data}: {why}")
+            continue
+        if not args.report_only:
+            from recsys.data.prepare import prepare
+
+            prepare(common.load(data))  # no-op when prepared
+            # seed-major: every model gets its first seed before any model gets its second
+            for seed in seeds:
+                for model in models:
+                    try:
+                        run_one(data, model, seed, base, args.nproc, args.runs_dir, args.timeout)
+                    except (RuntimeError, subprocess.TimeoutExpired) as e:
+                        failures += 1
+                        log.error("%s/%s/seed%d failed: %s", data, model, seed, e)
+                    write_report(data, args.runs_dir, args.results_dir, seeds, settings)
+        report = write_report(data, args.runs_dir, args.results_dir, seeds, settings)
+        print(render_markdown(report))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

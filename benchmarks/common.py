@@ -1,0 +1,102 @@
+"""Plumbing shared by the benchmarks: repository paths, the spec files, machine facts every result must state
+(cpu model, core count, commit, load average at measurement time) and result writers.
+
+Not part of the `recsys` package: benchmarks are scripts that drive the package and its jobs from outside."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+PYTHON = sys.executable
+SHARED = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
+AMAZON_RAW = SHARED / "bench" / "amazon-sr"
+
+SPEC_FILES = {"amazon_sr": REPO / "feature_specs" / "amazon_sr.yaml",
+              "movielens": REPO / "feature_specs" / "movielens.yaml"}
+
+
+def data_overrides(data: str) -> List[str]:
+    """`--set` strings that point a spec at this machine's data (the amazon-sr bench files live outside the repo)."""
+    return [f"data.raw_dir={AMAZON_RAW}"] if data == "amazon_sr" else []
+
+
+def data_available(data: str) -> Optional[str]:
+    """None when the data set can be used, else why not (one line)."""
+    if data == "amazon_sr" and not AMAZON_RAW.exists():
+        return f"{AMAZON_RAW} not found (set RECSYS_SHARED_DATA)"
+    return None
+
+
+def load(data: str, overrides: Sequence[str] = ()):
+    from recsys.spec.loader import load_spec
+
+    return load_spec(SPEC_FILES[data], [*data_overrides(data), *overrides])
+
+
+def load_average() -> float:
+    """1-minute load average: throughput measured while other jobs run is noisy, so every figure carries it."""
+    return float(os.getloadavg()[0])
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> Dict[str, Any]:
+    import torch
+
+    return {"cpu_model": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": git_commit(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_1min": load_average()}
+
+
+def write_json(path: Path, obj: Any) -> None:
+    """Write atomically: a reader (or a re-run that skips finished work) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float) + "\n")
+    os.replace(tmp, path)
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def env_for_children() -> Dict[str, str]:
+    """Environment of the jobs the benchmarks launch: the repo importable, one intra-op thread budget per core."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("RECSYS_SHARED_DATA", str(SHARED))
+    return env

@@ -1,0 +1,387 @@
+#!/usr/bin/env python
+"""Training and inference throughput (samples/s) of the full model on amazon-sr with 1 and 2 ranks, against a
+plain-PyTorch reference of the same architecture, plus the loader alone, peak RSS per process, FLOPs per sample
+against this machine's fp32 matmul peak, and the profile (top ops) of the distributed training step.
+
+    python benchmarks/throughput.py                    # amazon-sr, all configurations (~10 min on 2 cores)
+    python benchmarks/throughput.py --quick            # movielens, few steps, 1 rank (a smoke run)
+    python benchmarks/throughput.py --configs tr_full_train_2 plain_full_train_2
+
+Every configuration is its own `torchrun` launch of this file's timing entry point (`--worker`): build the model
+as the training job does, warm up, barrier, time N steps, barrier (no evaluation inside the timed window). The
+TorchRec configurations run the job's own pieces (Trainer: planner-sharded DistributedModelParallel, fused
+in-backward row-wise Adagrad, TrainPipelineSparseDist, the finite-gradient guard); the plain ones run the same
+recsys model code on benchmarks/plain_reference.py's EmbeddingBag collection with torch.optim (sparse Adagrad +
+Adam) and DistributedDataParallel on 2 ranks. Each measurement records the 1-minute load average before and after:
+this machine is shared, and figures taken under load are noisy.
+
+Writes benchmarks/results/throughput.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import common  # noqa: E402
+
+# The public peers' configuration: every table 16 wide, shared-bottom tower, no text (history attention stays).
+PEER_OVERRIDES = ["tables.user.dim=16", "tables.item.dim=16", "tables.brand.dim=16", "tables.category.dim=16",
+                  "tables.query.dim=16", "model.tower=shared_bottom", "text.mode=none"]
+PEER_BEST = 198_000  # fastest public peer measured on this machine, samples/s (range 65k-198k)
+GOAL_FULL_2 = 60_000
+
+# name -> (impl, task, nproc, variant)
+CONFIGS: Dict[str, tuple] = {
+    "loader_1": ("loader", "loader", 1, "full"),
+    "loader_2": ("loader", "loader", 2, "full"),
+    "tr_full_train_1": ("torchrec", "train", 1, "full"),
+    "tr_full_train_2": ("torchrec", "train", 2, "full"),
+    "tr_peer_train_1": ("torchrec", "train", 1, "peer"),
+    "tr_peer_train_2": ("torchrec", "train", 2, "peer"),
+    "plain_full_train_1": ("plain", "train", 1, "full"),
+    "plain_full_train_2": ("plain", "train", 2, "full"),
+    "plain_peer_train_2": ("plain", "train", 2, "peer"),
+    "tr_full_infer_1": ("torchrec", "infer", 1, "full"),
+    "tr_full_infer_2": ("torchrec", "infer", 2, "full"),
+    "plain_full_infer_1": ("plain", "infer", 1, "full"),
+}
+QUICK_CONFIGS = ["loader_1", "tr_full_train_1", "plain_full_train_1", "tr_full_infer_1"]
+
+
+# ============================================================================================== worker (torchrun)
+def _overrides(variant: str, data: str, extra: List[str]) -> List[str]:
+    peer = PEER_OVERRIDES if data == "amazon_sr" else [o for o in PEER_OVERRIDES if not o.startswith("tables.")]
+    return [*(peer if variant == "peer" else []), *extra]
+
+
+def _cycle(loader):
+    """Batches forever: a timed window may be longer than one pass over a small split."""
+    while True:
+        n = 0
+        for b in loader:
+            n += 1
+            yield b
+        if n == 0:
+            raise RuntimeError("empty split")
+
+
+def _timed(step, warmup: int, steps: int, barrier) -> Dict[str, float]:
+    for _ in range(warmup):
+        step()
+    barrier()
+    load0 = common.load_average()
+    t0 = time.perf_counter()
+    samples = 0
+    for _ in range(steps):
+        samples += step()
+    barrier()
+    return {"seconds": time.perf_counter() - t0, "local_samples": samples, "load_avg_before": load0,
+            "load_avg_after": common.load_average()}
+
+
+def _top_ops(prof, steps: int, limit: int = 15) -> List[Dict[str, Any]]:
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    return [{"op": e.key, "self_ms_per_step": e.self_cpu_time_total / 1000.0 / steps,
+             "self_pct": 100.0 * e.self_cpu_time_total / total, "calls_per_step": e.count / steps}
+            for e in events[:limit]]
+
+
+def worker(cfg: Dict[str, Any]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from recsys.data.loader import BatchLoader
+    from recsys.train.dist import init_distributed, shutdown
+
+    ctx = init_distributed("cpu")
+    barrier = (lambda: dist.barrier()) if ctx.world_size > 1 else (lambda: None)
+    spec = common.load(cfg["data"], [*_overrides(cfg["variant"], cfg["data"], cfg["extra"]),
+                                     f"train.output_dir={cfg['tmp']}"])
+    world, impl, task_kind = ctx.world_size, cfg["impl"], cfg["task"]
+    split = "train" if task_kind in ("train", "loader") else "valid"
+    bs = (spec.train.batch_size if task_kind != "infer" else spec.train.eval_batch_size) // world
+    loader = BatchLoader(spec, split, bs, rank=ctx.rank, world_size=world, seed=spec.train.seed,
+                         eval_mode=task_kind == "infer")
+    batches = _cycle(loader)
+    prof_result = None
+
+    if impl == "loader":
+        def step() -> int:
+            return next(batches).size
+    elif impl == "torchrec":
+        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+        from recsys.train.loop import Trainer
+        from recsys.train.numerics import FiniteGradGuard
+
+        trainer = Trainer(spec, ctx, for_training=False)
+        dmp = trainer.dmp
+        if task_kind == "train":
+            dmp.train()
+            guard = FiniteGradGuard(trainer.optimizer, dict(trainer.dense_optimizer.params))
+            pipeline = TrainPipelineSparseDist(dmp, guard, ctx.device, execute_all_batches=True)
+
+            def step() -> int:
+                return int(pipeline.progress(batches)[2].shape[0])
+        else:
+            dmp.eval()
+
+            def step() -> int:
+                with torch.no_grad():
+                    b = next(batches)
+                    dmp(b)
+                    return b.size
+    else:
+        from benchmarks.plain_reference import build_plain_task
+
+        task, opts = build_plain_task(spec)
+        model = task
+        if world > 1 and task_kind == "train":
+            model = torch.nn.parallel.DistributedDataParallel(task)
+        if task_kind == "train":
+            model.train()
+
+            def step() -> int:
+                b = next(batches)
+                loss, _ = model(b)
+                for o in opts:
+                    o.zero_grad(set_to_none=True)
+                loss.backward()
+                for o in opts:
+                    o.step()
+                return b.size
+        else:
+            model.eval()
+
+            def step() -> int:
+                with torch.no_grad():
+                    b = next(batches)
+                    model(b)
+                    return b.size
+
+    res = _timed(step, cfg["warmup"], cfg["steps"], barrier)
+    if cfg.get("profile_steps"):
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(cfg["profile_steps"]):
+                step()
+            barrier()
+        prof_result = _top_ops(prof, cfg["profile_steps"])
+    mine = {"rank": ctx.rank, **res, "peak_rss_mb": common.peak_rss_mb(), "threads": torch.get_num_threads()}
+    per_rank = [mine]
+    if world > 1:
+        per_rank = [None] * world
+        dist.all_gather_object(per_rank, mine)
+    if ctx.is_main:
+        seconds = max(r["seconds"] for r in per_rank)
+        samples = sum(r["local_samples"] for r in per_rank)
+        out = {"samples_per_s": samples / seconds, "samples": samples, "seconds": seconds, "steps": cfg["steps"],
+               "warmup": cfg["warmup"], "batch_per_rank": bs, "world_size": world, "per_rank": per_rank,
+               "peak_rss_mb_per_process": [r["peak_rss_mb"] for r in per_rank],
+               "load_avg_before": max(r["load_avg_before"] for r in per_rank),
+               "load_avg_after": max(r["load_avg_after"] for r in per_rank)}
+        if prof_result is not None:
+            out["profile_top_ops_rank0"] = prof_result
+        common.write_json(Path(cfg["out"]), out)
+    shutdown()
+
+
+# ================================================================================================ parent measures
+def matmul_peak_gflops(n: int = 2048, reps: int = 8) -> float:
+    """Best fp32 GEMM rate of this process with all cores' threads: the denominator of the FLOP fraction."""
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def flops_per_sample(data: str, variant: str, extra: List[str], batch: int = 512) -> Dict[str, float]:
+    """FLOPs of forward + backward per sample, counted by FlopCounterMode on the plain-EBC model (same dense
+    code; the embedding lookups are memory traffic, which FlopCounterMode does not count as FLOPs)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from benchmarks.plain_reference import build_plain_task
+    from recsys.data.loader import BatchLoader
+
+    spec = common.load(data, _overrides(variant, data, extra))
+    task, _ = build_plain_task(spec)
+    b = next(iter(BatchLoader(spec, "train", batch, seed=0)))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = task(b)
+        loss.backward()
+    total = counter.get_total_flops()
+    by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    return {"flops_per_sample": total / b.size, "batch": b.size,
+            "by_op_per_sample": {k: v / b.size for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+
+
+def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], profile_steps: int,
+           tmp: Path, timeout: float) -> Dict[str, Any]:
+    impl, task, nproc, variant = CONFIGS[name]
+    out = tmp / f"{name}.json"
+    cfg = {"impl": impl, "task": task, "variant": variant, "data": data, "steps": steps, "warmup": warmup,
+           "extra": extra, "out": str(out), "tmp": str(tmp / f"run_{name}"),
+           "profile_steps": profile_steps if (impl == "torchrec" and task == "train" and nproc > 1) else 0}
+    cmd = [common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
+           str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=common.REPO, env=common.env_for_children(), capture_output=True, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0 or not out.exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-12:])
+        return {"error": f"exit {proc.returncode}", "log_tail": tail}
+    res = json.loads(out.read_text())
+    res.update(impl=impl, task=task, nproc=nproc, variant=variant, wall_s_with_startup=time.time() - t0)
+    return res
+
+
+def render(report: Dict[str, Any]) -> str:
+    m = report["machine"]
+    rows = []
+    for name, r in report["configs"].items():
+        if "error" in r:
+            rows.append([name, "-", "-", "-", "-", f"error: {r['error']}", "-", "-"])
+            continue
+        frac = r.get("flop_fraction_of_peak")
+        rows.append([name, r["impl"], r["task"], r["variant"], r["nproc"], f"{r['samples_per_s']:,.0f}",
+                     " / ".join(f"{x:,.0f}" for x in r["peak_rss_mb_per_process"]),
+                     f"{r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f}"
+                     + (f"; {100 * frac:.2f}% of fp32 peak" if frac is not None else "")])
+    text = (f"# Throughput on {report['data']}\n\n{m['nproc']} x {m['cpu_model']}, torch {m['torch']}, commit "
+            f"`{m['commit']}`, {m['date']}. Training: global batch {report['global_batch']}, {report['steps']} timed "
+            f"steps after {report['warmup']} warm-up steps, no evaluation in the window; inference: eval batch "
+            f"{report['eval_batch']} on valid. Samples/s are global (all ranks). Load average = 1-min, before -> "
+            f"after each measurement (2 cores: anything above ~2 means other jobs shared the CPU).\n\n")
+    text += common.markdown_table(["config", "impl", "task", "model", "ranks", "samples/s", "peak RSS MB/process",
+                                   "load avg; FLOP use"], rows)
+    text += (f"\n\nfp32 matmul peak (2048^3 GEMM, {m['nproc']} threads): {report['matmul_peak_gflops']:.1f} GFLOP/s. "
+             f"FLOPs per sample (forward+backward, FlopCounterMode): full {report['flops']['full']['flops_per_sample'] / 1e6:.2f} MFLOP, "
+             f"peer config {report['flops']['peer']['flops_per_sample'] / 1e6:.2f} MFLOP.\n")
+    g = report.get("goals", {})
+    if g:
+        text += (f"\nGoals: full model >= {GOAL_FULL_2:,} samples/s on 2 ranks -> measured "
+                 f"{g.get('full_2_ranks', float('nan')):,.0f} ({'met' if g.get('full_met') else 'NOT met'}); peer "
+                 f"configuration >= 1.5 x {PEER_BEST:,} = {1.5 * PEER_BEST:,.0f} -> measured "
+                 f"{g.get('peer_2_ranks', float('nan')):,.0f} ({'met' if g.get('peer_met') else 'NOT met'}).\n")
+    prof = report.get("profile_top_ops")
+    if prof:
+        text += "\n## Profile of the 2-rank TorchRec training step (rank 0, self CPU time)\n\n"
+        text += common.markdown_table(["op", "self ms/step", "% of self time", "calls/step"],
+                                      [[p["op"], f"{p['self_ms_per_step']:.2f}", f"{p['self_pct']:.1f}",
+                                        f"{p['calls_per_step']:.0f}"] for p in prof])
+        text += "\n"
+    return text
+
+
+def plot(report: Dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    items = [(n, r["samples_per_s"]) for n, r in report["configs"].items() if "error" not in r
+             and r["task"] != "loader"]
+    if not items:
+        return
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.5))
+    colors = ["tab:blue" if "tr_" in n else "tab:orange" for n, _ in items]
+    ax.barh([n for n, _ in items], [v for _, v in items], color=colors)
+    if report["data"] == "amazon_sr":
+        ax.axvline(GOAL_FULL_2, color="k", ls="--", lw=1, label=f"goal full model, 2 ranks ({GOAL_FULL_2:,})")
+        ax.axvline(PEER_BEST, color="r", ls=":", lw=1, label=f"fastest public peer ({PEER_BEST:,})")
+        ax.legend(fontsize=7)
+    ax.set_xlabel("samples/s (all ranks)")
+    ax.set_title(f"{report['data']} throughput (blue TorchRec, orange plain PyTorch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--data", default="amazon_sr", choices=list(common.SPEC_FILES))
+    ap.add_argument("--configs", nargs="+", choices=list(CONFIGS))
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--profile-steps", type=int, default=5)
+    ap.add_argument("--set", dest="extra", action="append", default=[], help="spec override for every config")
+    ap.add_argument("--quick", action="store_true", help="movielens, 1 rank, 5 steps (smoke run)")
+    ap.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    ap.add_argument("--timeout", type=float, default=900)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(json.loads(args.worker))
+        return 0
+    if args.quick:
+        args.data = "movielens" if args.data == "amazon_sr" else args.data
+        args.configs = args.configs or QUICK_CONFIGS
+        args.steps, args.warmup, args.profile_steps = min(args.steps, 5), min(args.warmup, 2), 0
+    why = common.data_available(args.data)
+    if why:
+        print(f"skip {args.data}: {why}")
+        return 0
+    from recsys.data.prepare import prepare
+
+    spec = common.load(args.data, args.extra)
+    prepare(spec)
+    names = args.configs or list(CONFIGS)
+    report: Dict[str, Any] = {"data": args.data, "machine": common.machine(), "steps": args.steps,
+                              "warmup": args.warmup, "global_batch": spec.train.batch_size,
+                              "eval_batch": spec.train.eval_batch_size, "overrides": args.extra,
+                              "peer_overrides": PEER_OVERRIDES, "configs": {}}
+    report["matmul_peak_gflops"] = matmul_peak_gflops()
+    report["flops"] = {v: flops_per_sample(args.data, v, args.extra) for v in ("full", "peer")}
+    with tempfile.TemporaryDirectory(prefix="recsys_tput_") as tmp:
+        for name in names:
+            print(f"[{time.strftime('%H:%M:%S')}] {name} (load {common.load_average():.2f}) ...", flush=True)
+            r = launch(name, args.data, args.steps, args.warmup, args.extra, args.profile_steps, Path(tmp),
+                       args.timeout)
+            if "error" not in r and r["task"] == "train":
+                fl = report["flops"][r["variant"]]["flops_per_sample"]
+                r["flop_fraction_of_peak"] = fl * r["samples_per_s"] / (report["matmul_peak_gflops"] * 1e9)
+            report["configs"][name] = r
+            print(f"    -> {r.get('samples_per_s', float('nan')):,.0f} samples/s" if "error" not in r
+                  else f"    -> {r['error']}\n{r['log_tail']}", flush=True)
+    c = report["configs"]
+    prof = next((r.get("profile_top_ops_rank0") for r in c.values() if r.get("profile_top_ops_rank0")), None)
+    if prof:
+        report["profile_top_ops"] = prof
+    full2 = c.get("tr_full_train_2", {}).get("samples_per_s")
+    peer2 = c.get("tr_peer_train_2", {}).get("samples_per_s")
+    if args.data == "amazon_sr":
+        report["goals"] = {"full_2_ranks": full2, "full_goal": GOAL_FULL_2,
+                           "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_2_ranks": peer2,
+                           "peer_goal": 1.5 * PEER_BEST, "peer_met": bool(peer2 and peer2 >= 1.5 * PEER_BEST)}
+    report["samples_per_s"] = {n: r.get("samples_per_s") for n, r in c.items()}
+    stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
+    common.write_json(args.results_dir / f"{stem}.json", report)
+    (args.results_dir / f"{stem}.md").write_text(render(report))
+    plot(report, args.results_dir / f"{stem}.png")
+    print(render(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
