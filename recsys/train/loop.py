@@ -208,7 +208,7 @@ class Trainer:
             self.state.epoch = epoch
             self._train_epoch(epoch)
             metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
-            overall = metrics["overall"]["auc"]
+            overall = selection_score(metrics, spec.train.select_metric)
             self.state.history.append({"epoch": epoch, "valid": metrics})
             self._log_eval(metrics, epoch)
             improved = overall > self.state.best_metric
@@ -219,8 +219,10 @@ class Trainer:
                 self.state.best_checkpoint = str(self.ckpt_root / f"step_{self.state.global_step:09d}")
             path = self.save()
             if self.ctx.is_main:
-                log.info("epoch %d valid AUC %.4f%s (%s)", epoch, overall, " *best*" if improved else "", path)
+                log.info("epoch %d valid %s %.4f%s (%s)", epoch, spec.train.select_metric, overall,
+                         " *best*" if improved else "", path)
         summary = {"best_epoch": self.state.best_epoch, "best_valid_auc": self.state.best_metric,
+                   "select_metric": spec.train.select_metric,
                    "best_checkpoint": self.state.best_checkpoint, "history": self.state.history}
         if self.ctx.is_main:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
@@ -338,6 +340,13 @@ def _test_crash_step() -> Optional[int]:
     if not raw or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         return None
     return int(raw)
+
+
+def selection_score(metrics: Dict[str, Any], how: str) -> float:
+    if how == "overall_auc":
+        return metrics["overall"]["auc"]
+    aucs = [m["auc"] for m in metrics["domains"].values() if m["auc"] == m["auc"]]
+    return float(np.mean(aucs)) if aucs else float("nan")
 
 
 def _take(it: Iterable, n: int):
