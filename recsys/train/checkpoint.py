@@ -175,6 +175,14 @@ def best_or_latest(path: Path) -> Path:
     return resolve(path)
 
 
+def saved_keys(folder: Path) -> set:
+    """Flattened state-dict keys a DCP checkpoint holds (e.g. `optim.state.<param>.exp_avg`)."""
+    try:
+        return set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
+    except Exception as e:  # unreadable metadata: the same problem `load` would report
+        raise CheckpointError(f"{folder}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+
+
 def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) -> Dict[str, Any]:
     """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest."""
     manifest = verify(folder)

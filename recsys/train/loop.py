@@ -184,6 +184,17 @@ class Trainer:
         manifest = checkpoint.verify(found)
         checkpoint.check_resumable(found, manifest, tables=self._table_shapes(), world_size=self.ctx.world_size,
                                    batch_size=self.spec.train.batch_size, seed=self.spec.train.seed)
+        # Adam's state is created lazily by its first step: a fresh optimiser's state_dict has no exp_avg/step
+        # entries, so DCP would load nothing into it and the resumed run would restart Adam from zero. A dummy
+        # zero-gradient step creates the entries; the load below then overwrites them and the weights.
+        # Parameters that never had a gradient (unused in this spec) have no state in the checkpoint: drop theirs.
+        self.dense_optimizer.init_state()
+        self.dense_optimizer.zero_grad(set_to_none=True)
+        with_state = {k[len("optim.state."):].rsplit(".", 1)[0] for k in checkpoint.saved_keys(found)
+                      if k.startswith("optim.state.")}
+        for name, p in self.dense_optimizer.params.items():
+            if name not in with_state:
+                self.dense_optimizer.state.pop(p, None)
         manifest = checkpoint.load(found, self.dmp, self.optimizer)
         for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
                   "history"):

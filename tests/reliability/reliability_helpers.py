@@ -50,32 +50,64 @@ def torchrun_cmd(args: Sequence[str], nproc: int = 2, max_restarts: int = 0) -> 
             "--rdzv-endpoint=localhost:0", str(REPO / "jobs" / "pretrain.py"), *args]
 
 
-def torchrun(args: Sequence[str], timeout: float = 240, max_restarts: int = 0,
+def _descendants(pid: int) -> List[int]:
+    """Every process below `pid` (torchrun starts its workers in their own sessions, so a process-group kill
+    of the launcher would leave them running)."""
+    children: Dict[int, List[int]] = {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d.name))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every worker at once, as `kill -9` of the whole job would."""
+    for pid in [proc.pid, *_descendants(proc.pid)]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+
+
+def torchrun(args: Sequence[str], log: Path, timeout: float = 240, max_restarts: int = 0,
              **env_extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(torchrun_cmd(args, max_restarts=max_restarts), cwd=REPO, env=env(**env_extra),
-                          capture_output=True, text=True, timeout=timeout)
+    """A 2-rank torchrun; stdout+stderr go to `log` (kept for post-mortems). On timeout the whole tree is killed."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(torchrun_cmd(args, max_restarts=max_restarts), cwd=REPO, env=env(**env_extra),
+                                stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            raise AssertionError(f"torchrun timed out after {timeout}s; log: {log}") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "", log.read_text(errors="replace"))
 
 
-def kill_when(args: Sequence[str], ready: Path, timeout: float = 180) -> int:
-    """Start a 2-rank torchrun in its own process group, wait until `ready` exists, then SIGKILL the whole group
-    (agent and both workers, as `kill -9` of the job would). Returns how many checkpoints existed at the kill."""
-    proc = subprocess.Popen(torchrun_cmd(args), cwd=REPO, env=env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if proc.poll() is not None:
-                raise AssertionError(f"run ended (rc {proc.returncode}) before {ready} appeared")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{ready} did not appear within {timeout}s")
-            time.sleep(0.05)
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=30)
-    return len(list(ready.parent.glob("step_*")))
+def kill_when(args: Sequence[str], ready: Path, log: Path, timeout: float = 180) -> None:
+    """Start a 2-rank torchrun, wait until `ready` exists, then SIGKILL launcher and workers."""
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(torchrun_cmd(args), cwd=REPO, env=env(), stdout=fh, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + timeout
+            while not ready.exists():
+                if proc.poll() is not None:
+                    raise AssertionError(f"run ended (rc {proc.returncode}) before {ready} appeared; log: {log}")
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"{ready} did not appear within {timeout}s; log: {log}")
+                time.sleep(0.02)
+        finally:
+            if proc.poll() is None:
+                kill_tree(proc)
 
 
 def summary(out: Path) -> dict:
