@@ -215,6 +215,9 @@ class TrainSpec(StrictModel):
     weight_decay: float = Field(default=0.0, ge=0)
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam"] = "rowwise_adagrad"
     embedding_lr: float = Field(default=0.05, gt=0)
+    # both learning rates are multiplied by lr_decay ** epoch: later epochs refine instead of re-fitting the
+    # embeddings of small domains (which is where multi-epoch CTR training overfits)
+    lr_decay: float = Field(default=1.0, gt=0, le=1.0)
     seed: int = 2023
     output_dir: str = "runs/default"
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0 = at epoch ends only

@@ -217,6 +217,7 @@ class Trainer:
         spec = self.spec
         for epoch in range(self.state.epoch, spec.train.epochs):
             self.state.epoch = epoch
+            self._set_learning_rates(epoch)
             self._train_epoch(epoch)
             metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
             overall = selection_score(metrics, spec.train.select_metric)
@@ -239,6 +240,14 @@ class Trainer:
             (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
             self.writer.flush()
         return summary
+
+    def _set_learning_rates(self, epoch: int) -> None:
+        """Fused embedding optimisers read param_groups' lr in step(), so one assignment reaches the kernels."""
+        factor = self.spec.train.lr_decay ** epoch
+        for group in self.dense_optimizer.param_groups:
+            group["lr"] = self.spec.train.lr * factor
+        for group in self.dmp.fused_optimizer.param_groups:
+            group["lr"] = self.spec.train.embedding_lr * factor
 
     def _train_epoch(self, epoch: int) -> None:
         spec, ctx = self.spec, self.ctx
