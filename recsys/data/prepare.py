@@ -255,5 +255,9 @@ def prepare(spec: Spec, force: bool = False) -> dict:
         out.write_text(json.dumps(stats, indent=1, sort_keys=True))
         man.record(out, fp)
         log.info("stats -> %s", out)
+    from recsys.spec.loader import check_domains_have_rows
+
+    # a declared domain without training rows is a spec error (a typo in `value`, a wrong domain column)
+    check_domains_have_rows(spec, {d: e["rows"] for d, e in stats["splits"]["train"]["domains"].items()})
     log.info("prepare done in %.1fs", time.time() - t0)
     return stats

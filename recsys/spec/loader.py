@@ -452,16 +452,15 @@ def _error_for(spec: Spec, loc: Loc, message: str) -> SpecIssue:
 def check_domains_have_rows(spec: Spec, domain_counts: Dict[str, int], split: str = "train") -> None:
     """Raise `SpecError` for every active domain without rows in `split`.
 
-    `domain_counts` maps a domain's name (or its `value` in `data.domain_column`) to its row count, as read from
-    the data; domains excluded by `model.single_domain` are not required to have rows.
+    `domain_counts` maps a value of `data.domain_column` to its row count, as read from the data (a domain's value
+    is its `value`, else its name); domains excluded by `model.single_domain` are not required to have rows.
     """
     issues = []
     for i, d in enumerate(spec.domains):
         if spec.model.single_domain is not None and d.name != spec.model.single_domain:
             continue
-        n = max(domain_counts.get(d.name, 0), domain_counts.get(d.match_value, 0))
-        if n <= 0:
-            issues.append(_error_for(spec, ("domains", i, "name"), f"domain '{d.name}' has no rows in split "
+        if domain_counts.get(d.match_value, 0) <= 0:
+            issues.append(_error_for(spec, ("domains", i, "value" if d.value is not None else "name"), f"domain '{d.name}' has no rows in split "
                                      f"'{split}' ({spec.data.domain_column} == '{d.match_value}')"))
     _raise(issues)
 
