@@ -183,10 +183,31 @@ def saved_keys(folder: Path) -> set:
         raise CheckpointError(f"{folder}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
 
 
+def _check_model_shapes(folder: Path, model_state: Dict[str, Any]) -> None:
+    """CheckpointError naming the first model tensors whose saved global shape differs from this model's, or that
+    one side lacks -- before DCP, whose own failure comes with per-rank tracebacks in the log."""
+    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    problems: List[str] = []
+    for name, value in model_state.items():
+        meta = saved.get(f"model.{name}")
+        shape = getattr(meta, "size", None)
+        if meta is None:
+            problems.append(f"{name} is not in the checkpoint")
+        elif shape is not None and hasattr(value, "size") and tuple(value.size()) != tuple(shape):
+            problems.append(f"{name} is {list(shape)} in the checkpoint but {list(value.size())} in this model")
+    extra = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k[len("model."):] not in model_state)
+    problems += [f"{k} is in the checkpoint but not in this model" for k in extra]
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise CheckpointError(f"{folder}: does not match this model: {'; '.join(problems[:3])}{more}; it was written "
+                              f"by a different spec")
+
+
 def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) -> Dict[str, Any]:
     """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest."""
     manifest = verify(folder)
     state: Dict[str, Any] = {"model": model.state_dict()}
+    _check_model_shapes(folder, state["model"])
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
     try:

@@ -7,6 +7,7 @@ each rank's torch/numpy/python RNG, step counters and the evaluation history. CP
 deterministic for the same shapes, so the comparison is bitwise (floats compared with ==)."""
 from __future__ import annotations
 
+import re
 import time
 
 import pytest
@@ -37,7 +38,9 @@ def test_kill_9_mid_epoch_then_resume_is_exact(ml_prepared, tmp_path, uninterrup
     assert not (out / "train_summary.json").exists()
     proc = torchrun([*args, "--resume"], tmp_path / "resumed.log")
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "resumed from" in proc.stderr
+    m = re.search(r"resumed from \S+step_(\d+) \(epoch (\d+), step (\d+) in epoch", proc.stderr)
+    assert m, proc.stderr[-3000:]
+    assert int(m.group(1)) >= 15 and 0 < int(m.group(3)) < 12  # a mid-epoch checkpoint, not an epoch end
     resumed = summary(out)
     assert _metrics(resumed) == _metrics(uninterrupted)
     assert resumed["best_valid_auc"] == uninterrupted["best_valid_auc"]

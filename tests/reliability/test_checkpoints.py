@@ -1,0 +1,109 @@
+"""Checkpoints: truncated or half-written ones are detected and skipped (resume falls back to the newest good one,
+with a warning), and one written by a different spec is refused with a clear CheckpointError."""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+
+from recsys.errors import CheckpointError
+from recsys.train import checkpoint
+
+from reliability_helpers import SPEC, assert_clean_error, job, small_overrides
+
+ONE_EPOCH = {"train.epochs": 1, "train.max_steps": 6, "train.checkpoint_every_steps": 2}
+
+
+# ---------------------------------------------------------------------------------------------- unit (no training)
+def _fake(root: Path, step: int, payload: bytes = b"x" * 100) -> Path:
+    d = root / f"step_{step:09d}"
+    d.mkdir(parents=True)
+    (d / "__0_0.distcp").write_bytes(payload)
+    (d / ".metadata").write_bytes(b"meta")
+    (d / checkpoint.MANIFEST).write_text(json.dumps({"step": step, "files": checkpoint._file_sizes(d)}))
+    return d
+
+
+def test_truncated_and_unfinished_checkpoints_are_skipped(tmp_path, caplog):
+    root = tmp_path / "checkpoints"
+    good = _fake(root, 10)
+    truncated = _fake(root, 20)
+    with open(truncated / "__0_0.distcp", "r+b") as f:
+        f.truncate(40)
+    unfinished = _fake(root, 30)
+    (unfinished / checkpoint.MANIFEST).unlink()
+    (root / "step_000000040.tmp").mkdir()  # a save that died before its rename
+    with caplog.at_level(logging.WARNING, logger="recsys.train.checkpoint"):
+        assert checkpoint.latest_good(root) == good
+    assert "no manifest.json" in caplog.text and "truncated (40 of 100 bytes)" in caplog.text
+    with pytest.raises(CheckpointError, match="truncated"):
+        checkpoint.verify(truncated)
+    moved = checkpoint.set_aside_newer(root, good)
+    assert sorted(p.name for p in moved) == ["step_000000020.bad", "step_000000030.bad"]
+    assert checkpoint.list_checkpoints(root) == [good]
+
+
+def test_check_resumable_names_the_difference(tmp_path):
+    manifest = {"tables": {"item": [100, 8], "user": [10, 4]}, "world_size": 2, "batch_size": 256, "seed": 1}
+    ok = dict(tables={"item": [100, 8], "user": [10, 4]}, world_size=2, batch_size=256, seed=1)
+    checkpoint.check_resumable(tmp_path, manifest, **ok)
+    with pytest.raises(CheckpointError, match=r"table 'item' is 100 rows x dim 8 in the checkpoint but 100 x 16"):
+        checkpoint.check_resumable(tmp_path, manifest, **dict(ok, tables={"item": [100, 16], "user": [10, 4]}))
+    with pytest.raises(CheckpointError, match="table 'genre' is missing from the checkpoint"):
+        checkpoint.check_resumable(tmp_path, manifest, **dict(ok, tables={**ok["tables"], "genre": [5, 4]}))
+    with pytest.raises(CheckpointError, match="world_size=2, this run has world_size=4"):
+        checkpoint.check_resumable(tmp_path, manifest, **dict(ok, world_size=4))
+
+
+# ------------------------------------------------------------------------------------------ end to end (1 rank)
+@pytest.fixture(scope="module")
+def finished_run(ml_prepared, tmp_path_factory) -> Path:
+    """A 6-step run with checkpoints at steps 2, 4 and 6 (6 = end of the epoch)."""
+    out = tmp_path_factory.mktemp("rel_ckpt") / "run"
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [p.name for p in checkpoint.list_checkpoints(out / "checkpoints")] == [
+        "step_000000006", "step_000000004", "step_000000002"]
+    return out
+
+
+def _copy(run: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "run"
+    shutil.copytree(run, dest)
+    return dest
+
+
+def test_resume_falls_back_past_a_truncated_shard(ml_prepared, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    newest = out / "checkpoints" / "step_000000006"
+    shard = max((p for p in newest.glob("*.distcp")), key=lambda p: p.stat().st_size)
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping bad checkpoint" in proc.stderr and "truncated" in proc.stderr
+    assert "resumed from " + str(out / "checkpoints" / "step_000000004") in proc.stderr
+    assert (out / "checkpoints" / "step_000000006.bad").is_dir()  # set aside, kept for a post-mortem
+    checkpoint.verify(newest)  # and rewritten whole by the resumed run
+    # the resumed epoch ends with the metrics the original run had
+    assert json.loads((out / "train_summary.json").read_text())["history"] == \
+        json.loads((finished_run / "train_summary.json").read_text())["history"]
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("tables.item.dim=16", ["table 'item' is", "dim 32 in the checkpoint", "x 16 in this spec", "different spec"]),
+    ("model.dim=16", ["does not match this model", "l0.proj", "[8] in the checkpoint but [16]"]),
+])
+def test_checkpoint_of_another_spec_is_refused(ml_prepared, finished_run, tmp_path, override, needles):
+    out = _copy(finished_run, tmp_path)
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH),
+                               "--set", override, "--resume"])
+    assert_clean_error(proc, str(out / "checkpoints" / "step_000000006"), *needles)
+
+
+def test_existing_checkpoints_need_resume(ml_prepared, finished_run):
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, finished_run, **ONE_EPOCH)])
+    assert_clean_error(proc, "already holds checkpoints", "--resume")
