@@ -20,6 +20,7 @@ import json
 import logging
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -221,7 +222,20 @@ def render_markdown(report: Dict[str, Any]) -> str:
             f"best epoch on valid, metrics on **test**. Seeds asked {report['seeds']} (column `seeds` = finished). "
             f"{report['settings']}. Machine: {m['nproc']} x {m['cpu_model']}, commit `{m['commit']}`, "
             f"{m['date']}. mean ± sample std over seeds.\n\n")
-    return head + common.markdown_table(header, rows) + "\n"
+    text = head + common.markdown_table(header, rows) + "\n"
+    pred = report.get("predictions")
+    if pred:
+        text += (f"\nDefault model's test predictions (seed {pred['seed']}, logits, float32): `{pred['file']}`.")
+        if "independent_scorer" in pred:
+            text += (f" Independent scorer (shared/tools/score_amazon_sr.py): overall AUC "
+                     f"{pred['independent_scorer']['overall']['auc']:.4f}, difference to ours "
+                     f"{pred['overall_auc_delta_vs_ours']:+.1e}.")
+        text += "\n"
+    if report["data"] == "amazon_sr":
+        text += ("\nPeers: public numbers, best of Shared-Bottom, MMoE, PLE, STAR, M2M, AdaSparse per column "
+                 "(embedding dim 16, no text). `popularity` scores log(1 + train impressions of the item); its "
+                 "logloss treats that as a logit and is not meaningful.\n")
+    return text
 
 
 def plot(report: Dict[str, Any], path: Path) -> None:
@@ -258,12 +272,46 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+SCORER = common.SHARED.parent / "tools" / "score_amazon_sr.py"
+
+
+def export_predictions(runs: Path, results: Path, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+    """Copy the default model's test predictions (first finished seed) to the results folder and score them with
+    the independent scorer, so the published AUC can be checked without trusting this code."""
+    import shutil
+
+    for seed in seeds:
+        src = runs / "amazon_sr" / "sr_foundation" / f"seed{seed}" / "test_pred.npy"
+        if not (src.exists() and src.with_name("metrics.json").exists()):
+            continue
+        dst = results / "amazon_sr_sr_foundation_test.npy"
+        results.mkdir(parents=True, exist_ok=True)
+        np.save(dst, np.load(src).astype(np.float32))
+        out: Dict[str, Any] = {"file": str(dst.relative_to(common.REPO)) if dst.is_relative_to(common.REPO)
+                               else str(dst), "seed": seed, "dtype": "float32", "kind": "logits"}
+        if SCORER.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                js = Path(tmp) / "score.json"
+                p = subprocess.run([common.PYTHON, str(SCORER), str(dst), "--json", str(js)], capture_output=True,
+                                   text=True, timeout=600)
+                if p.returncode == 0 and js.exists():
+                    scored = json.loads(js.read_text())
+                    ours = json.loads(src.with_name("metrics.json").read_text())
+                    out["independent_scorer"] = scored
+                    out["overall_auc_delta_vs_ours"] = scored["overall"]["auc"] - ours["overall"]["auc"]
+                else:
+                    out["independent_scorer_error"] = (p.stdout + p.stderr)[-500:]
+        return out
+    return None
+
+
 def write_report(data: str, runs: Path, results: Path, seeds: Sequence[int], settings: str) -> Dict[str, Any]:
     report = {"data": data, "split": "test", "seeds": list(seeds), "settings": settings,
               "commit": common.git_commit(), "machine": common.machine(),
               "models": aggregate(data, runs, ALL_MODELS)}
     if data == "amazon_sr":
         report["reference"] = PEERS
+        report["predictions"] = export_predictions(runs, results, seeds)
     stem = f"{data}_auc"
     common.write_json(results / f"{stem}.json", report)
     (results / f"{stem}.md").write_text(render_markdown(report))

@@ -147,6 +147,15 @@ def worker(cfg: Dict[str, Any]) -> None:
         task, opts = build_plain_task(spec)
         model = task
         if world > 1 and task_kind == "train":
+            # Parameters this configuration never uses (text_temperature under text.mode none) would make DDP
+            # wait for their gradients; one probe backward finds them and they are frozen, which is cheaper than
+            # find_unused_parameters' graph walk on every step.
+            probe_loss, _ = task(next(batches))
+            probe_loss.backward()
+            for p in task.parameters():
+                if p.requires_grad and p.grad is None:
+                    p.requires_grad_(False)
+            task.zero_grad(set_to_none=True)
             model = torch.nn.parallel.DistributedDataParallel(task)
         if task_kind == "train":
             model.train()
@@ -252,7 +261,8 @@ def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], prof
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-12:])
         return {"error": f"exit {proc.returncode}", "log_tail": tail}
     res = json.loads(out.read_text())
-    res.update(impl=impl, task=task, nproc=nproc, variant=variant, wall_s_with_startup=time.time() - t0)
+    res.update(impl=impl, task=task, nproc=nproc, variant=variant, wall_s_with_startup=time.time() - t0,
+               measured_at=time.strftime("%Y-%m-%d %H:%M:%S"))
     return res
 
 
@@ -329,6 +339,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="extra", action="append", default=[], help="spec override for every config")
     ap.add_argument("--quick", action="store_true", help="movielens, 1 rank, 5 steps (smoke run)")
     ap.add_argument("--results-dir", type=Path, default=common.RESULTS)
+    ap.add_argument("--merge", action="store_true", help="keep the configurations of the existing result file that "
+                    "this run does not re-measure")
     ap.add_argument("--timeout", type=float, default=900)
     args = ap.parse_args(argv)
     if args.worker:
@@ -351,6 +363,10 @@ def main(argv=None) -> int:
                               "warmup": args.warmup, "global_batch": spec.train.batch_size,
                               "eval_batch": spec.train.eval_batch_size, "overrides": args.extra,
                               "peer_overrides": PEER_OVERRIDES, "configs": {}}
+    stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
+    previous = args.results_dir / f"{stem}.json"
+    if args.merge and previous.exists():  # re-measure some configurations, keep the others (each has its time)
+        report["configs"] = json.loads(previous.read_text()).get("configs", {})
     report["matmul_peak_gflops"] = matmul_peak_gflops()
     report["flops"] = {v: flops_per_sample(args.data, v, args.extra) for v in ("full", "peer")}
     with tempfile.TemporaryDirectory(prefix="recsys_tput_") as tmp:
@@ -375,7 +391,6 @@ def main(argv=None) -> int:
                            "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_2_ranks": peer2,
                            "peer_goal": 1.5 * PEER_BEST, "peer_met": bool(peer2 and peer2 >= 1.5 * PEER_BEST)}
     report["samples_per_s"] = {n: r.get("samples_per_s") for n, r in c.items()}
-    stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
     common.write_json(args.results_dir / f"{stem}.json", report)
     (args.results_dir / f"{stem}.md").write_text(render(report))
     plot(report, args.results_dir / f"{stem}.png")

@@ -1,0 +1,123 @@
+"""Benchmarks: the plain-PyTorch EmbeddingBag collection agrees with TorchRec's, and the --quick modes of
+benchmarks/auc.py and benchmarks/throughput.py run end to end on a tiny MovieLens model (seconds, not minutes)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+# Tiny model: narrow tables and aspects, 5-step histories, hashed-token text (no LLM cache needed).
+TINY = ["model.dim=8", "model.hidden=[16,8]", "tables.user.dim=8", "tables.item.dim=8", "tables.genre.dim=4",
+        "tables.query.dim=4", "features.hist_items.max_len=5", "features.hist_text.max_len=5", "text.mode=random",
+        "text.random_buckets=4096", "text.random_dim=8", "text.random_max_tokens=8", "train.batch_size=256",
+        "train.eval_batch_size=4096", "train.log_every_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def tiny_sets(tmp_path_factory):
+    from recsys.data.prepare import prepare
+    from recsys.spec.loader import load_spec
+
+    prepared = tmp_path_factory.mktemp("ml_prepared")
+    prepare(load_spec(REPO / "feature_specs" / "movielens.yaml", [f"data.prepared_dir={prepared}"]))
+    out = []
+    for s in [f"data.prepared_dir={prepared}", *TINY]:
+        out += ["--set", s]
+    return out
+
+
+def _env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                            "MASTER_PORT", "LOCAL_WORLD_SIZE")}
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_plain_ebc_matches_torchrec_ebc():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    from benchmarks.plain_reference import PlainEBC
+
+    # `a` and `c` share table t1 but are not adjacent in the KJT (the gather path); h@0/h@1 are adjacent
+    configs = [EmbeddingBagConfig(name="t1", embedding_dim=4, num_embeddings=10, feature_names=["a", "c"]),
+               EmbeddingBagConfig(name="t2", embedding_dim=3, num_embeddings=7, feature_names=["b"],
+                                  pooling=PoolingType.MEAN),
+               EmbeddingBagConfig(name="t3", embedding_dim=2, num_embeddings=5, feature_names=["h@0", "h@1"])]
+    ref = EmbeddingBagCollection(tables=configs, device=torch.device("cpu"))
+    plain = PlainEBC(configs)
+    with torch.no_grad():
+        for c in configs:
+            plain.embedding_bags[c.name].weight.copy_(ref.embedding_bags[c.name].weight)
+    keys = ["a", "b", "c", "h@0", "h@1"]
+    lengths = torch.tensor([1, 2, 0, 3, 1, 1, 1, 0, 2, 1])  # batch 2, a bag may be empty
+    values = torch.randint(0, 5, (int(lengths.sum()),))
+    kjt = KeyedJaggedTensor(keys=keys, values=values, lengths=lengths)
+    want, got = ref(kjt).to_dict(), plain(kjt).to_dict()
+    assert set(got) == set(keys)
+    for k in keys:
+        torch.testing.assert_close(got[k], want[k])
+    sum(v.sum() for v in got.values()).backward()
+    assert plain.embedding_bags["t1"].weight.grad.is_sparse  # sparse rows: Adagrad/DDP see only touched rows
+
+
+def test_plain_task_trains_one_step(tiny_sets):
+    from benchmarks.common import load
+    from benchmarks.plain_reference import build_plain_task
+    from recsys.data.loader import BatchLoader
+
+    spec = load("movielens", tiny_sets[1::2])
+    task, opts = build_plain_task(spec)
+    batch = next(iter(BatchLoader(spec, "train", 64, seed=0)))
+    before = task.model.l2.heads.w.detach().clone()
+    loss, _ = task(batch)
+    loss.backward()
+    for o in opts:
+        o.step()
+    assert torch.isfinite(loss)
+    assert not torch.equal(before, task.model.l2.heads.w)
+
+
+@pytest.mark.slow
+def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
+    cmd = [sys.executable, "benchmarks/auc.py", "--quick", "--nproc", "1", "--max-steps", "3", "--models",
+           "sr_foundation", "popularity", "--runs-dir", str(tmp_path / "runs"), "--results-dir",
+           str(tmp_path / "res"), *tiny_sets]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    report = json.loads((tmp_path / "res" / "movielens_auc.json").read_text())
+    assert set(report["models"]) == {"sr_foundation", "popularity"}
+    for m in report["models"].values():
+        assert 0.0 <= m["overall"]["auc"] <= 1.0
+        assert set(m["domains"]) == {"ml_action", "ml_comedy", "ml_drama", "ml_tag_search"}
+    assert (tmp_path / "runs" / "movielens" / "sr_foundation" / "seed1" / "test_pred.npy").exists()
+    assert "| sr_foundation |" in (tmp_path / "res" / "movielens_auc.md").read_text()
+    done = tmp_path / "runs" / "movielens" / "sr_foundation" / "seed1" / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "skip movielens/sr_foundation/seed1" in p.stderr
+    assert done.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.slow
+def test_throughput_quick(tiny_sets, tmp_path):
+    cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--configs", "loader_1", "tr_full_train_1",
+           "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path), *tiny_sets]
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    report = json.loads((tmp_path / "throughput_movielens_quick.json").read_text())
+    for name in ("loader_1", "tr_full_train_1"):
+        r = report["configs"][name]
+        assert "error" not in r, r
+        assert r["samples_per_s"] > 0 and r["peak_rss_mb_per_process"][0] > 0
+    assert report["matmul_peak_gflops"] > 0 and report["flops"]["full"]["flops_per_sample"] > 0
+    assert 0 < report["configs"]["tr_full_train_1"]["flop_fraction_of_peak"] < 1
