@@ -33,30 +33,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _attempt_scoped_group(device: str) -> None:
-    """Under torchelastic, create the default process group on a store prefixed by the restart attempt.
-
-    torchrun keeps one rendezvous store for all attempts of a job, and the process group's keys (the gloo/NCCL
-    peer addresses) are not scoped by attempt: after a `--max-restarts` restart a rank can read its peer's address
-    from the dead attempt and fail with "connectFullMesh ... Connection refused" (seen here with gloo; upstream
-    pytorch/pytorch#167288 reports it for NCCL). A per-attempt prefix makes stale keys invisible.
-    `init_distributed` then finds the group initialised and only builds the context."""
-    import torch
-    import torch.distributed as dist
-
-    if "TORCHELASTIC_RESTART_COUNT" not in os.environ or dist.is_initialized():
-        return
-    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
-    if use_cuda:
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    # the agent hosts the store when TORCHELASTIC_USE_AGENT_STORE=True; otherwise rank 0 does (as env:// would)
-    host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host)
-    store = dist.PrefixStore(f"recsys/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo", store=store, rank=rank, world_size=world)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_logging()
@@ -78,7 +54,6 @@ def main(argv=None) -> int:
     if ckpts and not resume:
         raise RecsysError(f"train.output_dir {spec.train.output_dir!r} already holds checkpoints; pass --resume to "
                           f"continue it or --set train.output_dir=<new dir>")
-    _attempt_scoped_group(args.device)
     ctx = init_distributed(args.device)
     try:
         trainer = Trainer(spec, ctx)

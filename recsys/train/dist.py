@@ -46,11 +46,28 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, rank=rank, world_size=world)
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            _init_attempt_scoped(backend, rank, world)
+        else:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world)
     if not use_cuda:
         # Two ranks on two cores: more intra-op threads than cores per rank only adds contention.
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
     return DistContext(rank, world, local_rank, dev, backend)
+
+
+def _init_attempt_scoped(backend: str, rank: int, world: int) -> None:
+    """Under torchelastic, create the default process group on a store prefixed by the restart attempt.
+
+    torchrun keeps one rendezvous store for all attempts of a job, and the process group's keys (the gloo/NCCL
+    peer addresses) are not scoped by attempt: after a `--max-restarts` restart a rank can read its peer's address
+    from the dead attempt and fail with "connectFullMesh ... Connection refused" (seen here with gloo; upstream
+    pytorch/pytorch#167288 reports it for NCCL). A per-attempt prefix makes stale keys invisible."""
+    # the agent hosts the store when TORCHELASTIC_USE_AGENT_STORE=True; otherwise rank 0 does (as env:// would)
+    host = rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    base = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=host)
+    store = dist.PrefixStore(f"recsys/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", base)
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
 
 
 def shutdown() -> None:
