@@ -42,7 +42,9 @@ def domains_override(spec_path: str, drop: str) -> str:
     from recsys.spec.loader import load_spec
 
     spec = load_spec(ROOT / spec_path)
-    kept = [f"{{name: {d.name}, kind: {d.kind}}}" for d in spec.domains if d.name != drop]
+    kept = [f"{{name: {d.name}, kind: {d.kind}, loss_weight: {d.loss_weight}"
+            + (f", value: {d.value}" if d.value is not None else "") + "}"
+            for d in spec.domains if d.name != drop]
     return "domains=[" + ", ".join(kept) + "]"
 
 
