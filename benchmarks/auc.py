@@ -84,11 +84,16 @@ def train_and_evaluate(data: str, run_dir: Path, overrides: Sequence[str], nproc
     for o in [*common.data_overrides(data), *overrides, f"train.output_dir={run_dir / 'train'}"]:
         sets += ["--set", o]
     log_path = run_dir / "log.txt"
-    ckpts = run_dir / "train" / "checkpoints"
-    resume = ["--resume"] if ckpts.exists() and any(ckpts.iterdir()) else []
+    if (run_dir / "train").exists():
+        # An unfinished earlier attempt: start over rather than resume, since the model code may have changed
+        # since (its checkpoints would not load); a run is minutes, and finished runs are never redone.
+        import shutil
+
+        log.info("%s: discarding an unfinished earlier attempt", run_dir)
+        shutil.rmtree(run_dir / "train")
     t0 = time.time()
     _run([common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-          "jobs/pretrain.py", "--spec", spec_file, *sets, *resume], log_path, timeout)
+          "jobs/pretrain.py", "--spec", spec_file, *sets], log_path, timeout)
     t1 = time.time()
     _run([common.PYTHON, "jobs/evaluate.py", "--spec", spec_file, *sets, "--checkpoint", str(run_dir / "train"),
           "--split", "test", "--out", str(run_dir / "eval.json"), "--save-predictions",

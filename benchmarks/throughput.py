@@ -240,9 +240,14 @@ def flops_per_sample(data: str, variant: str, extra: List[str], batch: int = 512
         loss, _ = task(b)
         loss.backward()
     total = counter.get_total_flops()
-    by_op = {str(k): v for k, v in counter.get_flop_counts().get("Global", {}).items()}
+    counts = counter.get_flop_counts()
+    by_op = {str(k): v for k, v in counts.get("Global", {}).items()}
+    # where the FLOPs are: modules up to five levels deep (l0.proj.item_id, l2.tower.shared, ...)
+    by_module = {name: sum(ops.values()) / b.size for name, ops in counts.items()
+                 if name != "Global" and 0 < name.count(".") <= 5 and sum(ops.values())}
     return {"flops_per_sample": total / b.size, "batch": b.size,
-            "by_op_per_sample": {k: v / b.size for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])}}
+            "by_op_per_sample": {k: v / b.size for k, v in sorted(by_op.items(), key=lambda kv: -kv[1])},
+            "by_module_per_sample": dict(sorted(by_module.items(), key=lambda kv: -kv[1])[:25])}
 
 
 def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], profile_steps: int,
@@ -255,8 +260,13 @@ def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], prof
     cmd = [common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=common.REPO, env=common.env_for_children(), capture_output=True, text=True,
-                          timeout=timeout)
+    try:
+        proc = subprocess.run(cmd, cwd=common.REPO, env=common.env_for_children(), capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        tail = "\n".join(((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
+                           else (e.stdout or "")).splitlines()[-12:])
+        return {"error": f"timed out after {timeout:.0f} s", "log_tail": tail}
     if proc.returncode != 0 or not out.exists():
         tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-12:])
         return {"error": f"exit {proc.returncode}", "log_tail": tail}
