@@ -164,8 +164,8 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
 def _mean_std(values: List[float]) -> Dict[str, float]:
     v = np.array([x for x in values if x is not None and x == x], dtype=np.float64)
     if not len(v):
-        return {"mean": float("nan"), "std": float("nan")}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+        return {"mean": float("nan"), "std": None}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}  # no spread from 1 seed
 
 
 def aggregate(data: str, runs: Path, models: Sequence[str]) -> Dict[str, Any]:
@@ -226,7 +226,7 @@ def render_markdown(report: Dict[str, Any]) -> str:
     head = (f"# {report['data']}: test AUC by model and domain\n\nData `{report['data']}`, split: train on train, "
             f"best epoch on valid, metrics on **test**. Seeds asked {report['seeds']} (column `seeds` = finished). "
             f"{report['settings']}. Machine: {m['nproc']} x {m['cpu_model']}, commit `{m['commit']}`, "
-            f"{m['date']}. mean ± sample std over seeds.\n\n")
+            f"{m['date']}. mean ± sample std over seeds (no ± with one seed).\n\n")
     text = head + common.markdown_table(header, rows) + "\n"
     pred = report.get("predictions")
     if pred:
@@ -257,7 +257,7 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     width = 0.8 / len(models)
     for i, (name, e) in enumerate(models.items()):
         vals = [e["overall"]["auc"]] + [e["domains"][d]["auc"] for d in cols[1:]]
-        errs = [e["overall"]["auc_std"]] + [e["domains"][d]["auc_std"] for d in cols[1:]]
+        errs = [e["overall"]["auc_std"] or 0.0] + [e["domains"][d]["auc_std"] or 0.0 for d in cols[1:]]
         ax.bar(np.arange(len(cols)) + i * width, vals, width, yerr=errs, label=name, capsize=2)
     ref = report.get("reference")
     if ref:
