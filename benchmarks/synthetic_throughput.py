@@ -42,8 +42,8 @@ def synthetic_batches(spec, batch: int, n: int, seed: int, device):
         hist_len = torch.randint(0, seq.max_len + 1, (batch,), generator=g)
         lengths, values = [], []
         for k in keys:
-            if "@" in k:
-                pos = int(k.split("@")[1])
+            if "__pos" in k:
+                pos = int(k.rsplit("__pos", 1)[1])
                 ln = (hist_len > pos).long()
             elif k == "item_category":
                 ln = torch.randint(1, 17, (batch,), generator=g)

@@ -7,8 +7,11 @@ from recsys.spec.config import Spec
 
 
 def sequence_keys(name: str, max_len: int) -> List[str]:
-    """One single-valued KJT key per history position, so an EmbeddingBag returns per-position vectors."""
-    return [f"{name}@{i}" for i in range(max_len)]
+    """One single-valued KJT key per history position, so an EmbeddingBag returns per-position vectors.
+
+    `__pos` and not `@`: TorchRec's CUDA sharded EBC treats `@` in a feature name specially (mean-pooling callback
+    lookup fails with KeyError); feature names cannot contain `__pos` (see Spec validation)."""
+    return [f"{name}__pos{i}" for i in range(max_len)]
 
 
 def kjt_keys(spec: Spec) -> List[str]:

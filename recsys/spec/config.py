@@ -99,7 +99,7 @@ class SparseFeature(StrictModel):
 class SequenceFeature(StrictModel):
     """A behaviour sequence (history item ids, newest last) reusing another feature's table.
 
-    Emitted as `max_len` single-valued KJT keys `<name>@0 .. <name>@{max_len-1}` (oldest kept first, right-padded)
+    Emitted as `max_len` single-valued KJT keys `<name>__pos0 .. <name>__pos{max_len-1}` (oldest kept first, right-padded)
     so an EmbeddingBagCollection returns per-position vectors for target attention; the batch carries its lengths.
     """
 
@@ -321,6 +321,10 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
     for i, first in _first_dupes([d.match_value for d in spec.domains]).items():
         issues.append((("domains", i, "value"), f"domain value '{spec.domains[i].match_value}' already selects "
                        f"domain '{spec.domains[first].name}' (domains.{first}); each row must map to one domain"))
+
+    for i, f in enumerate(spec.features):
+        if "__pos" in f.name:  # reserved: history positions become KJT keys `<sequence>__pos<i>`
+            issues.append((("features", i, "name"), f"feature name '{f.name}' may not contain '__pos' (reserved)"))
 
     side_names = [t.name for t in spec.data.side_tables]
     for i, t in enumerate(spec.data.side_tables):

@@ -6,7 +6,7 @@ from typing import Dict, List
 import pyarrow.parquet as pq
 
 from recsys.data import paths
-from recsys.data.features import kjt_keys
+from recsys.data.features import kjt_keys, sequence_keys
 
 
 def lookup_tables(spec) -> Dict[str, Dict[str, int]]:
@@ -47,7 +47,7 @@ def expected_row(spec, tables, row: dict, side: Dict[str, dict]) -> dict:
         elif f.kind == "sequence":
             hist = list(row[f.column])[-f.max_len:]
             for i in range(f.max_len):
-                exp[f"{f.name}@{i}"] = [tables[f.table].get(hist[i], 0)] if i < len(hist) else []
+                exp[sequence_keys(f.name, f.max_len)[i]] = [tables[f.table].get(hist[i], 0)] if i < len(hist) else []
         elif f.kind == "text":
             tt = tables["text:" + f.text_table]
             if f.sequence:
