@@ -10,13 +10,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.errors import RecsysError  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -31,10 +31,10 @@ def main(argv=None) -> int:
     setup_logging()
     spec = load_spec_from_args(args)
     if args.split not in spec.data.splits:
-        raise SystemExit(f"error: --split {args.split!r}: the spec has {sorted(spec.data.splits)}")
+        raise RecsysError(f"--split {args.split!r}: the spec has splits {sorted(spec.data.splits)}")
 
     from recsys.train.dist import init_distributed, shutdown
-    from recsys.train.evaluation import markdown_table, metrics_from_scores, predict
+    from recsys.train.evaluation import predict, publish
     from recsys.train.loop import load_for_inference
 
     ctx = init_distributed(args.device)
@@ -42,18 +42,7 @@ def main(argv=None) -> int:
         model, ckpt = load_for_inference(spec, ctx, args.checkpoint)
         scores = predict(model, spec, args.split, ctx)
         if ctx.is_main:
-            metrics = metrics_from_scores(spec, args.split, scores)
-            metrics["checkpoint"] = str(ckpt)
-            if args.save_predictions:
-                args.save_predictions.parent.mkdir(parents=True, exist_ok=True)
-                import numpy as np
-
-                np.save(args.save_predictions, scores.astype(np.float32))
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(metrics, indent=1))
-            print(f"{spec.name} / {args.split} / {ckpt}\n")
-            print(markdown_table(metrics))
+            publish(spec, args.split, scores, source=str(ckpt), out=args.out, save_predictions=args.save_predictions)
     finally:
         shutdown()
     return 0

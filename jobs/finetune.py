@@ -14,7 +14,6 @@ evaluated like jobs/evaluate.py.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -53,7 +52,7 @@ def main(argv=None) -> int:
 
     from recsys.train import checkpoint
     from recsys.train.dist import init_distributed, shutdown
-    from recsys.train.evaluation import markdown_table, metrics_from_scores, predict
+    from recsys.train.evaluation import predict, publish
     from recsys.train.loop import Trainer
     from recsys.train.transfer import load_pretrained_state, transfer_into
 
@@ -77,18 +76,8 @@ def main(argv=None) -> int:
             source = f"fine-tuned ({args.freeze}) {best}" if args.source else f"scratch {best}"
         scores = predict(model, spec, args.split, ctx)
         if ctx.is_main:
-            metrics = metrics_from_scores(spec, args.split, scores)
-            metrics["source"] = source
-            metrics["frozen_parameters"] = len(trainer.frozen)
-            if args.out:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                args.out.write_text(json.dumps(metrics, indent=1))
-            if args.save_predictions:
-                import numpy as np
-
-                np.save(args.save_predictions, scores.astype(np.float32))
-            print(f"{spec.name} / {args.split} / {source}\n")
-            print(markdown_table(metrics))
+            publish(spec, args.split, scores, source=source, out=args.out, save_predictions=args.save_predictions,
+                    frozen_parameters=len(trainer.frozen))
     finally:
         shutdown()
     return 0

@@ -7,7 +7,7 @@ concatenated and sliced generically); `check(table)` finds bad rows. `assemble` 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import pyarrow as pa

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from recsys.data.features import active_domains
-from recsys.metrics import auc, metric_block
+from recsys.metrics import metric_block
 from recsys.spec.config import Spec
 from recsys.train.dist import DistContext
 
@@ -96,3 +96,23 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
         lines.append(f"| {name} | {m.get('kind', '-')} | {m['rows']} | {f(m['auc'])} | {f(m['gauc'])} | "
                      f"{f(m['logloss'])} | {m.get('cold_rows', 0)} | {f(m.get('cold_auc'))} |")
     return "\n".join(lines)
+
+
+def publish(spec: Spec, split: str, scores: np.ndarray, source: str, out=None, save_predictions=None,
+            **extra: Any) -> Dict[str, Any]:
+    """Rank 0's end of an evaluation: metrics from the scores, optional JSON and raw-score files (the independent
+    scorer's input), and the markdown table on stdout."""
+    import json
+    from pathlib import Path
+
+    metrics = metrics_from_scores(spec, split, scores)
+    metrics.update(source=source, **extra)
+    if save_predictions:
+        Path(save_predictions).parent.mkdir(parents=True, exist_ok=True)
+        np.save(save_predictions, scores.astype(np.float32))
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(metrics, indent=1))
+    print(f"{spec.name} / {split} / {source}\n")
+    print(markdown_table(metrics))
+    return metrics

@@ -23,7 +23,6 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
-from recsys.data.features import active_domains
 from recsys.errors import NumericsError, RecsysError
 from recsys.models.build import build_model, spec_table_rows, text_tables_for
 from recsys.models.model import SRFoundationModel, TrainTask
@@ -31,7 +30,7 @@ from recsys.spec.config import Spec
 from recsys.spec.loader import dump_resolved, resolve_path, spec_hash
 from recsys.train import checkpoint
 from recsys.train.dist import DistContext
-from recsys.train.evaluation import evaluate_split, predict
+from recsys.train.evaluation import evaluate_split
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.sharding import plan_for, sharders_for
 
