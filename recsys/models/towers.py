@@ -46,7 +46,8 @@ class DomainAdaptiveTower(nn.Module):
     def forward(self, x: torch.Tensor, domain: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         z = self.norm(self.common(x))
         if self.adaptive:
-            gamma, beta = self.film(self.domain_embedding(domain)).chunk(2, dim=1)
+            # FiLM of each *domain* once, then a row lookup: per sample it was ~45% of the model's FLOPs
+            gamma, beta = self.film(self.domain_embedding.weight)[domain].chunk(2, dim=1)
             z = z * (1 + gamma) + beta
         h = self.shared(torch.relu(z)) if len(self.shared) else torch.relu(z)
         return h, z
