@@ -26,13 +26,9 @@ def rows_for(spec: Spec) -> Dict[str, int]:
     """`num_buckets` where given, the prepared vocabulary sizes for the rest."""
     if all(t.num_buckets is not None for t in spec.tables):
         return table_rows(spec, {})
-    try:
-        from recsys.data.vocab import table_num_rows  # lazy: needs prepared data, which planning often lacks
-    except ImportError as err:
-        missing = [t.name for t in spec.tables if t.num_buckets is None]
-        raise SpecError(f"tables {missing} have no num_buckets and vocabularies cannot be read ({err}); "
-                        "set num_buckets (e.g. --set tables.user.num_buckets=1000000)") from None
-    return table_rows(spec, table_num_rows(spec))
+    from recsys.models.build import spec_table_rows
+
+    return spec_table_rows(spec)  # prepared vocabularies; a clear error names jobs/prepare_data.py when missing
 
 
 def rank_ranges(ranks: Sequence[int], world_size: int) -> str:
