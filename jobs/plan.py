@@ -16,7 +16,6 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
-from recsys.errors import SpecError  # noqa: E402
 from recsys.models.tables import table_rows  # noqa: E402
 from recsys.spec.config import Spec  # noqa: E402
 from recsys.train.sharding import GIB, RESERVED_FRACTION, PlanResult, plan_for  # noqa: E402
