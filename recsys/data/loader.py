@@ -48,7 +48,7 @@ import torch
 from recsys.data import paths, schema
 from recsys.data.batch import Batch
 from recsys.data.features import active_domains
-from recsys.data.mapping import REASONS, Arrays, FeatureMapper, assemble
+from recsys.data.mapping import REASONS, Arrays, FeatureMapper, assemble, drop_ids
 from recsys.errors import DataError
 from recsys.spec.config import Spec
 
@@ -302,8 +302,11 @@ class BatchLoader:
         gen = self._generate(start, worker, nw)
         it = _prefetch(gen) if self.prefetch else gen
         keys = self.mapper.keys
+        dropout = not self.eval_mode and any(t.id_dropout > 0 for t in self.spec.tables)
         for b, arrays in it:
             self.batches_yielded = b + 1
+            if dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
+                arrays = drop_ids(self.spec, arrays, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
             yield assemble(self.spec, keys, arrays)
         self.batches_yielded = 0  # epoch finished: the next iteration starts it again (call set_epoch)
 

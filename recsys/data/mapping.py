@@ -211,6 +211,22 @@ def _empty(s: pa.Array) -> np.ndarray:
     return np.asarray(pc.fill_null(pc.equal(pc.utf8_length(s), 0), True))
 
 
+def drop_ids(spec: Spec, a: Arrays, rng: np.random.Generator) -> Arrays:
+    """Train-time id dropout (`tables[].id_dropout`): each id or history id of such a table becomes the unseen row 0
+    with that probability. Returns new arrays; the input is not modified."""
+    rate = {t.name: t.id_dropout for t in spec.tables if t.id_dropout > 0}
+    if not rate:
+        return a
+    out = dict(a)
+    for f in spec.features:
+        key = {"id": "id/", "sequence": "seq/"}.get(f.kind)
+        if key is None or f.table not in rate:
+            continue
+        v = a[key + f.name]
+        out[key + f.name] = np.where(rng.random(v.shape) < rate[f.table], 0, v).astype(v.dtype)
+    return out
+
+
 def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
     """Numpy arrays of one batch -> Batch (KJT key-major: every key's lengths for all rows, then the next key)."""
     values: List[np.ndarray] = []

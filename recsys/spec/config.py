@@ -148,6 +148,10 @@ class TableSpec(StrictModel):
     min_count: int = Field(default=1, ge=1)  # vocab: ids seen fewer times in train share the unseen row
     pooling: Literal["sum", "mean"] = "mean"
     trainable: bool = True
+    # train-time probability that an id read from this table is replaced by the unseen row 0 (ids only, the text
+    # stays): row 0 then learns what "an item we have never seen" means and the model learns to lean on text for
+    # it, instead of scoring every cold item with an untrained row
+    id_dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     init_std: Optional[float] = None  # None = TorchRec default (uniform +-sqrt(1/rows))
 
     @model_validator(mode="after")
