@@ -297,7 +297,7 @@ class Trainer:
                 bar.update(1)
             if self.state.global_step % every == 0:
                 rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
-                self._log_step(float(loss), float(reg), domain, rate)
+                self._log_step(float(loss), float(reg), domain, rate, logits, labels)
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:,.0f}")
             if ckpt_every and self.state.global_step % ckpt_every == 0:
@@ -310,11 +310,17 @@ class Trainer:
             self.writer.add_scalar("train/samples_per_s_epoch", self.epoch_rate, self.state.global_step)
 
     # -------------------------------------------------------------------------------------------------- logging
-    def _log_step(self, loss: float, reg: float, domain: torch.Tensor, rate: float) -> None:
+    def _log_step(self, loss: float, reg: float, domain: torch.Tensor, rate: float, logits: torch.Tensor,
+                  labels: torch.Tensor) -> None:
         if self.writer is None:
             return
         step = self.state.global_step
         self.writer.add_scalar("train/loss", loss, step)
+        bce = nn.functional.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        for di, d in enumerate(self.spec.domains):  # this batch's unweighted BCE per domain (rank 0's share)
+            mask = domain == di
+            if mask.any():
+                self.writer.add_scalar(f"train_loss/{d.name}", float(bce[mask].mean()), step)
         self.writer.add_scalar("train/regularizer", reg, step)
         self.writer.add_scalar("train/samples_per_s", rate, step)
         names = [d.name for d in self.spec.domains]
