@@ -219,6 +219,16 @@ def prepare(spec: Spec, force: bool = False) -> dict:
             side.update(_side_tables(spec))
         return side
 
+    def rebuild(out: Path, fp: str, what: str, build) -> None:
+        """Write `build()` to `out` unless it is newer than the inputs and was built from the same settings."""
+        if not force and man.fresh(out, inputs, fp):
+            log.info("%s up to date", what)
+            return
+        table = build()
+        _write(table, out)
+        man.record(out, fp)
+        log.info("%s: %d rows -> %s", what, table.num_rows, out)
+
     data_fp = spec.data.model_dump(exclude={"row_filter", "max_bad_fraction"})
     for t in spec.tables:
         if t.index != "vocab":
@@ -226,23 +236,11 @@ def prepare(spec: Spec, force: bool = False) -> dict:
         out = paths.vocab_path(spec, t.name)
         fp = _fingerprint([data_fp, t.model_dump(), [f.model_dump() for f in spec.features
                                                      if getattr(f, "table", None) == t.name]])
-        if not force and man.fresh(out, inputs, fp):
-            log.info("vocab %s up to date", t.name)
-            continue
-        v = build_vocab(spec, t.name, load_side())
-        _write(v, out)
-        man.record(out, fp)
-        log.info("vocab %s: %d keys (+ row 0) -> %s", t.name, v.num_rows, out)
+        rebuild(out, fp, f"vocab {t.name}", lambda t=t: build_vocab(spec, t.name, load_side()))
     for tt in spec.text.tables:
         out = paths.text_table_path(spec, tt.name)
         fp = _fingerprint([data_fp, tt.model_dump()])
-        if not force and man.fresh(out, inputs, fp):
-            log.info("text table %s up to date", tt.name)
-            continue
-        tab = build_text_table(spec, tt.name, load_side())
-        _write(tab, out)
-        man.record(out, fp)
-        log.info("text table %s: %d texts -> %s", tt.name, tab.num_rows, out)
+        rebuild(out, fp, f"text table {tt.name}", lambda tt=tt: build_text_table(spec, tt.name, load_side()))
     out = paths.stats_path(spec)
     fp = _fingerprint([data_fp, [f.model_dump() for f in spec.features_of("dense")], [d.model_dump() for d in
                                                                                        spec.domains]])

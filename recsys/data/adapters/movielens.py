@@ -46,7 +46,8 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from recsys.data import paths, schema
+from recsys.data import paths
+from recsys.data.adapters.parquet import validate  # the canonical files' schema check
 from recsys.data.hashing import hash64
 from recsys.errors import DataError
 from recsys.spec.config import Spec
@@ -211,13 +212,6 @@ def _chronological_split(user: np.ndarray, time: np.ndarray, event: np.ndarray) 
 
 def _outputs(spec: Spec) -> List[Path]:
     return [paths.split_path(spec, s) for s in ("train", "valid", "test")] + [paths.side_table_path(spec, "movies")]
-
-
-def validate(spec: Spec) -> None:
-    for split in spec.data.splits:
-        schema.check_file(paths.split_path(spec, split), schema.row_columns(spec, split))
-    for st in spec.data.side_tables:
-        schema.check_file(paths.side_table_path(spec, st.name), schema.side_columns(spec, st.name))
 
 
 def prepare_rows(spec: Spec) -> None:
