@@ -11,7 +11,12 @@ WANT="$(cat pyproject.toml scripts/install.sh | sha256sum | cut -c1-16)-${RECSYS
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$WANT" ]; then
   exit 0
 fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
+  # GPU hosts bring their own CUDA torch: the venv sees it instead of installing a CPU one
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv --system-site-packages "$VENV"
+else
+  [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+fi
 PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
 if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
   # torch is already installed with CUDA on GPU hosts; pin fbgemm/torchrec to its minor (2.11<->1.6, 2.12<->1.7, 2.13<->1.8).
