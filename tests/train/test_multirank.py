@@ -51,6 +51,9 @@ shutdown()
 '''
 
 
+FLAKY_ABORT = "terminate called without an active exception"
+
+
 def _losses(res: subprocess.CompletedProcess) -> list:
     assert res.returncode == 0, res.stderr[-3000:]
     line = next(x for x in res.stdout.splitlines() if x.startswith("LOSSES "))
@@ -87,6 +90,12 @@ def test_one_and_two_ranks_follow_the_same_losses(tiny_spec, tiny_overrides, tmp
             p.kill()
             raise
         results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+    if results[1].returncode != 0 and FLAKY_ABORT in results[1].stderr:
+        # A gloo worker occasionally aborts in C++ ("terminate called without an active exception") when 3
+        # processes share 2 cores; seen in ~1 of 10 two-rank launches, never with a Python error. Rerun the
+        # 2-rank launch once, alone; any other failure, or a second abort, still fails the test.
+        results[1] = subprocess.run(procs[1].args, capture_output=True, text=True, env=child_env, cwd=REPO,
+                                    timeout=300)
     one, two = (np.array(_losses(r)) for r in results)
     assert len(one) == len(two) == STEPS
     assert np.mean(one[-3:]) < one[0]  # it trains at all (else equal trajectories would prove little)
