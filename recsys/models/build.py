@@ -17,9 +17,8 @@ def text_tables_for(spec: Spec) -> Dict[str, np.ndarray]:
         return {}
     from recsys.text import text_table_token_ids, text_table_vectors
 
-    used = sorted({f.text_table for f in spec.features if f.kind == "text"})
     fetch = text_table_vectors if spec.text.mode == "llm" else text_table_token_ids
-    return {name: fetch(spec, name) for name in used}
+    return {name: fetch(spec, name) for name in spec.used_text_tables()}
 
 
 def spec_table_rows(spec: Spec) -> Dict[str, int]:

@@ -274,6 +274,10 @@ class Spec(StrictModel):
     def features_of(self, *kinds: str) -> list:
         return [f for f in self.features if f.kind in kinds]
 
+    def used_text_tables(self) -> List[str]:
+        """Names of the text tables some text feature reads, sorted."""
+        return sorted({f.text_table for f in self.features_of("text")})
+
     def table(self, name: str) -> TableSpec:
         return next(t for t in self.tables if t.name == name)
 

@@ -10,11 +10,12 @@ from recsys.data.schema import check_file, row_columns, side_columns
 from recsys.models.build import spec_table_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
+from recsys.spec.loader import spec_source
 from recsys.train.sharding import plan_for
 
 
 def _spec_arg(spec: Spec) -> str:
-    src = getattr(spec, "_source_path", None)
+    src = spec_source(spec)
     return str(src) if src else "<spec>"
 
 
@@ -29,8 +30,7 @@ def missing_prepared(spec: Spec) -> List[Path]:
     if spec.features_of("dense"):
         need.append(paths.stats_path(spec))
     if spec.text.mode != "none":
-        used = sorted({f.text_table for f in spec.features if f.kind == "text"})
-        need += [paths.text_table_path(spec, n) for n in used]
+        need += [paths.text_table_path(spec, n) for n in spec.used_text_tables()]
     return [p for p in need if not p.exists()]
 
 
