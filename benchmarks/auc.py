@@ -33,7 +33,7 @@ from benchmarks import common  # noqa: E402
 
 log = logging.getLogger("benchmarks.auc")
 
-RUNS = common.REPO / "benchmarks" / "runs"
+RUNS = common.RUNS
 
 # Model name -> spec overrides relative to the default spec (sr_foundation: domain fusion, js, llm text).
 VARIANTS: Dict[str, List[str]] = {
@@ -122,14 +122,46 @@ def popularity_scores(spec) -> np.ndarray:
     return np.log1p(np.where(found, counts[pos], 0)).astype(np.float64)
 
 
+def run_overrides(model: str, seed: int, base: Sequence[str]) -> List[str]:
+    if model == "popularity":
+        return list(base)
+    return [*base, *VARIANTS.get(model, []), f"train.seed={seed}"]
+
+
+def fingerprint(data: str, model: str, seed: int, base: Sequence[str]) -> str:
+    """Digest of the resolved spec a (model, seed) run trains with: a finished run counts only while the spec
+    (the YAML default or the variant's overrides) is unchanged."""
+    from recsys.spec.loader import spec_hash
+
+    return spec_hash(common.load(data, run_overrides(model, seed, base)))
+
+
+def _is_current(metrics_file: Path, data: str, base: Optional[Sequence[str]]) -> bool:
+    if base is None:
+        return True
+    m = json.loads(metrics_file.read_text())
+    return m.get("spec_hash") == fingerprint(data, m["model"], m["seed"], base)
+
+
 def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, runs: Path,
             timeout: Optional[float]) -> Path:
-    """Run (or skip, when finished) one (model, seed); returns its metrics file."""
+    """Run (or skip, when finished with the same spec) one (model, seed); returns its metrics file. A finished run
+    of an older spec is moved to <model>/stale/ (kept, not deleted) and run again."""
     run_dir = runs / data / model / f"seed{seed}"
     out = run_dir / "metrics.json"
+    fp = fingerprint(data, model, seed, base)
     if out.exists():
-        log.info("skip %s/%s/seed%d (finished)", data, model, seed)
-        return out
+        old = json.loads(out.read_text()).get("spec_hash")
+        if old == fp:
+            log.info("skip %s/%s/seed%d (finished)", data, model, seed)
+            return out
+        import shutil
+
+        stale = runs / data / model / "stale" / f"seed{seed}-{old or 'unhashed'}-{time.strftime('%Y%m%d%H%M%S')}"
+        stale.parent.mkdir(parents=True, exist_ok=True)
+        log.warning("%s/%s/seed%d was run with another spec (%s, now %s): moved to %s, running again", data, model,
+                    seed, old, fp, stale)
+        shutil.move(str(run_dir), str(stale))
     log.info("run %s/%s/seed%d", data, model, seed)
     from recsys.train.evaluation import metrics_from_scores
 
@@ -153,8 +185,8 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
         metrics = metrics_from_scores(spec, "test", combined)
         metrics["note"] = "each domain's test rows scored by the model trained on that domain alone"
     else:
-        metrics = train_and_evaluate(data, run_dir, [*base, *VARIANTS[model], f"train.seed={seed}"], nproc, timeout)
-    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average())
+        metrics = train_and_evaluate(data, run_dir, run_overrides(model, seed, base), nproc, timeout)
+    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average(), spec_hash=fp)
     common.write_json(out, metrics)
     log.info("%s/%s/seed%d: test overall AUC %.4f", data, model, seed, metrics["overall"]["auc"])
     return out
@@ -168,11 +200,18 @@ def _mean_std(values: List[float]) -> Dict[str, float]:
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else None}  # no spread from 1 seed
 
 
-def aggregate(data: str, runs: Path, models: Sequence[str]) -> Dict[str, Any]:
-    """Finished runs -> {"models": {NAME: {"overall": {...}, "domains": {DOMAIN: {...}}, "seeds": [...]}}}."""
+def aggregate(data: str, runs: Path, models: Sequence[str],
+              base: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Finished runs -> {"models": {NAME: {"overall": {...}, "domains": {DOMAIN: {...}}, "seeds": [...]}}}.
+    With `base` (the overrides every run got) only runs of the current spec count (see fingerprint)."""
     out: Dict[str, Any] = {}
     for model in models:
         files = sorted((runs / data / model).glob("seed*/metrics.json"))
+        stale = [f for f in files if not _is_current(f, data, base)]
+        if stale:
+            log.warning("%s/%s: %d finished run(s) of an older spec left out: %s", data, model, len(stale),
+                        ", ".join(f.parent.name for f in stale))
+        files = [f for f in files if f not in stale]
         if not files:
             continue
         ms = [json.loads(f.read_text()) for f in files]
@@ -280,14 +319,16 @@ def plot(report: Dict[str, Any], path: Path) -> None:
 SCORER = common.SHARED.parent / "tools" / "score_amazon_sr.py"
 
 
-def export_predictions(runs: Path, results: Path, seeds: Sequence[int]) -> Optional[Dict[str, Any]]:
+def export_predictions(runs: Path, results: Path, seeds: Sequence[int],
+                       base: Optional[Sequence[str]] = None) -> Optional[Dict[str, Any]]:
     """Copy the default model's test predictions (first finished seed) to the results folder and score them with
     the independent scorer, so the published AUC can be checked without trusting this code."""
     import shutil
 
     for seed in seeds:
         src = runs / "amazon_sr" / "sr_foundation" / f"seed{seed}" / "test_pred.npy"
-        if not (src.exists() and src.with_name("metrics.json").exists()):
+        if not (src.exists() and src.with_name("metrics.json").exists()
+                and _is_current(src.with_name("metrics.json"), "amazon_sr", base)):
             continue
         dst = results / "amazon_sr_sr_foundation_test.npy"
         results.mkdir(parents=True, exist_ok=True)
@@ -310,13 +351,14 @@ def export_predictions(runs: Path, results: Path, seeds: Sequence[int]) -> Optio
     return None
 
 
-def write_report(data: str, runs: Path, results: Path, seeds: Sequence[int], settings: str) -> Dict[str, Any]:
+def write_report(data: str, runs: Path, results: Path, seeds: Sequence[int], settings: str,
+                 base: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report = {"data": data, "split": "test", "seeds": list(seeds), "settings": settings,
               "commit": common.git_commit(), "machine": common.machine(),
-              "models": aggregate(data, runs, ALL_MODELS)}
+              "models": aggregate(data, runs, ALL_MODELS, base)}
     if data == "amazon_sr":
         report["reference"] = PEERS
-        report["predictions"] = export_predictions(runs, results, seeds)
+        report["predictions"] = export_predictions(runs, results, seeds, base)
     stem = f"{data}_auc"
     common.write_json(results / f"{stem}.json", report)
     (results / f"{stem}.md").write_text(render_markdown(report))
@@ -374,8 +416,8 @@ def main(argv=None) -> int:
                     except (RuntimeError, subprocess.TimeoutExpired) as e:
                         failures += 1
                         log.error("%s/%s/seed%d failed: %s", data, model, seed, e)
-                    write_report(data, args.runs_dir, args.results_dir, seeds, settings)
-        report = write_report(data, args.runs_dir, args.results_dir, seeds, settings)
+                    write_report(data, args.runs_dir, args.results_dir, seeds, settings, base)
+        report = write_report(data, args.runs_dir, args.results_dir, seeds, settings, base)
         print(render_markdown(report))
     return 1 if failures else 0
 

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
+RUNS = REPO / "benchmarks" / "runs"  # per-run outputs and logs (not committed)
 PYTHON = sys.executable
 SHARED = Path(os.environ.get("RECSYS_SHARED_DATA", REPO.parent / "shared" / "data"))
 AMAZON_RAW = SHARED / "bench" / "amazon-sr"

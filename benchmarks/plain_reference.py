@@ -46,7 +46,7 @@ class PlainEBC(nn.Module):
         values = features.values()
         lengths = features.lengths().view(len(keys), batch)
         key_offsets = features.offset_per_key()
-        pooled: Dict[str, torch.Tensor] = {}
+        blocks: List[torch.Tensor] = []
         for c in self.configs:
             idx = [where[f] for f in c.feature_names]
             if idx == list(range(idx[0], idx[-1] + 1)):  # the table's keys are adjacent in the KJT: no copy
@@ -57,12 +57,14 @@ class PlainEBC(nn.Module):
                 lens = lengths[idx].reshape(-1)
             offsets = torch.zeros(lens.numel() + 1, dtype=torch.long, device=vals.device)
             torch.cumsum(lens, 0, out=offsets[1:])
-            out = self.embedding_bags[c.name](vals.long(), offsets)  # [n_features * B, D]
-            for j, f in enumerate(c.feature_names):
-                pooled[f] = out[j * batch:(j + 1) * batch]
+            out = self.embedding_bags[c.name](vals.long(), offsets)  # [n_features * B, D], feature-major
+            # -> [B, n_features * D] in one reshape: slicing `out` per feature instead costs a full-size zero fill
+            # per feature in backward (slice backward), which made this reference ~40% slower
+            blocks.append(out.view(len(idx), batch, c.embedding_dim).transpose(0, 1).reshape(batch, -1))
+        # configs hold their features in `self.feature_names` order, so the blocks line up with the keys
         names = self.feature_names
         return KeyedTensor(keys=names, length_per_key=[self.dims[f] for f in names],
-                           values=torch.cat([pooled[f] for f in names], dim=1), key_dim=1)
+                           values=torch.cat(blocks, dim=1), key_dim=1)
 
 
 def build_plain_task(spec, embedding_optimizer: str = "adagrad") -> Tuple[nn.Module, List[torch.optim.Optimizer]]:

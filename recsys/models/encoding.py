@@ -19,10 +19,12 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
 from recsys.data.features import sequence_keys, table_of_key
+from recsys.models.precision import dense_autocast
 from recsys.spec.config import Spec, TextFeature
 
 SIDES = ("user", "query", "item")
@@ -104,7 +106,8 @@ class TextLookup(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         if self.mode == "llm":
-            return self.vectors[rows]
+            # index_select, not vectors[rows]: advanced indexing is 3x slower for a [2048, 20] history on CPU
+            return self.vectors.index_select(0, rows.reshape(-1)).view(rows.shape + (self.dim,))
         flat = rows.reshape(-1)
         out = self.tokens(self.token_ids[flat])
         out = nn.functional.normalize(out, dim=-1) * (flat.unsqueeze(1) > 0)  # row 0 (no text) stays zero
@@ -112,27 +115,47 @@ class TextLookup(nn.Module):
 
 
 def weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """sum_l w[b, l] * x[b, l, :]. Broadcast multiply + sum: for [batch, <=20, <=64] it runs 2-3x faster on CPU
-    than einsum, which lowers to a bmm of thousands of tiny matrices."""
+    """sum_a w[b, a] * x[b, a, :] for a FEW vectors per row (aspects, experts): broadcast multiply + sum, which
+    beats a batched [1, A] @ [A, D] product for A <= 3 on CPU (and einsum's bmm of thousands of tiny matrices)."""
     return (w.unsqueeze(-1) * x).sum(1)
 
 
 def batched_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """x [B, L, D], y [B, D] -> [B, L] dot products (see weighted_sum for why not einsum)."""
+    """x [B, A, D], y [B, D] -> [B, A] dot products for a few vectors per row (see weighted_sum)."""
     return (x * y.unsqueeze(1)).sum(-1)
+
+
+def sequence_pool(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """w [B, K, L] @ x [B, L, D] -> [B, K, D]: K weighted sums over a sequence. A batched product reads x once and,
+    unlike multiply + sum, materialises no [B, L, D] temporary in forward or backward; for the [2048, 20, 64]
+    history pooling it is 2.4x faster on one CPU core, forward + backward."""
+    return torch.bmm(w, x)
+
+
+def sequence_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x [B, L, D], y [B, D] -> [B, L] dot products of a sequence with one vector, as [1, D] @ [D, L] per row. The
+    orientation matters on CPU: it is 7x faster than [L, D] @ [D, 1] (what einsum and matmul pick) and 2.5x faster
+    than multiply + sum for [2048, 20, 64]."""
+    return torch.bmm(y.unsqueeze(1), x.transpose(1, 2)).squeeze(1)
+
+
+def _mean_weights(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    m = mask.to(dtype)
+    return m / m.sum(1, keepdim=True).clamp_min(1.0)
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """x [B, L, D], mask [B, L] bool -> [B, D]; zero where the mask is empty."""
-    m = mask.to(x.dtype)
-    w = m / m.sum(1, keepdim=True).clamp_min(1.0)
-    return weighted_sum(w, x)
+    return sequence_pool(_mean_weights(mask, x.dtype).unsqueeze(1), x).squeeze(1)
 
 
-def _masked_softmax_pool(scores: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    scores = scores.masked_fill(~mask, -1e4)
-    w = torch.softmax(scores, dim=1) * mask.to(values.dtype)  # empty history -> all-zero weights
-    return weighted_sum(w, values)
+def _attention_and_mean(scores: torch.Tensor, values: torch.Tensor,
+                        mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Softmax-attention pooling and mean pooling of `values` [B, L, D] over the masked positions, in ONE batched
+    [2, L] @ [L, D] product: the history is read once for both (an empty history pools to zeros)."""
+    attention = torch.softmax(scores.masked_fill(~mask, -1e4), dim=1) * mask.to(values.dtype)
+    both = sequence_pool(torch.stack([attention, _mean_weights(mask, values.dtype)], dim=1), values)  # [B, 2, D]
+    return both[:, 0], both[:, 1]
 
 
 def _key(table_name: str) -> str:
@@ -152,16 +175,18 @@ class UserQueryItemEncoder(nn.Module):
         self.ebc = ebc
         # Frozen tables (fine-tuning): their pooled outputs are detached, so no gradient reaches the fused
         # embedding kernels and their in-backward optimiser never steps: the rows stay bit-identical.
-        self.frozen_keys: frozenset = frozenset()
-        self.keys = list(table_of_key(spec))
+        self.frozen_tables: frozenset = frozenset()
         dim = spec.model.dim
         table_dim = {t.name: t.dim for t in spec.tables}
+        self.table_dim = table_dim
         self.text_mode = spec.text.mode
+        self.precision = spec.train.precision
 
         self.id_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
         self.sparse_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
         self.dense_index: Dict[str, List[int]] = {s: [] for s in SIDES}
         self.sequences = [f for f in spec.features if f.kind == "sequence"]
+        self._index_keys(spec)
         self.text_feats: Dict[str, List[TextFeature]] = {s: [] for s in SIDES}
         widths: Dict[Tuple[str, str], int] = {}
         dense_i = 0
@@ -227,13 +252,68 @@ class UserQueryItemEncoder(nn.Module):
                 self.proj[f"{side}_{a}"] = nn.Sequential(nn.Linear(widths[(side, a)], dim), nn.LayerNorm(dim))
         self.num_interactions = self._count_interactions()
 
+    def _index_keys(self, spec: Spec) -> None:
+        """Static facts the pooled-output layout is derived from (see _layout)."""
+        self.key_table: Dict[str, str] = dict(table_of_key(spec))  # KJT key -> table
+        self.positions: Dict[str, List[str]] = {f.name: sequence_keys(f.name, f.max_len) for f in self.sequences}
+        self.chunk_table: Dict[str, str] = {**self.key_table, **{f.name: f.table for f in self.sequences}}
+        self._layouts: Dict[Tuple[str, ...], Tuple[List[str], List[int]]] = {}
+
+    def _layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int]]:
+        """How the EBC's pooled output [B, sum of widths] is cut, for the key order the EBC actually returned: a
+        sharded EBC orders its output by sharding type and rank, not by the table configs, so the order is read at
+        run time (and cached). Each id/sparse key is a chunk; a sequence whose positions sit side by side in order is
+        ONE chunk that a view turns into [B, L, D] (no stack copy forward, no split + cat backward); a sequence whose
+        positions are scattered stays per key and is stacked."""
+        cached = self._layouts.get(tuple(keys))
+        if cached is not None:
+            return cached
+        missing = [k for k in self.key_table if k not in keys]
+        if missing:
+            raise RuntimeError(f"the embedding output lacks key(s) {missing} (it has {keys})")
+        where = {k: i for i, k in enumerate(keys)}
+        contiguous = {seq for seq, pos in self.positions.items()
+                      if [where[k] for k in pos] == list(range(where[pos[0]], where[pos[0]] + len(pos)))}
+        first_of = {pos[0]: seq for seq, pos in self.positions.items() if seq in contiguous}
+        inside = {k for seq in contiguous for k in self.positions[seq][1:]}
+        names: List[str] = []
+        sizes: List[int] = []
+        for k, n in zip(keys, lengths):
+            if k in inside:
+                sizes[-1] += n
+            else:
+                names.append(first_of.get(k, k))
+                sizes.append(n)
+        self._layouts[tuple(keys)] = (names, sizes)
+        return names, sizes
+
+    def _pooled_features(self, pooled) -> Dict[str, torch.Tensor]:
+        """Feature (or whole sequence) name -> its pooled vectors; frozen tables' outputs detached."""
+        if is_fx_tracing():
+            # TorchRec's train pipeline fx-traces forward only to find the EBC's inputs (the traced graph is never
+            # run); the key order is not known to a Proxy, so trace the plain per-key path
+            d = pooled.to_dict()
+            feats = {k: d[k] for k in self.key_table}
+        else:
+            names, sizes = self._layout(pooled.keys(), pooled.length_per_key())
+            feats = dict(zip(names, torch.split(pooled.values(), sizes, dim=1)))
+        if self.frozen_tables:
+            feats = {n: (v.detach() if self.chunk_table[n] in self.frozen_tables else v) for n, v in feats.items()}
+        return feats
+
+    def _history(self, feats: Dict[str, torch.Tensor], f) -> torch.Tensor:
+        """[B, L, D] history of sequence feature `f`: a view of its chunk when the positions are side by side."""
+        if f.name in feats:
+            return feats[f.name].view(-1, f.max_len, self.table_dim[f.table])
+        return torch.stack([feats[k] for k in self.positions[f.name]], dim=1)
+
     def refresh_text(self) -> None:
         for lookup in self.text_lookup.values():
             lookup.rebuild(self.text_basis)
 
     def freeze_tables(self, tables) -> None:
         tables = set(tables)
-        self.frozen_keys = frozenset(k for k, t in table_of_key(self.spec).items() if t in tables)
+        self.frozen_tables = frozenset(tables)
 
     # ------------------------------------------------------------------------------------------------------------
     def _count_interactions(self) -> int:
@@ -248,10 +328,7 @@ class UserQueryItemEncoder(nn.Module):
         return n
 
     def forward(self, batch: Batch) -> Encoded:
-        pooled = self.ebc(batch.sparse)  # KeyedTensor: one vector per KJT key
-        feats = pooled.to_dict()
-        if self.frozen_keys:  # a new dict over the static key list: the pipeline fx-traces this forward
-            feats = {k: (feats[k].detach() if k in self.frozen_keys else feats[k]) for k in self.keys}
+        feats = self._pooled_features(self.ebc(batch.sparse))  # the EBC gives a KeyedTensor, one vector per key
         parts: Dict[Tuple[str, str], List[torch.Tensor]] = {}
         interactions: List[torch.Tensor] = []
 
@@ -267,14 +344,15 @@ class UserQueryItemEncoder(nn.Module):
                 add(side, "sparse", batch.dense[:, self.dense_index[side]])
 
         for f in self.sequences:
-            hist = torch.stack([feats[k] for k in sequence_keys(f.name, f.max_len)], dim=1)  # [B, L, D]
+            hist = self._history(feats, f)  # [B, L, D]
             lengths = batch.seq_lengths[f.name]
             mask = torch.arange(f.max_len, device=hist.device).unsqueeze(0) < lengths.unsqueeze(1)
             target = feats[f.target] if f.target else _masked_mean(hist, mask)
             q = self.seq_query[f.name](target)
-            scores = batched_dot(hist, q) / math.sqrt(hist.shape[-1])
-            add(f.side, "id", _masked_softmax_pool(scores, hist, mask))
-            add(f.side, "id", _masked_mean(hist, mask))
+            scores = sequence_dot(hist, q) / math.sqrt(hist.shape[-1])
+            attended, mean = _attention_and_mean(scores, hist, mask)
+            add(f.side, "id", attended)
+            add(f.side, "id", mean)
             has = mask.any(1)
             interactions.append(torch.where(has, scores.masked_fill(~mask, -1e4).amax(1), torch.zeros_like(has,
                                                                                                   dtype=hist.dtype)))
@@ -296,19 +374,23 @@ class UserQueryItemEncoder(nn.Module):
                     mask = batch.text[f.name] > 0
                     tgt = self.text_targets.get(f.name)
                     if tgt is not None:
-                        cos = batched_dot(v, vectors[tgt])  # [B, L]
-                        add(side, "text", _masked_softmax_pool(cos * self.text_temperature, v, mask))
+                        cos = sequence_dot(v, vectors[tgt])  # [B, L]
+                        attended, mean = _attention_and_mean(cos * self.text_temperature, v, mask)
+                        add(side, "text", attended)
                         has = mask.any(1)
                         interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),
                                                         torch.zeros_like(cos[:, 0])))
                         interactions.append((cos * mask).sum(1) / mask.sum(1).clamp_min(1))
                     else:  # no candidate text to attend with: max-pool instead
                         add(side, "text", v.masked_fill(~mask.unsqueeze(-1), 0.0).amax(1))
-                    add(side, "text", _masked_mean(v, mask))
+                        mean = _masked_mean(v, mask)
+                    add(side, "text", mean)
 
-        aspects = {
-            side: torch.stack([self.proj[f"{side}_{a}"](torch.cat(parts[(side, a)], dim=1)) for a in names], dim=1)
-            for side, names in self.aspect_names.items()
-        }
+        with dense_autocast(self.precision, self.text_temperature):
+            aspects = {
+                side: torch.stack([self.proj[f"{side}_{a}"](torch.cat(parts[(side, a)], dim=1)) for a in names],
+                                  dim=1)
+                for side, names in self.aspect_names.items()
+            }
         inter = torch.stack(interactions, dim=1) if interactions else batch.dense.new_zeros(batch.size, 0)
         return Encoded(aspects=aspects, interactions=inter)

@@ -14,6 +14,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from recsys.data.batch import Batch
 from recsys.models.encoding import SIDES, UserQueryItemEncoder
 from recsys.models.fusion import AspectGatingFusion
+from recsys.models.precision import dense_autocast
 from recsys.models.regularizers import divergence
 from recsys.models.tables import embedding_bag_configs
 from recsys.models.towers import DomainHeads, build_tower
@@ -67,12 +68,14 @@ class SRFoundationModel(nn.Module):
         self.l1 = AspectGatingFusion(spec.model.fusion, {s: self.l0.aspect_names[s] for s in sides},
                                      len(spec.domains), spec.model.dim)
         self.l2 = DomainAdaptiveMultiTask(spec, sides, self.l0.num_interactions)
+        self.precision = spec.train.precision
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc = self.l0(batch)
-        fused = self.l1(enc.aspects, batch.domain)
-        logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
-        return ModelOutput(logits, reg, z)
+        with dense_autocast(self.precision, self.l2.heads.b):
+            fused = self.l1(enc.aspects, batch.domain)
+            logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
+        return ModelOutput(logits.float(), reg.float(), z.float())
 
 
 class TrainTask(nn.Module):

@@ -106,14 +106,25 @@ class Trainer:
         plan = plan_for(spec, self.rows, ctx.world_size, ctx.device.type, pg=dist.group.WORLD, module=self.task)
         self.plan = plan
         self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
-                                            sharders=sharders_for(ctx.device.type))
+                                            sharders=sharders_for(ctx.device.type,
+                                                                  comm_precision=spec.train.embedding_comm))
         if init_hook is not None:
             init_hook(self)
         dense = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
         dense = {k: v for k, v in dense.items() if v.requires_grad}
+        # Tables the plan made data_parallel run TorchRec's dense kernel: their gradients are all-reduced by DDP
+        # and no in-backward optimiser is attached, so without this they would silently train under the dense
+        # layers' Adam. They get the spec's embedding optimiser and rate instead, stepped with the dense ones.
+        dp_tables = {k: dense.pop(k) for k in list(dense) if ".l0.ebc." in k}
         self.dense_optimizer = KeyedOptimizerWrapper(
             dense, lambda ps: torch.optim.Adam(ps, lr=spec.train.lr, weight_decay=spec.train.weight_decay))
-        self.optimizer = CombinedOptimizer([self.dmp.fused_optimizer, self.dense_optimizer])
+        self.table_optimizer = (KeyedOptimizerWrapper(dp_tables, lambda ps: opt_cls(ps, lr=spec.train.embedding_lr,
+                                                                                     **extra))
+                                if dp_tables else None)
+        self.optimizer = CombinedOptimizer([self.dmp.fused_optimizer, self.dense_optimizer,
+                                            *([self.table_optimizer] if self.table_optimizer else [])])
+        # what the finite-gradient guard checks before a step: every gradient the step applies
+        self.stepped_params: Dict[str, torch.Tensor] = {**dense, **dp_tables}
         self.state = RunState()
         self.writer = None
         if ctx.is_main and for_training:
@@ -245,7 +256,9 @@ class Trainer:
         factor = self.spec.train.lr_decay ** epoch
         for group in self.dense_optimizer.param_groups:
             group["lr"] = self.spec.train.lr * factor
-        for group in self.dmp.fused_optimizer.param_groups:
+        tables = [*self.dmp.fused_optimizer.param_groups,
+                  *(self.table_optimizer.param_groups if self.table_optimizer else [])]
+        for group in tables:
             group["lr"] = self.spec.train.embedding_lr * factor
 
     def _train_epoch(self, epoch: int) -> None:
@@ -260,7 +273,7 @@ class Trainer:
         it = _take(iter(loader), total - skip)
         self.dmp.train()
         # The pipeline steps a guard that refuses non-finite dense gradients (the sparse step runs in backward).
-        guard = FiniteGradGuard(self.optimizer, dict(self.dense_optimizer.params))
+        guard = FiniteGradGuard(self.optimizer, self.stepped_params)
         pipeline = TrainPipelineSparseDist(self.dmp, guard, ctx.device, execute_all_batches=True)
         bar = None
         if ctx.is_main:

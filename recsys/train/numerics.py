@@ -30,13 +30,13 @@ class FiniteGradGuard:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def first_bad(self) -> Optional[str]:
-        """Name of the first parameter whose gradient is not finite, else None. One fused reduction over all
-        gradients first (in float64, so huge but finite float32 gradients cannot overflow it), so the common
-        (all finite) case costs one host sync."""
+        """Name of the first parameter whose gradient is not finite, else None. One reduction over all gradients
+        first, so the common (all finite) case costs one host sync and no copies; a non-finite total (a NaN/Inf,
+        or finite gradients so large their float32 sum overflows) is then checked parameter by parameter."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         if not grads:
             return None
-        total = torch.stack([g.detach().double().abs().sum() for g in grads]).sum()
+        total = torch.stack([g.detach().abs().sum(dtype=torch.float32) for g in grads]).sum()
         if torch.isfinite(total):
             return None
         for name, p in self.params.items():

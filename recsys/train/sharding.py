@@ -113,10 +113,28 @@ def _make_sharder_class():
     return RecsysEBCSharder
 
 
-def sharders_for(device_type: str, fused_params: Optional[Dict[str, Any]] = None) -> List[Any]:
-    """`[EmbeddingBagCollectionSharder]` with the fused optimiser; on CPU only table/column-wise and DP."""
+def qcomm_registry_for(comm_precision: str, device_type: str) -> Optional[Dict[str, Any]]:
+    """TorchRec's quantized-comms codecs for the pooled-embedding all-to-all (`train.embedding_comm`), or None for
+    fp32. Forward and backward use the same precision; gloo (CPU) has no bf16 codec, so bf16 becomes fp16 there."""
+    if comm_precision == "fp32":
+        return None
+    from torchrec.distributed.fbgemm_qcomm_codec import CommType, QCommsConfig, get_qcomm_codecs_registry
+
+    if device_type == "cpu" and comm_precision == "bf16":
+        log.info("train.embedding_comm bf16: gloo has no bf16 codec, using fp16")
+        comm_precision = "fp16"
+    kind = CommType(comm_precision)
+    return get_qcomm_codecs_registry(QCommsConfig(forward_precision=kind, backward_precision=kind),
+                                     device=torch.device(device_type))
+
+
+def sharders_for(device_type: str, fused_params: Optional[Dict[str, Any]] = None,
+                 comm_precision: str = "fp32") -> List[Any]:
+    """`[EmbeddingBagCollectionSharder]` with the fused optimiser and the all-to-all precision; on CPU only
+    table/column-wise and DP."""
     _check_device(device_type)
-    return [_make_sharder_class()(fused_params=dict(fused_params) if fused_params else None)]
+    return [_make_sharder_class()(fused_params=dict(fused_params) if fused_params else None,
+                                  qcomm_codecs_registry=qcomm_registry_for(comm_precision, device_type))]
 
 
 # -------------------------------------------------------------------------------------------------- constraints

@@ -140,3 +140,29 @@ def test_pretrain_refuses_a_run_dir_with_checkpoints(tiny_overrides, tmp_path, c
     assert "already holds checkpoints" in res.stderr and "--resume" in res.stderr
     assert "Traceback" not in res.stderr
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000007"]  # untouched
+
+
+@pytest.mark.slow
+def test_data_parallel_table_trains_under_the_embedding_optimiser_in_bf16(group, tiny_spec, tmp_path):
+    """A table the plan replicates (data_parallel) runs TorchRec's dense kernel, which has no in-backward
+    optimiser: it must be stepped by the spec's embedding optimiser (not the dense layers' Adam), and training in
+    bf16 must run through the pipeline (which fx-traces the forward)."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.train.loop import Trainer
+
+    spec = tiny_spec(f"train.output_dir={tmp_path}", "train.sharding_constraints.item=[data_parallel]",
+                     "train.precision=bf16", "train.max_steps=6")
+    trainer = Trainer(spec, group)
+    by_table = {t.name: t.sharding_type for t in trainer.plan.tables}
+    assert by_table["item"] == "data_parallel"
+    item = "model.l0.ebc.embedding_bags.item.weight"
+    assert item in trainer.table_optimizer.params and item in trainer.stepped_params
+    assert not any(".l0.ebc." in k for k in trainer.dense_optimizer.params)
+    assert isinstance(trainer.table_optimizer._optimizer, RowWiseAdagrad)
+    assert trainer.table_optimizer.param_groups[0]["lr"] == spec.train.embedding_lr
+    before = dict(trainer.dmp.named_parameters())[item].detach().clone()
+    summary = trainer.fit()
+    after = dict(trainer.dmp.named_parameters())[item].detach()
+    assert not torch.equal(before, after), "the replicated table never moved"
+    assert np.isfinite(summary["best_valid_auc"])

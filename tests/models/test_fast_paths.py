@@ -1,0 +1,125 @@
+"""The throughput work must not change what the model computes: batched-product history pooling equals the plain
+weighted sums, the pooled-output chunk layout matches TorchRec's KeyedTensor, and bf16 dense compute stays close to
+fp32 while keeping fp32 outputs and weights."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from recsys.models.build import build_model
+from recsys.models.encoding import _attention_and_mean, sequence_dot, sequence_pool
+from recsys.models.model import TrainTask
+
+
+def _reference_attention_and_mean(scores, values, mask):
+    m = mask.to(values.dtype)
+    att = torch.softmax(scores.masked_fill(~mask, -1e4), dim=1) * m
+    mean_w = m / m.sum(1, keepdim=True).clamp_min(1.0)
+    return (att.unsqueeze(-1) * values).sum(1), (mean_w.unsqueeze(-1) * values).sum(1)
+
+
+def test_sequence_products_equal_multiply_and_sum():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(64, 5, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(64, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(sequence_dot(x, y), (x * y.unsqueeze(1)).sum(-1))
+    torch.testing.assert_close(sequence_pool(w, x), (w.unsqueeze(-1) * x.unsqueeze(1)).sum(2))
+    # gradients too (the backward of a batched product is what training runs)
+    up = torch.randn(64, 3, 5, generator=g, dtype=torch.float64)
+    fast = torch.autograd.grad((sequence_pool(w, x) * up).sum(), (w, x))
+    slow = torch.autograd.grad(((w.unsqueeze(-1) * x.unsqueeze(1)).sum(2) * up).sum(), (w, x))
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b)
+
+
+def test_attention_and_mean_pooling_matches_the_reference_and_empty_histories_pool_to_zero():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randn(32, 6, 4, generator=g, dtype=torch.float64)
+    scores = torch.randn(32, 6, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, 7, (32,), generator=g)
+    lengths[:3] = 0
+    mask = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
+    attended, mean = _attention_and_mean(scores, values, mask)
+    ref_att, ref_mean = _reference_attention_and_mean(scores, values, mask)
+    torch.testing.assert_close(attended, ref_att)
+    torch.testing.assert_close(mean, ref_mean)
+    assert attended[:3].abs().max() == 0 and mean[:3].abs().max() == 0
+
+
+def _reordered(real, order):
+    """An EBC stand-in returning `real`'s output with its keys in another order (as a sharded EBC does: by
+    sharding type and rank, not by table config)."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    class Reordered(torch.nn.Module):
+        def forward(self, kjt):
+            d = real(kjt).to_dict()
+            keys = order(list(d))
+            return KeyedTensor.from_tensor_list(keys, [d[k] for k in keys])
+
+    return Reordered()
+
+
+def _seq_moved_to_front(keys):
+    seq = [k for k in keys if "__pos" in k]
+    return seq + [k for k in keys if k not in seq]
+
+
+@pytest.mark.parametrize("order", [_seq_moved_to_front, lambda keys: list(reversed(keys))],
+                         ids=["positions_side_by_side", "positions_reversed"])
+def test_model_output_does_not_depend_on_the_embedding_key_order(tiny_spec, order):
+    """A sharded EBC returns its keys in its own order: the features must be read by key, whatever the order
+    (positions side by side -> one [B, L, D] view; scattered -> stacked). Outputs must be bit-identical."""
+    from recsys.data.loader import BatchLoader
+
+    spec = tiny_spec()
+    torch.manual_seed(0)
+    model = build_model(spec, torch.device("cpu"))
+    batch = next(iter(BatchLoader(spec, "train", batch_size=64, shuffle=True, seed=5)))
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch).logits
+        real = model.l0.ebc
+        model.l0.ebc = _reordered(real, order)
+        got = model(batch).logits
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    names = model.l0._layouts[tuple(order(real(batch.sparse).keys()))][0]
+    seq = next(f.name for f in spec.features if f.kind == "sequence")
+    assert (seq in names) == (order is _seq_moved_to_front)  # the view path is the one taken when it can be
+
+
+def test_embedding_output_missing_a_key_is_a_clear_error(tiny_spec):
+    from recsys.data.loader import BatchLoader
+
+    spec = tiny_spec()
+    model = build_model(spec, torch.device("cpu"))
+    model.l0.ebc = _reordered(model.l0.ebc, lambda keys: [k for k in keys if k != "user_id"])
+    batch = next(iter(BatchLoader(spec, "train", batch_size=8, shuffle=False)))
+    with pytest.raises(RuntimeError, match="lacks key"):
+        model(batch)
+
+
+def test_bf16_dense_compute_is_close_to_fp32_with_fp32_outputs_and_weights(tiny_spec):
+    from recsys.data.loader import BatchLoader
+
+    fp32, bf16 = tiny_spec(), tiny_spec("train.precision=bf16")
+    torch.manual_seed(0)
+    task32 = TrainTask(build_model(fp32, torch.device("cpu")), fp32)
+    task16 = TrainTask(build_model(bf16, torch.device("cpu")), bf16)
+    task16.load_state_dict(task32.state_dict())
+    batch = next(iter(BatchLoader(fp32, "train", batch_size=256, shuffle=True, seed=3)))
+    task32.eval(), task16.eval()
+    out32, out16 = task32.model(batch), task16.model(batch)
+    assert out16.logits.dtype == out16.representation.dtype == torch.float32
+    assert not torch.equal(out16.logits, out32.logits)  # bf16 really ran
+    torch.testing.assert_close(out16.logits, out32.logits, rtol=0, atol=0.05)
+    task16.train()
+    loss, _ = task16(batch)
+    loss.backward()
+    for name, p in itertools.chain(task16.named_parameters()):
+        assert p.dtype == torch.float32, name
+        if p.grad is not None:
+            assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
