@@ -136,11 +136,26 @@ def fingerprint(data: str, model: str, seed: int, base: Sequence[str]) -> str:
     return spec_hash(common.load(data, run_overrides(model, seed, base)))
 
 
+def recorded_fingerprint(run_dir: Path, data: str, metrics: Dict[str, Any]) -> Optional[str]:
+    """The fingerprint a finished run was made with: the one it recorded, or -- for runs finished before runs
+    recorded one -- the digest of the resolved spec its training wrote (train/spec.resolved.yaml), with the output
+    folder (the only per-run field) set back to the spec's default. None when neither exists."""
+    if metrics.get("spec_hash"):
+        return metrics["spec_hash"]
+    resolved = run_dir / "train" / "spec.resolved.yaml"
+    if not resolved.exists():
+        return None
+    from recsys.spec.loader import load_spec, resolve_path, spec_hash
+
+    default = common.load(data)
+    return spec_hash(load_spec(resolved, [f"train.output_dir={resolve_path(default, default.train.output_dir)}"]))
+
+
 def _is_current(metrics_file: Path, data: str, base: Optional[Sequence[str]]) -> bool:
     if base is None:
         return True
     m = json.loads(metrics_file.read_text())
-    return m.get("spec_hash") == fingerprint(data, m["model"], m["seed"], base)
+    return recorded_fingerprint(metrics_file.parent, data, m) == fingerprint(data, m["model"], m["seed"], base)
 
 
 def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, runs: Path,
@@ -151,8 +166,11 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
     out = run_dir / "metrics.json"
     fp = fingerprint(data, model, seed, base)
     if out.exists():
-        old = json.loads(out.read_text()).get("spec_hash")
+        finished = json.loads(out.read_text())
+        old = recorded_fingerprint(run_dir, data, finished)
         if old == fp:
+            if "spec_hash" not in finished:  # verified from the run's own resolved spec: record it
+                common.write_json(out, {**finished, "spec_hash": fp})
             log.info("skip %s/%s/seed%d (finished)", data, model, seed)
             return out
         import shutil

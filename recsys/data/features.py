@@ -14,15 +14,21 @@ def sequence_keys(name: str, max_len: int) -> List[str]:
     return [f"{name}__pos{i}" for i in range(max_len)]
 
 
+def sequence_kjt_keys(f) -> List[str]:
+    """The KJT keys of a sequence feature: one per position (attention pooling) or the feature's own name, holding
+    the whole history (mean pooling, pooled inside the EmbeddingBagCollection)."""
+    return [f.name] if f.pooling == "mean" else sequence_keys(f.name, f.max_len)
+
+
 def kjt_keys(spec: Spec) -> List[str]:
-    """KJT keys in batch order: id and sparse features in spec order, then each sequence's positions."""
+    """KJT keys in batch order: id and sparse features in spec order, then each sequence's keys."""
     keys: List[str] = []
     for f in spec.features:
         if f.kind in ("id", "sparse"):
             keys.append(f.name)
     for f in spec.features:
         if f.kind == "sequence":
-            keys.extend(sequence_keys(f.name, f.max_len))
+            keys.extend(sequence_kjt_keys(f))
     return keys
 
 
@@ -33,7 +39,7 @@ def table_of_key(spec: Spec) -> Dict[str, str]:
         if f.kind in ("id", "sparse"):
             out[f.name] = f.table
         elif f.kind == "sequence":
-            for k in sequence_keys(f.name, f.max_len):
+            for k in sequence_kjt_keys(f):
                 out[k] = f.table
     return out
 

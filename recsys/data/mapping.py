@@ -244,9 +244,13 @@ def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
     for f in spec.features:
         if f.kind == "sequence":
             padded, lens = a["seq/" + f.name], a["seq/" + f.name + "#len"]
-            mask_t = np.arange(padded.shape[1])[:, None] < lens[None, :]  # [L, B]: key-major over positions
-            values.append(padded.T[mask_t])
-            lengths.append(mask_t.ravel().astype(np.int64))
+            if f.pooling == "mean":  # one key: each row's whole history
+                values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
+                lengths.append(lens.astype(np.int64))
+            else:
+                mask_t = np.arange(padded.shape[1])[:, None] < lens[None, :]  # [L, B]: key-major over positions
+                values.append(padded.T[mask_t])
+                lengths.append(mask_t.ravel().astype(np.int64))
             seq_lengths[f.name] = torch.from_numpy(np.ascontiguousarray(lens))
     kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))

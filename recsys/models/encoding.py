@@ -185,7 +185,9 @@ class UserQueryItemEncoder(nn.Module):
         self.id_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
         self.sparse_feats: Dict[str, List[str]] = {s: [] for s in SIDES}
         self.dense_index: Dict[str, List[int]] = {s: [] for s in SIDES}
-        self.sequences = [f for f in spec.features if f.kind == "sequence"]
+        self.sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "attention"]
+        self.mean_sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "mean"]
+        self.table_pooling = {t.name: t.pooling for t in spec.tables}
         self._index_keys(spec)
         self.text_feats: Dict[str, List[TextFeature]] = {s: [] for s in SIDES}
         widths: Dict[Tuple[str, str], int] = {}
@@ -202,8 +204,9 @@ class UserQueryItemEncoder(nn.Module):
                 dense_i += 1
                 widths[(f.side, "sparse")] = widths.get((f.side, "sparse"), 0) + 1
             elif f.kind == "sequence":
-                # attention-pooled + mean-pooled history
-                widths[(f.side, "id")] = widths.get((f.side, "id"), 0) + 2 * table_dim[f.table]
+                # attention-pooled + mean-pooled history, or only the mean (pooling: mean)
+                n_pooled = 2 if f.pooling == "attention" else 1
+                widths[(f.side, "id")] = widths.get((f.side, "id"), 0) + n_pooled * table_dim[f.table]
             elif f.kind == "text" and self.text_mode != "none":
                 self.text_feats[f.side].append(f)
 
@@ -342,6 +345,12 @@ class UserQueryItemEncoder(nn.Module):
                 add(side, "sparse", feats[name])
             if self.dense_index[side]:
                 add(side, "sparse", batch.dense[:, self.dense_index[side]])
+
+        for f in self.mean_sequences:  # pooled inside the EBC: a sum-pooled table gives the sum, made a mean here
+            pooled = feats[f.name]
+            if self.table_pooling[f.table] == "sum":
+                pooled = pooled / batch.seq_lengths[f.name].clamp_min(1).unsqueeze(1).to(pooled.dtype)
+            add(f.side, "id", pooled)
 
         for f in self.sequences:
             hist = self._history(feats, f)  # [B, L, D]

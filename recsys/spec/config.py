@@ -99,8 +99,11 @@ class SparseFeature(StrictModel):
 class SequenceFeature(StrictModel):
     """A behaviour sequence (history item ids, newest last) reusing another feature's table.
 
-    Emitted as `max_len` single-valued KJT keys `<name>__pos0 .. <name>__pos{max_len-1}` (oldest kept first, right-padded)
-    so an EmbeddingBagCollection returns per-position vectors for target attention; the batch carries its lengths.
+    `pooling: attention` (default): emitted as `max_len` single-valued KJT keys `<name>__pos0 ..
+    <name>__pos{max_len-1}` (oldest kept first, right-padded) so an EmbeddingBagCollection returns per-position vectors
+    for target attention plus a mean; the batch carries its lengths.
+    `pooling: mean`: ONE multi-valued KJT key `<name>` that the EmbeddingBagCollection pools itself (the public
+    multi-domain baselines' mean-pooled history): 1 lookup output per sample instead of `max_len`, no attention.
     """
 
     kind: Literal["sequence"]
@@ -109,7 +112,8 @@ class SequenceFeature(StrictModel):
     side: Side = "user"
     table: str
     max_len: int = Field(default=20, gt=0)
-    target: Optional[str] = None  # feature whose embedding attends over this sequence (usually the item id)
+    pooling: Literal["attention", "mean"] = "attention"
+    target: Optional[str] = None  # feature whose embedding attends over this sequence (attention pooling only)
 
 
 class DenseFeature(StrictModel):

@@ -148,7 +148,12 @@ def _pooling_factors(spec: Spec, table: str) -> List[float]:
         if key_table[key] != table:
             continue
         feat = by_name.get(key)
-        out.append(float(feat.max_values) if feat is not None and feat.kind == "sparse" else 1.0)
+        if feat is not None and feat.kind == "sparse":
+            out.append(float(feat.max_values))
+        elif feat is not None and feat.kind == "sequence":  # a mean-pooled history: one key, up to max_len ids
+            out.append(float(feat.max_len))
+        else:
+            out.append(1.0)
     return out
 
 

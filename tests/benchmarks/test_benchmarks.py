@@ -106,6 +106,19 @@ def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "skip movielens/sr_foundation/seed1" in p.stderr
     assert done.stat().st_mtime_ns == stamp
+    # another spec (here one more override for every run): the finished run no longer counts; it is moved aside
+    # (kept) and run again, and the report holds only the new run
+    first = json.loads(done.read_text())
+    p = subprocess.run([*cmd, "--set", "model.reg_weight=0.2"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=170)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "was run with another spec" in p.stderr
+    stale = list((tmp_path / "runs" / "movielens" / "sr_foundation" / "stale").glob("seed1-*/metrics.json"))
+    assert len(stale) == 1 and json.loads(stale[0].read_text())["spec_hash"] == first["spec_hash"]
+    second = json.loads(done.read_text())
+    assert second["spec_hash"] != first["spec_hash"] and "model.reg_weight=0.2" in second["overrides"]
+    report = json.loads((tmp_path / "res" / "movielens_auc.json").read_text())
+    assert report["models"]["sr_foundation"]["seeds"] == [1]
 
 
 @pytest.mark.slow
@@ -121,3 +134,19 @@ def test_throughput_quick(tiny_sets, tmp_path):
         assert r["samples_per_s"] > 0 and r["peak_rss_mb_per_process"][0] > 0
     assert report["matmul_peak_gflops"] > 0 and report["flops"]["full"]["flops_per_sample"] > 0
     assert 0 < report["configs"]["tr_full_train_1"]["flop_fraction_of_peak"] < 1
+
+
+def test_throughput_report_renders_with_only_some_configurations():
+    """A run may measure a subset (e.g. --configs tr_full_train_2): the goals line says what was not measured."""
+    from benchmarks.throughput import render
+
+    report = {"data": "amazon_sr", "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "commit": "c",
+                                               "date": "d"},
+              "global_batch": 4096, "steps": 2, "warmup": 1, "eval_batch": 16384, "matmul_peak_gflops": 100.0,
+              "flops": {"full": {"flops_per_sample": 1e6}, "peer": {"flops_per_sample": 5e5}},
+              "configs": {"tr_full_train_2": {"impl": "torchrec", "task": "train", "variant": "full", "nproc": 2,
+                                              "samples_per_s": 61000.0, "peak_rss_mb_per_process": [900.0, 900.0],
+                                              "load_avg_before": 0.5, "load_avg_after": 0.6}},
+              "goals": {"full_2_ranks": 61000.0, "full_met": True, "peer_2_ranks": None, "peer_met": False}}
+    text = render(report)
+    assert "measured 61,000 (met)" in text and "297,000 -> not measured" in text

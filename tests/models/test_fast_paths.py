@@ -123,3 +123,37 @@ def test_bf16_dense_compute_is_close_to_fp32_with_fp32_outputs_and_weights(tiny_
         assert p.dtype == torch.float32, name
         if p.grad is not None:
             assert p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all(), name
+
+
+def test_mean_pooled_history_is_one_key_holding_the_history_mean(tiny_spec):
+    """`pooling: mean` (the public baselines' history): one multi-valued KJT key per sequence, pooled by the
+    EmbeddingBagCollection, and the model reads the mean of the history's item vectors."""
+    from recsys.data.loader import BatchLoader
+
+    att, mean = tiny_spec(), tiny_spec("features.hist_items.pooling=mean")
+    b_att = next(iter(BatchLoader(att, "train", batch_size=64, shuffle=False)))
+    b_mean = next(iter(BatchLoader(mean, "train", batch_size=64, shuffle=False)))
+    assert "hist_items__pos0" in b_att.sparse.keys() and "hist_items__pos0" not in b_mean.sparse.keys()
+    hist = b_mean.sparse["hist_items"]
+    lens = b_mean.seq_lengths["hist_items"]
+    torch.testing.assert_close(hist.lengths(), lens)
+    assert lens.max() > 1
+    # the same ids as the per-position keys, row by row
+    per_pos = [b_att.sparse[f"hist_items__pos{i}"] for i in range(5)]
+    for r in range(8):
+        ids = [int(k.values()[k.offsets()[r]]) for k in per_pos if k.lengths()[r] > 0]
+        start = int(hist.offsets()[r])
+        assert hist.values()[start:start + int(lens[r])].tolist() == ids
+    torch.manual_seed(0)
+    model = build_model(mean, torch.device("cpu"))
+    seen = {}
+    model.l0.proj["user_id"].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) and None)
+    model.eval()
+    with torch.no_grad():
+        model(b_mean)
+        table = model.l0.ebc.embedding_bags["item"].weight
+        expected = torch.stack([table[hist.values()[hist.offsets()[r]:hist.offsets()[r + 1]]].mean(0)
+                                if lens[r] > 0 else torch.zeros(table.shape[1]) for r in range(64)])
+    user_dim = {t.name: t.dim for t in mean.tables}["user"]
+    torch.testing.assert_close(seen["x"][:, user_dim:user_dim + table.shape[1]], expected)
+    assert model.l0.num_interactions == build_model(att, torch.device("cpu")).l0.num_interactions - 2
