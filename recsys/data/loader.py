@@ -242,19 +242,21 @@ class BatchLoader:
         """Map global rows (negative = padding copy of row -1-r) in the given order."""
         real = np.where(rows < 0, -1 - rows, rows)
         rg = np.searchsorted(self.reader.rg_start, real, side="right") - 1
-        parts: List[Arrays] = []
+        tables: List[pa.Table] = []
         order_parts: List[np.ndarray] = []
         for g in np.unique(rg):
             sel = np.nonzero(rg == g)[0]
             local = real[sel] - self.reader.rg_start[g]
-            t = self.reader.row_group(int(g)).take(pa.array(local))
-            parts.append(self.mapper.map(t, real[sel]))
+            tables.append(self.reader.row_group(int(g)).take(pa.array(local)))
             order_parts.append(sel)
-        if len(parts) == 1:
-            out = parts[0]
+        if len(tables) == 1:
+            table = tables[0]
         else:
+            # back to the requested (shuffled) order while the rows are still compact Arrow data, then ONE map
+            # call: reordering the mapped arrays instead (padded histories, text rows) cost ~45% of the loader
             where = np.argsort(np.concatenate(order_parts), kind="stable")
-            out = {k: np.concatenate([p[k] for p in parts])[where] for k in parts[0]}
+            table = pa.concat_tables(tables).take(pa.array(where))
+        out = self.mapper.map(table, real)
         if (rows < 0).any():
             out["row_id"] = np.where(rows < 0, -1, out["row_id"])
         return out
