@@ -131,9 +131,13 @@ def run_overrides(model: str, seed: int, base: Sequence[str]) -> List[str]:
 def fingerprint(data: str, model: str, seed: int, base: Sequence[str]) -> str:
     """Digest of the resolved spec a (model, seed) run trains with: a finished run counts only while the spec
     (the YAML default or the variant's overrides) is unchanged."""
+    return _fingerprint_of(data, run_overrides(model, seed, base))
+
+
+def _fingerprint_of(data: str, overrides: Sequence[str]) -> str:
     from recsys.spec.loader import spec_hash
 
-    return spec_hash(common.load(data, run_overrides(model, seed, base)))
+    return spec_hash(common.load(data, overrides))
 
 
 def recorded_fingerprint(run_dir: Path, data: str, metrics: Dict[str, Any]) -> Optional[str]:
@@ -195,9 +199,17 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
         parts = {}
         for d in spec.domains:
             sub = run_dir / d.name
+            sub_overrides = [*base, f"train.seed={seed}", f"model.single_domain={d.name}"]
+            if (sub / "eval.json").exists() and \
+                    recorded_fingerprint(sub, data, {}) != _fingerprint_of(data, sub_overrides):
+                import shutil
+
+                stale = run_dir.parent / "stale" / f"seed{seed}-{d.name}-{time.strftime('%Y%m%d%H%M%S')}"
+                stale.parent.mkdir(parents=True, exist_ok=True)
+                log.warning("%s was trained with another spec: moved to %s", sub, stale)
+                shutil.move(str(sub), str(stale))
             if not (sub / "eval.json").exists():
-                parts[d.name] = train_and_evaluate(data, sub, [*base, f"train.seed={seed}",
-                                                               f"model.single_domain={d.name}"], nproc, timeout)
+                parts[d.name] = train_and_evaluate(data, sub, sub_overrides, nproc, timeout)
             pred = np.load(sub / "test_pred.npy").astype(np.float64)
             combined = pred if combined is None else np.where(np.isnan(combined), pred, combined)
         metrics = metrics_from_scores(spec, "test", combined)
