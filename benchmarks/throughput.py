@@ -41,7 +41,7 @@ PEER_OVERRIDES = ["tables.user.dim=16", "tables.item.dim=16", "tables.brand.dim=
 PEER_BEST = 198_000  # fastest public peer measured on this machine, samples/s (range 65k-198k)
 GOAL_FULL_2 = 60_000
 
-# name -> (impl, task, nproc, variant)
+# name -> (impl, task, nproc, variant[, overrides of this configuration only])
 CONFIGS: Dict[str, tuple] = {
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
@@ -49,6 +49,9 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_train_2": ("torchrec", "train", 2, "full"),
     "tr_peer_train_1": ("torchrec", "train", 1, "peer"),
     "tr_peer_train_2": ("torchrec", "train", 2, "peer"),
+    # the same at a 4x larger global batch: per-step overheads (pipeline, DDP, all-to-all latency, Python) dominate
+    # a model this small, so its samples/s depends on the batch; the public peers' batch size is not known
+    "tr_peer_train_2_b16k": ("torchrec", "train", 2, "peer", ["train.batch_size=16384"]),
     "plain_full_train_1": ("plain", "train", 1, "full"),
     "plain_full_train_2": ("plain", "train", 2, "full"),
     "plain_peer_train_2": ("plain", "train", 2, "peer"),
@@ -256,10 +259,10 @@ def flops_per_sample(data: str, variant: str, extra: List[str], batch: int = 512
 
 def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], profile_steps: int,
            tmp: Path, timeout: float) -> Dict[str, Any]:
-    impl, task, nproc, variant = CONFIGS[name]
+    impl, task, nproc, variant, *own = CONFIGS[name]
     out = tmp / f"{name}.json"
     cfg = {"impl": impl, "task": task, "variant": variant, "data": data, "steps": steps, "warmup": warmup,
-           "extra": extra, "out": str(out), "tmp": str(tmp / f"run_{name}"),
+           "extra": [*extra, *(own[0] if own else [])], "out": str(out), "tmp": str(tmp / f"run_{name}"),
            "profile_steps": profile_steps if (impl == "torchrec" and task == "train" and nproc > 1) else 0}
     cmd = [common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
@@ -291,23 +294,28 @@ def render(report: Dict[str, Any]) -> str:
     rows = []
     for name, r in report["configs"].items():
         if "error" in r:
-            rows.append([name, "-", "-", "-", "-", f"error: {r['error']}", "-", "-"])
+            rows.append([name, "-", "-", "-", "-", "-", f"error: {r['error']}", "-", "-"])
             continue
         frac = r.get("flop_fraction_of_peak")
-        rows.append([name, r["impl"], r["task"], r["variant"], r["nproc"], f"{r['samples_per_s']:,.0f}",
+        batch = r.get("batch_per_rank", 0) * r.get("world_size", r["nproc"])
+        rows.append([name, r["impl"], r["task"], r["variant"], r["nproc"], f"{batch:,}", f"{r['samples_per_s']:,.0f}",
                      " / ".join(f"{x:,.0f}" for x in r["peak_rss_mb_per_process"]),
                      f"{r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f}"
                      + (f"; {100 * frac:.2f}% of fp32 peak" if frac is not None else "")])
     text = (f"# Throughput on {report['data']}\n\n{m['nproc']} x {m['cpu_model']}, torch {m['torch']}, commit "
-            f"`{m['commit']}`, {m['date']}. Training: global batch {report['global_batch']}, {report['steps']} timed "
+            f"`{m['commit']}`, {m['date']}. Training: global batch {report['global_batch']} (unless the table says "
+            f"otherwise), {report['steps']} timed "
             f"steps after {report['warmup']} warm-up steps, no evaluation in the window; inference: eval batch "
             f"{report['eval_batch']} on valid. Samples/s are global (all ranks). Load average = 1-min, before -> "
             f"after each measurement (2 cores: anything above ~2 means other jobs shared the CPU).\n\n")
-    text += common.markdown_table(["config", "impl", "task", "model", "ranks", "samples/s", "peak RSS MB/process",
+    text += common.markdown_table(["config", "impl", "task", "model", "ranks", "global batch", "samples/s",
+                                   "peak RSS MB/process",
                                    "load avg; FLOP use"], rows)
     text += (f"\n\nfp32 matmul peak (2048^3 GEMM, {m['nproc']} threads): {report['matmul_peak_gflops']:.1f} GFLOP/s. "
              f"FLOPs per sample (forward+backward, FlopCounterMode): full {report['flops']['full']['flops_per_sample'] / 1e6:.2f} MFLOP, "
-             f"peer config {report['flops']['peer']['flops_per_sample'] / 1e6:.2f} MFLOP.\n")
+             f"peer config {report['flops']['peer']['flops_per_sample'] / 1e6:.2f} MFLOP. The default amazon-sr spec "
+             f"runs its dense matmuls in bf16 (`train.precision`), so the fraction of the *fp32* peak is a "
+             f"reference point, not a ceiling.\n")
     g = report.get("goals", {})
     if g:
         def measured(key: str, met: str) -> str:  # a run may measure only some configurations
@@ -316,7 +324,8 @@ def render(report: Dict[str, Any]) -> str:
 
         text += (f"\nGoals: full model >= {GOAL_FULL_2:,} samples/s on 2 ranks -> {measured('full_2_ranks', 'full_met')}; "
                  f"peer configuration >= 1.5 x {PEER_BEST:,} = {1.5 * PEER_BEST:,.0f} -> "
-                 f"{measured('peer_2_ranks', 'peer_met')}.\n")
+                 f"{measured('peer_2_ranks', 'peer_met')} at global batch {report['global_batch']:,}, "
+                 f"{measured('peer_2_ranks_b16k', 'peer_b16k_met')} at global batch 16,384.\n")
     prof = report.get("profile_top_ops")
     if prof:
         text += "\n## Profile of the 2-rank TorchRec training step (rank 0, self CPU time)\n\n"
@@ -409,10 +418,13 @@ def main(argv=None) -> int:
         report["profile_top_ops"] = prof
     full2 = c.get("tr_full_train_2", {}).get("samples_per_s")
     peer2 = c.get("tr_peer_train_2", {}).get("samples_per_s")
+    peer2_big = c.get("tr_peer_train_2_b16k", {}).get("samples_per_s")
     if args.data == "amazon_sr":
         report["goals"] = {"full_2_ranks": full2, "full_goal": GOAL_FULL_2,
                            "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_2_ranks": peer2,
-                           "peer_goal": 1.5 * PEER_BEST, "peer_met": bool(peer2 and peer2 >= 1.5 * PEER_BEST)}
+                           "peer_goal": 1.5 * PEER_BEST, "peer_met": bool(peer2 and peer2 >= 1.5 * PEER_BEST),
+                           "peer_2_ranks_b16k": peer2_big,
+                           "peer_b16k_met": bool(peer2_big and peer2_big >= 1.5 * PEER_BEST)}
     report["samples_per_s"] = {n: r.get("samples_per_s") for n, r in c.items()}
     common.write_json(args.results_dir / f"{stem}.json", report)
     (args.results_dir / f"{stem}.md").write_text(render(report))
