@@ -242,3 +242,18 @@ def test_sharded_ebc_forward_backward_on_cuda():
     finally:
         dist.destroy_process_group()
 
+
+
+def test_all_to_all_precision_codecs():
+    """`train.embedding_comm`: fp32 sends as is (no codecs); fp16 quantizes the pooled all-to-all both ways; gloo
+    has no bf16 codec, so on CPU bf16 is sent as fp16 rather than failing at the first step."""
+    import torch
+
+    from recsys.train.sharding import qcomm_registry_for, sharders_for
+
+    assert qcomm_registry_for("fp32", "cpu") is None
+    for asked in ("fp16", "bf16"):
+        codecs = qcomm_registry_for(asked, "cpu")["POOLED_EMBEDDINGS_ALL_TO_ALL"]
+        assert codecs.forward.quantized_dtype == codecs.backward.quantized_dtype == torch.float16
+    sharder = sharders_for("cpu", comm_precision="fp16")[0]
+    assert "POOLED_EMBEDDINGS_ALL_TO_ALL" in sharder.qcomm_codecs_registry
