@@ -161,7 +161,9 @@ def worker(cfg: Dict[str, Any]) -> None:
                 if p.requires_grad and p.grad is None:
                     p.requires_grad_(False)
             task.zero_grad(set_to_none=True)
-            model = torch.nn.parallel.DistributedDataParallel(task)
+            # broadcast_buffers off, as TorchRec's DDP wrapper has it: the buffers are the constant text-vector
+            # tables (tens of MB), which the default would re-broadcast from rank 0 before every forward
+            model = torch.nn.parallel.DistributedDataParallel(task, broadcast_buffers=False)
         if task_kind == "train":
             model.train()
 
