@@ -2,7 +2,8 @@
 
 Aspects per side (a side without features of an aspect simply lacks it):
 - `id`:     id features of the side; for the user also each behaviour sequence, read as target attention of the
-            candidate item over the history plus a mean-pooled history (both from the shared item table).
+            candidate item over the history plus a mean-pooled history (both from the shared item table), or with
+            `pooling: mean` only the mean, pooled inside the EmbeddingBagCollection (one lookup output per sample).
 - `sparse`: sparse categorical and dense features of the side.
 - `text`:   frozen LLM vectors (or hashed-token embeddings in text mode `random`) of the side's texts; a text history
             is pooled by attention on its cosine with the candidate's text and by its mean.
