@@ -162,6 +162,16 @@ def _is_current(metrics_file: Path, data: str, base: Optional[Sequence[str]]) ->
     return recorded_fingerprint(metrics_file.parent, data, m) == fingerprint(data, m["model"], m["seed"], base)
 
 
+def _move_to_stale(run: Path, model_dir: Path, label: str) -> Path:
+    """Move a run made with another spec to <model_dir>/stale/<label>-<time> (kept, not deleted); returns where."""
+    import shutil
+
+    stale = model_dir / "stale" / f"{label}-{time.strftime('%Y%m%d%H%M%S')}"
+    stale.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(run), str(stale))
+    return stale
+
+
 def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, runs: Path,
             timeout: Optional[float]) -> Path:
     """Run (or skip, when finished with the same spec) one (model, seed); returns its metrics file. A finished run
@@ -177,13 +187,9 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
                 common.write_json(out, {**finished, "spec_hash": fp})
             log.info("skip %s/%s/seed%d (finished)", data, model, seed)
             return out
-        import shutil
-
-        stale = runs / data / model / "stale" / f"seed{seed}-{old or 'unhashed'}-{time.strftime('%Y%m%d%H%M%S')}"
-        stale.parent.mkdir(parents=True, exist_ok=True)
+        stale = _move_to_stale(run_dir, runs / data / model, f"seed{seed}-{old or 'unhashed'}")
         log.warning("%s/%s/seed%d was run with another spec (%s, now %s): moved to %s, running again", data, model,
                     seed, old, fp, stale)
-        shutil.move(str(run_dir), str(stale))
     log.info("run %s/%s/seed%d", data, model, seed)
     from recsys.train.evaluation import metrics_from_scores
 
@@ -202,12 +208,8 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
             sub_overrides = [*base, f"train.seed={seed}", f"model.single_domain={d.name}"]
             if (sub / "eval.json").exists() and \
                     recorded_fingerprint(sub, data, {}) != _fingerprint_of(data, sub_overrides):
-                import shutil
-
-                stale = run_dir.parent / "stale" / f"seed{seed}-{d.name}-{time.strftime('%Y%m%d%H%M%S')}"
-                stale.parent.mkdir(parents=True, exist_ok=True)
+                stale = _move_to_stale(sub, run_dir.parent, f"seed{seed}-{d.name}")
                 log.warning("%s was trained with another spec: moved to %s", sub, stale)
-                shutil.move(str(sub), str(stale))
             if not (sub / "eval.json").exists():
                 parts[d.name] = train_and_evaluate(data, sub, sub_overrides, nproc, timeout)
             pred = np.load(sub / "test_pred.npy").astype(np.float64)

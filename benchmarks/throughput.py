@@ -195,8 +195,6 @@ def worker(cfg: Dict[str, Any]) -> None:
                 step()
             barrier()
         prof_result = _top_ops(prof, cfg["profile_steps"])
-        if os.environ.get("PROF_ALL"):
-            Path(f"/tmp/work/prof_rank{ctx.rank}.json").write_text(json.dumps(prof_result))
     mine = {"rank": ctx.rank, **res, "peak_rss_mb": common.peak_rss_mb(), "threads": torch.get_num_threads()}
     per_rank = [mine]
     if world > 1:

@@ -316,7 +316,6 @@ class UserQueryItemEncoder(nn.Module):
             lookup.rebuild(self.text_basis)
 
     def freeze_tables(self, tables) -> None:
-        tables = set(tables)
         self.frozen_tables = frozenset(tables)
 
     # ------------------------------------------------------------------------------------------------------------
