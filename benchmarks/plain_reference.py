@@ -81,5 +81,5 @@ def build_plain_task(spec, embedding_optimizer: str = "adagrad") -> Tuple[nn.Mod
         sparse_opt: torch.optim.Optimizer = torch.optim.SparseAdam(tables, lr=spec.train.embedding_lr)
     else:
         sparse_opt = torch.optim.Adagrad(tables, lr=spec.train.embedding_lr)
-    dense_opt = torch.optim.Adam(dense, lr=spec.train.lr, weight_decay=spec.train.weight_decay)
+    dense_opt = torch.optim.Adam(dense, lr=spec.train.lr, weight_decay=spec.train.weight_decay, fused=True)
     return task, [sparse_opt, dense_opt]

@@ -53,6 +53,7 @@ CONFIGS: Dict[str, tuple] = {
     # the same at a 4x larger global batch: per-step overheads (pipeline, DDP, all-to-all latency, Python) dominate
     # a model this small, so its samples/s depends on the batch; the public peers' batch size is not known
     "tr_peer_train_2_b16k": ("torchrec", "train", 2, "peer", ["train.batch_size=16384"]),
+    "tr_peer_train_2_b32k": ("torchrec", "train", 2, "peer", ["train.batch_size=32768"]),
     "plain_full_train_1": ("plain", "train", 1, "full"),
     "plain_full_train_2": ("plain", "train", 2, "full"),
     "plain_peer_train_2": ("plain", "train", 2, "peer"),
@@ -310,6 +311,16 @@ def measure(name: str, repeat: int, **kwargs) -> Dict[str, Any]:
     return res
 
 
+def peer_goal_rows(configs: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The peers' configuration on 2 ranks at each measured global batch, against the goal, smallest batch first."""
+    rows = []
+    for name, r in configs.items():
+        if name.startswith("tr_peer_train_2") and r.get("samples_per_s"):
+            rows.append({"config": name, "global_batch": r["batch_per_rank"] * r["world_size"],
+                         "samples_per_s": r["samples_per_s"], "met": r["samples_per_s"] >= 1.5 * PEER_BEST})
+    return sorted(rows, key=lambda p: p["global_batch"])
+
+
 def render(report: Dict[str, Any]) -> str:
     m = report["machine"]
     rows = []
@@ -346,10 +357,12 @@ def render(report: Dict[str, Any]) -> str:
             v = g.get(key)
             return "not measured" if v is None else f"measured {v:,.0f} ({'met' if g.get(met) else 'NOT met'})"
 
+        peers = ", ".join(f"{p['samples_per_s']:,.0f} ({'met' if p['met'] else 'NOT met'}) at global batch "
+                          f"{p['global_batch']:,}" for p in g.get("peer_by_batch", []))
+        peers = f"measured {peers}" if peers else "not measured"
         text += (f"\nGoals: full model >= {GOAL_FULL_2:,} samples/s on 2 ranks -> {measured('full_2_ranks', 'full_met')}; "
-                 f"peer configuration >= 1.5 x {PEER_BEST:,} = {1.5 * PEER_BEST:,.0f} -> "
-                 f"{measured('peer_2_ranks', 'peer_met')} at global batch {report['global_batch']:,}, "
-                 f"{measured('peer_2_ranks_b16k', 'peer_b16k_met')} at global batch 16,384.\n")
+                 f"peer configuration >= 1.5 x {PEER_BEST:,} = {1.5 * PEER_BEST:,.0f} on 2 ranks -> "
+                 f"{peers}. The public peers' batch size is not known, so every measured batch is listed.\n")
     prof = report.get("profile_top_ops")
     if prof:
         text += "\n## Profile of the 2-rank TorchRec training step (rank 0, self CPU time)\n\n"
@@ -442,14 +455,10 @@ def main(argv=None) -> int:
     if prof:
         report["profile_top_ops"] = prof
     full2 = c.get("tr_full_train_2", {}).get("samples_per_s")
-    peer2 = c.get("tr_peer_train_2", {}).get("samples_per_s")
-    peer2_big = c.get("tr_peer_train_2_b16k", {}).get("samples_per_s")
     if args.data == "amazon_sr":
         report["goals"] = {"full_2_ranks": full2, "full_goal": GOAL_FULL_2,
-                           "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_2_ranks": peer2,
-                           "peer_goal": 1.5 * PEER_BEST, "peer_met": bool(peer2 and peer2 >= 1.5 * PEER_BEST),
-                           "peer_2_ranks_b16k": peer2_big,
-                           "peer_b16k_met": bool(peer2_big and peer2_big >= 1.5 * PEER_BEST)}
+                           "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_goal": 1.5 * PEER_BEST,
+                           "peer_by_batch": peer_goal_rows(c)}
     report["samples_per_s"] = {n: r.get("samples_per_s") for n, r in c.items()}
     common.write_json(args.results_dir / f"{stem}.json", report)
     (args.results_dir / f"{stem}.md").write_text(render(report))

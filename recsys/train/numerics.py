@@ -31,12 +31,13 @@ class FiniteGradGuard:
 
     def first_bad(self) -> Optional[str]:
         """Name of the first parameter whose gradient is not finite, else None. One reduction over all gradients
-        first, so the common (all finite) case costs one host sync and no copies; a non-finite total (a NaN/Inf,
-        or finite gradients so large their float32 sum overflows) is then checked parameter by parameter."""
+        first, so the common (all finite) case costs one pass per gradient, no temporaries and one host sync: a sum
+        is NaN or Inf when any element is (or, rarely, when finite gradients overflow float32, a false alarm the
+        per-parameter check below then clears). Only a non-finite total checks parameter by parameter."""
         grads = [p.grad for p in self.params.values() if p.grad is not None]
         if not grads:
             return None
-        total = torch.stack([g.detach().abs().sum(dtype=torch.float32) for g in grads]).sum()
+        total = torch.stack([g.detach().sum(dtype=torch.float32) for g in grads]).sum()
         if torch.isfinite(total):
             return None
         for name, p in self.params.items():

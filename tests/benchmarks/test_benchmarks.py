@@ -147,6 +147,26 @@ def test_throughput_report_renders_with_only_some_configurations():
               "configs": {"tr_full_train_2": {"impl": "torchrec", "task": "train", "variant": "full", "nproc": 2,
                                               "samples_per_s": 61000.0, "peak_rss_mb_per_process": [900.0, 900.0],
                                               "load_avg_before": 0.5, "load_avg_after": 0.6}},
-              "goals": {"full_2_ranks": 61000.0, "full_met": True, "peer_2_ranks": None, "peer_met": False}}
+              "goals": {"full_2_ranks": 61000.0, "full_met": True, "peer_by_batch": []}}
     text = render(report)
-    assert "measured 61,000 (met)" in text and "297,000 -> not measured" in text
+    assert "measured 61,000 (met)" in text and "297,000 on 2 ranks -> not measured" in text
+
+
+def test_peer_goal_is_judged_at_every_measured_batch():
+    from benchmarks.throughput import peer_goal_rows, render
+
+    def run(rate, per_rank):
+        return {"impl": "torchrec", "task": "train", "variant": "peer", "nproc": 2, "world_size": 2,
+                "batch_per_rank": per_rank, "samples_per_s": rate}
+
+    configs = {"tr_peer_train_2_b32k": run(310000.0, 16384), "tr_peer_train_2": run(160000.0, 2048),
+               "tr_full_train_2": {**run(60000.0, 2048), "variant": "full"}, "tr_peer_train_1": run(170000.0, 4096)}
+    rows = peer_goal_rows(configs)
+    assert [(r["global_batch"], r["met"]) for r in rows] == [(4096, False), (32768, True)]
+    report = {"data": "amazon_sr", "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "commit": "c",
+                                               "date": "d"},
+              "global_batch": 4096, "steps": 2, "warmup": 1, "eval_batch": 16384, "matmul_peak_gflops": 100.0,
+              "flops": {"full": {"flops_per_sample": 1e6}, "peer": {"flops_per_sample": 5e5}}, "configs": {},
+              "goals": {"full_2_ranks": None, "peer_by_batch": rows}}
+    text = render(report)
+    assert "160,000 (NOT met) at global batch 4,096, 310,000 (met) at global batch 32,768" in text

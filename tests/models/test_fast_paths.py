@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from recsys.models.build import build_model
-from recsys.models.encoding import _attention_and_mean, sequence_dot, sequence_pool
+from recsys.models.attention import target_attention
+from recsys.models.encoding import sequence_pool
 from recsys.models.model import TrainTask
 
 
@@ -20,14 +21,22 @@ def _reference_attention_and_mean(scores, values, mask):
     return (att.unsqueeze(-1) * values).sum(1), (mean_w.unsqueeze(-1) * values).sum(1)
 
 
-def test_sequence_products_equal_multiply_and_sum():
+def _history(seed, batch=32, length=6, dim=4, empty=3):
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.randn(batch, length, dim, generator=g, dtype=torch.float64)
+    query = torch.randn(batch, dim, generator=g, dtype=torch.float64)
+    lengths = torch.randint(0, length + 1, (batch,), generator=g)
+    lengths[:empty] = 0
+    lengths[empty] = length  # a full row too
+    mask = torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+    return hist, query, mask, g
+
+
+def test_sequence_pool_equals_multiply_and_sum():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(64, 7, 5, generator=g, dtype=torch.float64, requires_grad=True)
-    y = torch.randn(64, 5, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(64, 3, 7, generator=g, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(sequence_dot(x, y), (x * y.unsqueeze(1)).sum(-1))
     torch.testing.assert_close(sequence_pool(w, x), (w.unsqueeze(-1) * x.unsqueeze(1)).sum(2))
-    # gradients too (the backward of a batched product is what training runs)
     up = torch.randn(64, 3, 5, generator=g, dtype=torch.float64)
     fast = torch.autograd.grad((sequence_pool(w, x) * up).sum(), (w, x))
     slow = torch.autograd.grad(((w.unsqueeze(-1) * x.unsqueeze(1)).sum(2) * up).sum(), (w, x))
@@ -35,18 +44,48 @@ def test_sequence_products_equal_multiply_and_sum():
         torch.testing.assert_close(a, b)
 
 
-def test_attention_and_mean_pooling_matches_the_reference_and_empty_histories_pool_to_zero():
-    g = torch.Generator().manual_seed(1)
-    values = torch.randn(32, 6, 4, generator=g, dtype=torch.float64)
-    scores = torch.randn(32, 6, generator=g, dtype=torch.float64)
-    lengths = torch.randint(0, 7, (32,), generator=g)
-    lengths[:3] = 0
-    mask = torch.arange(6).unsqueeze(0) < lengths.unsqueeze(1)
-    attended, mean = _attention_and_mean(scores, values, mask)
-    ref_att, ref_mean = _reference_attention_and_mean(scores, values, mask)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "reference"])
+def test_target_attention_matches_multiply_and_sum_and_empty_histories_pool_to_zero(fused):
+    hist, query, mask, _ = _history(1)
+    raw, attended, mean = target_attention(hist, query, mask, 0.5, fused=fused)
+    torch.testing.assert_close(raw, (hist * query.unsqueeze(1)).sum(-1))
+    ref_att, ref_mean = _reference_attention_and_mean(raw * 0.5, hist, mask)
     torch.testing.assert_close(attended, ref_att)
     torch.testing.assert_close(mean, ref_mean)
     assert attended[:3].abs().max() == 0 and mean[:3].abs().max() == 0
+
+
+@pytest.mark.parametrize("needs", ["all", "hist_frozen", "scale_only"])
+def test_target_attention_hand_written_backward_equals_autograd(needs):
+    """The fused backward against autograd through the plain ops, for every input that may need a gradient (an
+    id history trains hist and query; a frozen text history trains only the temperature), including a gradient
+    that reaches the raw dot products directly (the interactions use them)."""
+    hist, query, mask, g = _history(2)
+    scale = torch.tensor(0.7, dtype=torch.float64)
+    hist.requires_grad_(needs == "all")
+    query.requires_grad_(needs != "scale_only")
+    scale.requires_grad_(True)
+    up_raw = torch.randn(mask.shape, generator=g, dtype=torch.float64)
+    up_att = torch.randn(hist.shape[0], hist.shape[2], generator=g, dtype=torch.float64)
+    up_mean = torch.randn(hist.shape[0], hist.shape[2], generator=g, dtype=torch.float64)
+    inputs = [t for t in (hist, query, scale) if t.requires_grad]
+
+    def grads(fused):
+        raw, att, mean = target_attention(hist, query, mask, scale, fused=fused)
+        loss = (raw * up_raw).sum() + (att * up_att).sum() + (mean * up_mean).sum() + raw.amax(1).sum()
+        return torch.autograd.grad(loss, inputs)
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b)
+    # and against finite differences, perturbing exactly the inputs that need a gradient
+    names = [n for n, t in (("hist", hist), ("query", query), ("scale", scale)) if t.requires_grad]
+
+    def fn(*xs):
+        given = {"hist": hist, "query": query, "scale": scale}
+        given.update(zip(names, xs))
+        return target_attention(given["hist"], given["query"], mask, given["scale"])
+
+    assert torch.autograd.gradcheck(fn, tuple(inputs))
 
 
 def _reordered(real, order):
