@@ -49,6 +49,14 @@ VARIANTS: Dict[str, List[str]] = {
     "tower_ple": ["model.tower=ple"],
     "tower_star": ["model.tower=star"],
 }
+# Our model at the public peers' configuration (benchmarks/common.py: dim 16, mean-pooled history, shared-bottom,
+# no text), at the throughput benchmark's default global batch and at the batch where it meets the speed goal:
+# what that speed costs in AUC, next to the peers' reference row. amazon-sr only; not in the default run order.
+PEER_VARIANTS: Dict[str, List[str]] = {
+    "peer_config": common.peer_overrides("amazon_sr"),
+    "peer_config_b32k": [*common.peer_overrides("amazon_sr"), "train.batch_size=32768"],
+}
+VARIANTS.update(PEER_VARIANTS)
 COMPOSITE = ("single_domain",)  # one run per domain, combined
 ANALYTIC = ("popularity",)  # no training
 ALL_MODELS = list(VARIANTS) + list(COMPOSITE) + list(ANALYTIC)
@@ -218,7 +226,10 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
         metrics["note"] = "each domain's test rows scored by the model trained on that domain alone"
     else:
         metrics = train_and_evaluate(data, run_dir, run_overrides(model, seed, base), nproc, timeout)
-    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average(), spec_hash=fp)
+    # the commit the run was made at: the fingerprint covers the spec, not the code, so the report lists the
+    # commits its runs come from and a reader sees a table that mixes code versions
+    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average(), spec_hash=fp,
+                   commit=common.git_commit())
     common.write_json(out, metrics)
     log.info("%s/%s/seed%d: test overall AUC %.4f", data, model, seed, metrics["overall"]["auc"])
     return out
@@ -250,6 +261,7 @@ def aggregate(data: str, runs: Path, models: Sequence[str],
         ov = _mean_std([m["overall"]["auc"] for m in ms])
         entry: Dict[str, Any] = {
             "seeds": [m["seed"] for m in ms],
+            "commits": [m.get("commit", "unrecorded") for m in ms],
             "overall": {"auc": ov["mean"], "auc_std": ov["std"],
                         "gauc": _mean_std([m["overall"]["gauc"] for m in ms])["mean"],
                         "logloss": _mean_std([m["overall"]["logloss"] for m in ms])["mean"],
@@ -266,6 +278,15 @@ def aggregate(data: str, runs: Path, models: Sequence[str],
             entry["train_s_mean"] = _mean_std([m.get("train_s") for m in ms])["mean"]
         out[model] = entry
     return out
+
+
+def run_commits(models: Dict[str, Any]) -> str:
+    """`abc1234` (39 runs), ...: the commits the table's runs were made at, most runs first."""
+    from collections import Counter
+
+    counts = Counter(c for e in models.values() for c in e.get("commits", []))
+    return ", ".join(f"`{c[:7] if c != 'unrecorded' else c}{'+dirty' if c.endswith('+dirty') else ''}` ({n} runs)"
+                     for c, n in counts.most_common()) or "none"
 
 
 def _fmt(m: float, s: Optional[float] = None) -> str:
@@ -294,10 +315,12 @@ def render_markdown(report: Dict[str, Any]) -> str:
                     + [_fmt(rd.get(d, {}).get("cold_auc")) for d in domains]
                     + ["-"] * (2 * len(domains)))
     m = report["machine"]
+    made_at = run_commits(models)
     head = (f"# {report['data']}: test AUC by model and domain\n\nData `{report['data']}`, split: train on train, "
             f"best epoch on valid, metrics on **test**. Seeds asked {report['seeds']} (column `seeds` = finished). "
             f"{report['settings']}. Machine: {m['nproc']} x {m['cpu_model']}, commit `{m['commit']}`, "
-            f"{m['date']}. mean ± sample std over seeds (no ± with one seed).\n\n")
+            f"{m['date']}; runs made at commit(s) {made_at}. mean ± sample std over seeds (no ± with one seed)."
+            f"\n\n")
     text = head + common.markdown_table(header, rows) + "\n"
     pred = report.get("predictions")
     if pred:

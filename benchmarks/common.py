@@ -101,3 +101,15 @@ def env_for_children() -> Dict[str, str]:
     env["PYTHONPATH"] = str(REPO) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("RECSYS_SHARED_DATA", str(SHARED))
     return env
+
+
+# The public peers' configuration (Scenario-Wise-Rec's Shared-Bottom on amazon-sr): embeddings 16 wide, the history
+# mean-pooled (one pooled lookup, no target attention), a shared-bottom tower, no text. Table widths are set only
+# for the tables the data's spec has.
+_PEER_TABLES = ("user", "item", "brand", "category", "query")
+_PEER_MODEL = ["model.dim=16", "features.hist_items.pooling=mean", "model.tower=shared_bottom", "text.mode=none"]
+
+
+def peer_overrides(data: str) -> List[str]:
+    tables = [f"tables.{t}.dim=16" for t in _PEER_TABLES] if data == "amazon_sr" else []
+    return [*tables, *_PEER_MODEL]

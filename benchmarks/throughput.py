@@ -33,11 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import common  # noqa: E402
 
-# The public peers' configuration (Scenario-Wise-Rec's Shared-Bottom on amazon-sr): embeddings 16 wide, the
-# history mean-pooled (one pooled lookup, no target attention), a shared-bottom tower, no text.
-PEER_OVERRIDES = ["tables.user.dim=16", "tables.item.dim=16", "tables.brand.dim=16", "tables.category.dim=16",
-                  "tables.query.dim=16", "model.dim=16", "features.hist_items.pooling=mean",
-                  "model.tower=shared_bottom", "text.mode=none"]
 PEER_BEST = 198_000  # fastest public peer measured on this machine, samples/s (range 65k-198k)
 GOAL_FULL_2 = 60_000
 FLAKY_ABORT = "terminate called without an active exception"
@@ -66,8 +61,7 @@ QUICK_CONFIGS = ["loader_1", "tr_full_train_1", "plain_full_train_1", "tr_full_i
 
 # ============================================================================================== worker (torchrun)
 def _overrides(variant: str, data: str, extra: List[str]) -> List[str]:
-    peer = PEER_OVERRIDES if data == "amazon_sr" else [o for o in PEER_OVERRIDES if not o.startswith("tables.")]
-    return [*(peer if variant == "peer" else []), *extra]
+    return [*(common.peer_overrides(data) if variant == "peer" else []), *extra]
 
 
 def _cycle(loader):
@@ -432,7 +426,7 @@ def main(argv=None) -> int:
     report: Dict[str, Any] = {"data": args.data, "machine": common.machine(), "steps": args.steps,
                               "warmup": args.warmup, "global_batch": spec.train.batch_size,
                               "eval_batch": spec.train.eval_batch_size, "overrides": args.extra,
-                              "peer_overrides": PEER_OVERRIDES, "configs": {}}
+                              "peer_overrides": common.peer_overrides(args.data), "configs": {}}
     stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
     previous = args.results_dir / f"{stem}.json"
     if args.merge and previous.exists():  # re-measure some configurations, keep the others (each has its time)

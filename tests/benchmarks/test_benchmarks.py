@@ -170,3 +170,12 @@ def test_peer_goal_is_judged_at_every_measured_batch():
               "goals": {"full_2_ranks": None, "peer_by_batch": rows}}
     text = render(report)
     assert "160,000 (NOT met) at global batch 4,096, 310,000 (met) at global batch 32,768" in text
+
+
+def test_auc_report_names_the_commits_its_runs_were_made_at():
+    """The skip-if-finished fingerprint covers the spec, not the code: the table must say which code made it."""
+    from benchmarks.auc import run_commits
+
+    models = {"a": {"commits": ["abcdef0123", "abcdef0123", "unrecorded"]}, "b": {"commits": ["1234567890+dirty"]}}
+    assert run_commits(models) == "`abcdef0` (2 runs), `unrecorded` (1 runs), `1234567+dirty` (1 runs)"
+    assert run_commits({}) == "none"

@@ -144,3 +144,14 @@ def test_gate_weights_differ_between_domains(tiny_spec, batches):
         spreads[fusion] = spread
     assert spreads["domain"] > 0.02, spreads  # each domain weighs the aspects its own way
     assert spreads["mean"] < 1e-6, spreads  # control: the plain average cannot
+
+
+def test_domain_gate_starts_as_the_aspect_mean(tiny_spec, batches):
+    """Zero-initialised domain embeddings: before any step every sample's gate is uniform (the `mean` fusion), so
+    the gates depart from the mean only as far as training moves them."""
+    task = _task(tiny_spec("model.fusion=domain"), seed=7)
+    task.eval()
+    with torch.no_grad():
+        task.model(batches[0])
+    for side, w in task.model.l1.last_weights.items():
+        torch.testing.assert_close(w, torch.full_like(w, 1.0 / w.shape[1]))
