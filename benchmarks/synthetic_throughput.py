@@ -160,4 +160,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if "recsys.train.dist" in sys.modules:  # a worker ran a gloo group: exit without finalisation (see there)
+        sys.modules["recsys.train.dist"].exit_process(rc)
+    sys.exit(rc)

@@ -462,4 +462,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    rc = main()
+    if "recsys.train.dist" in sys.modules:  # a --worker ran a gloo group: exit without finalisation (see there)
+        sys.modules["recsys.train.dist"].exit_process(rc)
+    sys.exit(rc)

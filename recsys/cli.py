@@ -75,13 +75,22 @@ def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
         if _debug():
             raise
         _report(str(e))
-        sys.exit(EXIT_BAD_INPUT)
+        _exit(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         if _debug():
             raise
         print("error: interrupted", file=sys.stderr)
-        sys.exit(EXIT_INTERRUPTED)
-    sys.exit(int(rc or 0))
+        _exit(EXIT_INTERRUPTED)
+    _exit(rc)
+
+
+def _exit(code: Optional[int]) -> None:
+    """sys.exit, except after a gloo process group ran here: then recsys.train.dist.exit_process (no interpreter
+    finalisation, see there). A job that never imported the dist module never ran a group."""
+    dist_module = sys.modules.get("recsys.train.dist")
+    if dist_module is not None:
+        dist_module.exit_process(code)
+    sys.exit(int(code or 0))
 
 
 def setup_logging(rank: Optional[int] = None, level: Optional[Union[int, str]] = None) -> None:

@@ -1,9 +1,12 @@
 """Process-group setup: the same code runs under `torchrun --nproc_per_node=N` and as a plain single process."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass
+from typing import NoReturn, Optional
 
 import torch
 import torch.distributed as dist
@@ -20,6 +23,10 @@ class DistContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+
+# Set once this process has run a gloo process group (see exit_process).
+_GLOO_USED = False
 
 
 def _free_port() -> int:
@@ -46,6 +53,8 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        global _GLOO_USED
+        _GLOO_USED = _GLOO_USED or backend == "gloo"
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
             _init_attempt_scoped(backend, rank, world)
         else:
@@ -73,3 +82,27 @@ def _init_attempt_scoped(backend: str, rank: int, world: int) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def exit_process(code: Optional[int] = 0) -> NoReturn:
+    """Exit with `code`; after a gloo process group, without interpreter finalisation.
+
+    Why: gloo's worker threads drop a finished collective's Work object on their own, a moment after the caller's
+    wait() returned. When the collective's tensors belong to Python (all_gather_object, DDP buckets), that drop
+    needs the GIL; if the main thread is already finalising the interpreter, CPython 3.11 ends the asking thread
+    with pthread_exit, whose unwinding through a noexcept C++ frame calls std::terminate: SIGABRT and "terminate
+    called without an active exception" after the job's work was done (a core dump shows
+    AsyncAllgatherWork::~AsyncAllgatherWork in ProcessGroupGloo::runLoop while the main thread is in
+    Py_FinalizeEx). destroy_process_group() does not prevent it: TorchRec's modules still hold the group, so its
+    threads outlive it. Every output is written and closed before this is called, so the process flushes its
+    streams and log handlers and leaves with os._exit, skipping the finalisation the race needs."""
+    code = int(code or 0)
+    if not _GLOO_USED:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -23,7 +23,7 @@ import torch, torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from recsys.data.loader import BatchLoader
 from recsys.spec.loader import load_spec
-from recsys.train.dist import init_distributed, shutdown
+from recsys.train.dist import exit_process, init_distributed, shutdown
 from recsys.train.loop import Trainer
 from recsys.train.transfer import transfer_into
 
@@ -48,6 +48,7 @@ while True:
 if ctx.rank == 0:
     print("LOSSES " + json.dumps(losses), flush=True)
 shutdown()
+exit_process(0)
 '''
 
 
