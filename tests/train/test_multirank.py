@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -103,9 +104,11 @@ def test_one_and_two_ranks_follow_the_same_losses(tiny_spec, tiny_overrides, tmp
             raise
         results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
     if results[1].returncode != 0 and FLAKY_ABORT in results[1].stderr:
-        # A gloo worker occasionally aborts in C++ ("terminate called without an active exception") when 3
-        # processes share 2 cores; seen in ~1 of 10 two-rank launches, never with a Python error. Rerun the
-        # 2-rank launch once, alone; any other failure, or a second abort, still fails the test.
+        # A gloo worker used to abort in C++ at exit ("terminate called without an active exception", ~1 in 10
+        # two-rank launches here); the script now exits through exit_process, which removes the known cause. A
+        # recurrence is reported and the 2-rank launch rerun once, alone; any other failure, or a second abort,
+        # still fails the test.
+        warnings.warn("gloo abort at exit recurred in the 2-rank launch; rerun once")
         results[1] = subprocess.run(procs[1].args, capture_output=True, text=True, env=child_env, cwd=REPO,
                                     timeout=300)
     one, two = (np.array(_losses(r)) for r in results)
