@@ -138,29 +138,29 @@ def run_overrides(model: str, seed: int, base: Sequence[str]) -> List[str]:
 
 def fingerprint(data: str, model: str, seed: int, base: Sequence[str]) -> str:
     """Digest of the resolved spec a (model, seed) run trains with: a finished run counts only while the spec
-    (the YAML default or the variant's overrides) is unchanged."""
+    (the YAML default or the variant's overrides) is unchanged. Where files live is left out (spec_hash
+    paths=False), so runs stay valid in another checkout, a clone or a worktree."""
     return _fingerprint_of(data, run_overrides(model, seed, base))
 
 
 def _fingerprint_of(data: str, overrides: Sequence[str]) -> str:
     from recsys.spec.loader import spec_hash
 
-    return spec_hash(common.load(data, overrides))
+    return spec_hash(common.load(data, overrides), paths=False)
 
 
 def recorded_fingerprint(run_dir: Path, data: str, metrics: Dict[str, Any]) -> Optional[str]:
-    """The fingerprint a finished run was made with: the one it recorded, or -- for runs finished before runs
-    recorded one -- the digest of the resolved spec its training wrote (train/spec.resolved.yaml), with the output
-    folder (the only per-run field) set back to the spec's default. None when neither exists."""
-    if metrics.get("spec_hash"):
-        return metrics["spec_hash"]
+    """The fingerprint a finished run was made with: the one it recorded, else (runs recorded before the
+    fingerprint left paths out, or none at all) the digest of the resolved spec its training wrote
+    (train/spec.resolved.yaml). None when neither exists."""
+    if metrics.get("spec_fingerprint"):
+        return metrics["spec_fingerprint"]
     resolved = run_dir / "train" / "spec.resolved.yaml"
     if not resolved.exists():
         return None
-    from recsys.spec.loader import load_spec, resolve_path, spec_hash
+    from recsys.spec.loader import load_spec, spec_hash
 
-    default = common.load(data)
-    return spec_hash(load_spec(resolved, [f"train.output_dir={resolve_path(default, default.train.output_dir)}"]))
+    return spec_hash(load_spec(resolved), paths=False)
 
 
 def _is_current(metrics_file: Path, data: str, base: Optional[Sequence[str]]) -> bool:
@@ -191,8 +191,8 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
         finished = json.loads(out.read_text())
         old = recorded_fingerprint(run_dir, data, finished)
         if old == fp:
-            if "spec_hash" not in finished:  # verified from the run's own resolved spec: record it
-                common.write_json(out, {**finished, "spec_hash": fp})
+            if "spec_fingerprint" not in finished:  # verified from the run's own resolved spec: record it
+                common.write_json(out, {**finished, "spec_fingerprint": fp})
             log.info("skip %s/%s/seed%d (finished)", data, model, seed)
             return out
         stale = _move_to_stale(run_dir, runs / data / model, f"seed{seed}-{old or 'unhashed'}")
@@ -228,7 +228,7 @@ def run_one(data: str, model: str, seed: int, base: Sequence[str], nproc: int, r
         metrics = train_and_evaluate(data, run_dir, run_overrides(model, seed, base), nproc, timeout)
     # the commit the run was made at: the fingerprint covers the spec, not the code, so the report lists the
     # commits its runs come from and a reader sees a table that mixes code versions
-    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average(), spec_hash=fp,
+    metrics.update(model=model, seed=seed, data=data, load_avg_1min=common.load_average(), spec_fingerprint=fp,
                    commit=common.git_commit())
     common.write_json(out, metrics)
     log.info("%s/%s/seed%d: test overall AUC %.4f", data, model, seed, metrics["overall"]["auc"])

@@ -492,10 +492,15 @@ def dump_resolved(spec: Spec) -> str:
     return "\n".join(head) + "\n" + body
 
 
-def spec_hash(spec: Spec, sections: Optional[Iterable[str]] = None) -> str:
+def spec_hash(spec: Spec, sections: Optional[Iterable[str]] = None, paths: bool = True) -> str:
     """Stable 16-hex-digit digest of the resolved spec, or of only the given top-level `sections`
-    (e.g. ("features", "tables", "model") to compare model structure); equal for a spec and its dump."""
+    (e.g. ("features", "tables", "model") to compare model structure); equal for a spec and its dump.
+    `paths=False` leaves out where files live (data.raw_dir, data.prepared_dir, text.cache_dir,
+    train.output_dir, all resolved absolute): a digest of what is trained, equal in any checkout or clone."""
     data = _resolved_dict(spec)
+    if not paths:
+        for section, key in _PATH_FIELDS:
+            data[section].pop(key, None)
     if sections is not None:
         wanted = list(sections)
         unknown = [s for s in wanted if s not in data]

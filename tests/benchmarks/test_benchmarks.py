@@ -114,9 +114,9 @@ def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     assert "was run with another spec" in p.stderr
     stale = list((tmp_path / "runs" / "movielens" / "sr_foundation" / "stale").glob("seed1-*/metrics.json"))
-    assert len(stale) == 1 and json.loads(stale[0].read_text())["spec_hash"] == first["spec_hash"]
+    assert len(stale) == 1 and json.loads(stale[0].read_text())["spec_fingerprint"] == first["spec_fingerprint"]
     second = json.loads(done.read_text())
-    assert second["spec_hash"] != first["spec_hash"] and "model.reg_weight=0.2" in second["overrides"]
+    assert second["spec_fingerprint"] != first["spec_fingerprint"] and "model.reg_weight=0.2" in second["overrides"]
     report = json.loads((tmp_path / "res" / "movielens_auc.json").read_text())
     assert report["models"]["sr_foundation"]["seeds"] == [1]
 

@@ -54,6 +54,17 @@ def test_spec_hash_tracks_content_and_sections():
     assert len(spec_hash(base)) == 16
 
 
+def test_spec_hash_without_paths_is_the_same_in_any_checkout(tmp_path):
+    """Where the data, caches and outputs live is not what is trained: with paths=False two checkouts (absolute
+    paths differ) agree, and a real change still shows."""
+    here = load_spec(MINIMAL)
+    elsewhere = load_spec(MINIMAL, [f"data.prepared_dir={tmp_path / 'prep'}", f"text.cache_dir={tmp_path / 'tc'}",
+                                    f"train.output_dir={tmp_path / 'out'}", f"data.raw_dir={tmp_path / 'raw'}"])
+    assert spec_hash(elsewhere) != spec_hash(here)
+    assert spec_hash(elsewhere, paths=False) == spec_hash(here, paths=False)
+    assert spec_hash(load_spec(MINIMAL, ["model.dim=16"]), paths=False) != spec_hash(here, paths=False)
+
+
 def test_resolve_path_outside_feature_specs(tmp_path: Path):
     path = variant(tmp_path, [])
     spec = load_spec(path)
