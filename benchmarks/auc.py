@@ -355,7 +355,9 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     for i, (name, e) in enumerate(models.items()):
         vals = [e["overall"]["auc"]] + [e["domains"][d]["auc"] for d in cols[1:]]
         errs = [e["overall"]["auc_std"] or 0.0] + [e["domains"][d]["auc_std"] or 0.0 for d in cols[1:]]
-        ax.bar(np.arange(len(cols)) + i * width, vals, width, yerr=errs, label=name, capsize=2)
+        # tab20: up to 20 distinct colours (the default cycle repeats after 10 models)
+        ax.bar(np.arange(len(cols)) + i * width, vals, width, yerr=errs, label=name, capsize=2,
+               color=plt.get_cmap("tab20")(i % 20))
     ref = report.get("reference")
     if ref:
         for j, c in enumerate(cols):

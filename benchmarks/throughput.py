@@ -383,6 +383,8 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     if report["data"] == "amazon_sr":
         ax.axvline(GOAL_FULL_2, color="k", ls="--", lw=1, label=f"goal full model, 2 ranks ({GOAL_FULL_2:,})")
         ax.axvline(PEER_BEST, color="r", ls=":", lw=1, label=f"fastest public peer ({PEER_BEST:,})")
+        ax.axvline(1.5 * PEER_BEST, color="r", ls="--", lw=1,
+                   label=f"goal peers' configuration, 2 ranks ({1.5 * PEER_BEST:,.0f})")
         ax.legend(fontsize=7)
     ax.set_xlabel("samples/s (all ranks)")
     ax.set_title(f"{report['data']} throughput (blue TorchRec, orange plain PyTorch)")
