@@ -160,7 +160,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    rc = main()
-    if "recsys.train.dist" in sys.modules:  # a worker ran a gloo group: exit without finalisation (see there)
-        sys.modules["recsys.train.dist"].exit_process(rc)
-    sys.exit(rc)
+    from recsys.cli import exit_with  # after a gloo group (a worker): no interpreter finalisation, see there
+
+    exit_with(main())

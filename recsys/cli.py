@@ -75,16 +75,16 @@ def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
         if _debug():
             raise
         _report(str(e))
-        _exit(EXIT_BAD_INPUT)
+        exit_with(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         if _debug():
             raise
         print("error: interrupted", file=sys.stderr)
-        _exit(EXIT_INTERRUPTED)
-    _exit(rc)
+        exit_with(EXIT_INTERRUPTED)
+    exit_with(rc)
 
 
-def _exit(code: Optional[int]) -> None:
+def exit_with(code: Optional[int]) -> None:
     """sys.exit, except after a gloo process group ran here: then recsys.train.dist.exit_process (no interpreter
     finalisation, see there). A job that never imported the dist module never ran a group."""
     dist_module = sys.modules.get("recsys.train.dist")

@@ -25,6 +25,9 @@ class DistContext:
         return self.rank == 0
 
 
+# What stderr shows when the race exit_process avoids kills a process (the benchmarks and tests retry once on it).
+GLOO_EXIT_ABORT = "terminate called without an active exception"
+
 # Set once this process has run a gloo process group (see exit_process).
 _GLOO_USED = False
 

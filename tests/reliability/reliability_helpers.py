@@ -13,6 +13,8 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+from recsys.train.dist import GLOO_EXIT_ABORT
+
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "feature_specs" / "movielens.yaml"
 PYTHON = sys.executable
@@ -81,18 +83,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-FLAKY_ABORT = "terminate called without an active exception"
 
 
 def torchrun(args: Sequence[str], log: Path, timeout: float = 240, max_restarts: int = 0,
              **env_extra: str) -> subprocess.CompletedProcess:
     """A 2-rank torchrun; stdout+stderr go to `log` (kept for post-mortems). On timeout the whole tree is killed.
 
-    A gloo worker occasionally aborts in C++ (FLAKY_ABORT) on this loaded 2-core machine, never with a Python
-    error; such a launch is repeated once. A fresh run restarts from an empty output folder; a `--resume` run
+    A gloo worker used to abort in C++ at exit (GLOO_EXIT_ABORT; see recsys.train.dist.exit_process), never with
+    a Python error; such a launch is repeated once. A fresh run restarts from an empty output folder; a `--resume` run
     simply resumes again (resume is exact from any checkpoint). Any other failure is returned as it is."""
     res = _torchrun_once(args, log, timeout, max_restarts, **env_extra)
-    if res.returncode != 0 and FLAKY_ABORT in res.stderr:
+    if res.returncode != 0 and GLOO_EXIT_ABORT in res.stderr:
         # jobs now exit without interpreter finalisation (recsys.train.dist.exit_process), which removed the known
         # cause; a recurrence is retried but reported, so it does not go unseen
         warnings.warn(f"gloo abort at exit recurred ({log}); launch repeated once")

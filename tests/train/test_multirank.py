@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from recsys.train.dist import GLOO_EXIT_ABORT
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 8
 
@@ -53,7 +55,6 @@ exit_process(0)
 '''
 
 
-FLAKY_ABORT = "terminate called without an active exception"
 
 
 def _losses(res: subprocess.CompletedProcess) -> list:
@@ -103,7 +104,7 @@ def test_one_and_two_ranks_follow_the_same_losses(tiny_spec, tiny_overrides, tmp
             p.kill()
             raise
         results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
-    if results[1].returncode != 0 and FLAKY_ABORT in results[1].stderr:
+    if results[1].returncode != 0 and GLOO_EXIT_ABORT in results[1].stderr:
         # A gloo worker used to abort in C++ at exit ("terminate called without an active exception", ~1 in 10
         # two-rank launches here); the script now exits through exit_process, which removes the known cause. A
         # recurrence is reported and the 2-rank launch rerun once, alone; any other failure, or a second abort,
