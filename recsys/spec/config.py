@@ -239,8 +239,9 @@ class TrainSpec(StrictModel):
     shuffle: bool = True
     shuffle_buffer_row_groups: int = Field(default=4, gt=0)
     # dense-layer compute precision: bf16 autocasts the dense matmuls (fp32 weights, tables and optimiser state;
-    # see recsys/models/precision.py); about 4.6x faster GEMMs on CPUs with AVX512-BF16 and on GPUs
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # see recsys/models/precision.py): ~4.6x faster GEMMs where bf16 is native (AVX512-BF16, AMX, GPUs), ~100x
+    # slower where it is emulated (AVX2). `auto` picks bf16 only where it is native and logs which and why.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
     # precision of the pooled embeddings (forward) and their gradients (backward) in the sharded all-to-all:
     # fp16/bf16 halve its bytes (TorchRec quantized comms; gloo has no bf16 codec, so bf16 is sent as fp16 on CPU)
     embedding_comm: Literal["fp32", "fp16", "bf16"] = "fp32"

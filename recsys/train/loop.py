@@ -26,6 +26,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from recsys.errors import NumericsError, RecsysError
 from recsys.models.build import build_model, spec_table_rows, text_tables_for
 from recsys.models.model import SRFoundationModel, TrainTask
+from recsys.models.precision import resolve_precision
 from recsys.spec.config import Spec
 from recsys.spec.loader import dump_resolved, resolve_path, spec_hash
 from recsys.train import checkpoint
@@ -86,6 +87,9 @@ class Trainer:
     def __init__(self, spec: Spec, ctx: DistContext, freeze: Sequence[str] = (),
                  init_hook=None, for_training: bool = True):
         self.spec, self.ctx = spec, ctx
+        self.precision, why = resolve_precision(spec.train.precision, ctx.device.type)
+        if ctx.is_main:
+            log.info("dense precision %s: %s", self.precision, why)
         self.out_dir = resolve_path(spec, spec.train.output_dir)
         self.ckpt_root = self.out_dir / "checkpoints"
         seed_everything(spec.train.seed)
