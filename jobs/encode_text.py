@@ -14,7 +14,7 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
 
 
 def format_summary(stats: dict) -> str:
@@ -33,8 +33,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="override text.encoder.device (default: the spec's, `auto` = cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = parser.parse_args(argv)
-    setup_logging(rank=0)
+    setup_logging(rank=0, verbose=args.verbose)
     spec = load_spec_from_args(args)
+    from recsys.data.paths import prepared_dir
+
+    attach_log_file(prepared_dir(spec))
     from recsys.text import encode_text_tables
 
     stats = encode_text_tables(spec, device=args.device, progress=not args.no_progress)

@@ -15,8 +15,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
 from recsys.errors import RecsysError  # noqa: E402
+
+
+def run_folder_of(checkpoint: Path) -> Path:
+    """The run folder of `--checkpoint` (a run folder itself, or `<run>/checkpoints/<step>`)."""
+    if checkpoint.parent.name == "checkpoints":
+        return checkpoint.parent.parent
+    return checkpoint
 
 
 def main(argv=None) -> int:
@@ -28,7 +35,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-predictions", type=Path)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
     if args.split not in spec.data.splits:
         raise RecsysError(f"--split {args.split!r}: the spec has splits {sorted(spec.data.splits)}")
@@ -37,6 +44,7 @@ def main(argv=None) -> int:
     from recsys.train.evaluation import predict, publish
     from recsys.train.loop import load_for_inference
 
+    attach_log_file(run_folder_of(args.checkpoint))
     ctx = init_distributed(args.device)
     try:
         model, ckpt = load_for_inference(spec, ctx, args.checkpoint)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
 from recsys.errors import RecsysError  # noqa: E402
 
 
@@ -44,7 +44,7 @@ def main(argv=None) -> int:
     p.add_argument("--save-predictions", type=Path)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
     freeze = parse_freeze(args.freeze)
     if args.source is None and (freeze or args.zero_shot):
@@ -61,6 +61,9 @@ def main(argv=None) -> int:
         ckpt = checkpoint.best_or_latest(args.source)
         old_spec, old_state = load_pretrained_state(ckpt)
         hook = lambda tr: transfer_into(tr.dmp, spec, old_spec, old_state)  # noqa: E731
+    from recsys.spec.loader import resolve_path
+
+    attach_log_file(resolve_path(spec, spec.train.output_dir))
     ctx = init_distributed(args.device)
     try:
         trainer = Trainer(spec, ctx, freeze=freeze, init_hook=hook)

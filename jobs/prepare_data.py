@@ -15,7 +15,7 @@ from typing import List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -23,8 +23,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     add_spec_args(parser)
     parser.add_argument("--force", action="store_true", help="rebuild every output even when up to date")
     args = parser.parse_args(argv)
-    setup_logging(rank=0)
+    setup_logging(rank=0, verbose=args.verbose)
     spec = load_spec_from_args(args)
+    from recsys.data.paths import prepared_dir
+
+    attach_log_file(prepared_dir(spec))
     from recsys.data.prepare import prepare
 
     stats = prepare(spec, force=args.force)

@@ -10,7 +10,6 @@ refused unless --resume (a torchrun restart with --max-restarts resumes by itsel
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -18,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recsys.cli import add_spec_args, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
 from recsys.errors import RecsysError  # noqa: E402
 
 log = logging.getLogger("recsys.jobs.pretrain")
@@ -35,9 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
-    if args.dry_run:
+    if args.dry_run:  # writes nothing: the planner's own output is shown only with --verbose
         from recsys.train.dry_run import dry_run
 
         print(dry_run(spec, world_size=int(os.environ.get("WORLD_SIZE", "1")), device=args.device))
@@ -47,6 +46,7 @@ def main(argv=None) -> int:
     from recsys.train import checkpoint
     from recsys.train.dist import init_distributed, shutdown
     from recsys.train.loop import Trainer
+    from recsys.train.report import summary_table
 
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or restarted
@@ -54,6 +54,7 @@ def main(argv=None) -> int:
     if ckpts and not resume:
         raise RecsysError(f"train.output_dir {spec.train.output_dir!r} already holds checkpoints; pass --resume to "
                           f"continue it or --set train.output_dir=<new dir>")
+    attach_log_file(resolve_path(spec, spec.train.output_dir))
     ctx = init_distributed(args.device)
     try:
         trainer = Trainer(spec, ctx)
@@ -61,7 +62,7 @@ def main(argv=None) -> int:
             log.info("no checkpoint to resume from; starting fresh")
         summary = trainer.fit()
         if ctx.is_main:
-            print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=1))
+            print(summary_table(summary))  # the whole summary: <run>/train_summary.json
     finally:
         shutdown()
     return 0

@@ -6,7 +6,7 @@ A job looks like::
         parser = argparse.ArgumentParser(description=...)
         add_spec_args(parser)
         args = parser.parse_args(argv)
-        setup_logging(rank=0)
+        setup_logging(verbose=args.verbose)
         spec = load_spec_from_args(args)
         ...
         return 0
@@ -26,10 +26,11 @@ import sys
 from typing import Callable, Optional, Union
 
 from recsys.errors import RecsysError
+from recsys.logs import attach_log_file, setup_logging  # noqa: F401  (re-exported for the jobs)
 from recsys.spec.config import Spec
 from recsys.spec.loader import load_spec
 
-__all__ = ["add_spec_args", "load_spec_from_args", "run_main", "setup_logging", "EXIT_BAD_INPUT",
+__all__ = ["add_spec_args", "load_spec_from_args", "run_main", "setup_logging", "attach_log_file", "EXIT_BAD_INPUT",
            "EXIT_INTERRUPTED"]
 
 EXIT_BAD_INPUT = 2  # same code argparse uses for a bad command line
@@ -44,6 +45,9 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one spec value (repeatable); list items by index or name, "
                              "e.g. --set model.fusion=mean --set domains.sci_rec.loss_weight=2")
+    parser.add_argument("--verbose", action="store_true",
+                        help="show every library's log lines on the console (default: they go to the log file in "
+                             "the run folder, logs/<job>.rank<r>.log)")
     return parser
 
 
@@ -91,27 +95,3 @@ def exit_with(code: Optional[int]) -> None:
     if dist_module is not None:
         dist_module.exit_process(code)
     sys.exit(int(code or 0))
-
-
-def setup_logging(rank: Optional[int] = None, level: Optional[Union[int, str]] = None) -> None:
-    """Log to stderr with time and logger name: INFO on rank 0, WARNING on other ranks (so N ranks do not print
-    N copies). `rank` defaults to $RANK (0 when unset); `level` or $RECSYS_LOG_LEVEL overrides the level."""
-    if rank is None:
-        try:
-            rank = int(os.environ.get("RANK", "0"))
-        except ValueError:
-            rank = 0
-    chosen = level if level is not None else os.environ.get("RECSYS_LOG_LEVEL")
-    if chosen is None:
-        resolved = logging.INFO if rank == 0 else logging.WARNING
-    elif isinstance(chosen, str):
-        resolved = logging.getLevelName(chosen.strip().upper())
-        if not isinstance(resolved, int):
-            raise RecsysError(f"unknown log level '{chosen}' (use DEBUG, INFO, WARNING or ERROR)")
-    else:
-        resolved = int(chosen)
-    prefix = f"[rank {rank}] " if rank != 0 else ""
-    fmt = f"%(asctime)s %(levelname)s {prefix}%(name)s: %(message)s"
-    # force=True: jobs may be called in-process (tests) more than once; replace handlers rather than stack them.
-    logging.basicConfig(level=resolved, format=fmt, datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
-    logging.getLogger("recsys").setLevel(resolved)

@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from recsys.data import arrowops, paths, schema
 from recsys.data.adapters import get_adapter
 from recsys.errors import DataError
+from recsys.logs import CONSOLE
 from recsys.spec.config import Spec
 
 log = logging.getLogger("recsys.data.prepare")
@@ -257,5 +258,5 @@ def prepare(spec: Spec, force: bool = False) -> dict:
 
     # a declared domain without training rows is a spec error (a typo in `value`, a wrong domain column)
     check_domains_have_rows(spec, {d: e["rows"] for d, e in stats["splits"]["train"]["domains"].items()})
-    log.info("prepare done in %.1fs", time.time() - t0)
+    log.info("prepare done in %.1fs", time.time() - t0, extra=CONSOLE)
     return stats

@@ -11,6 +11,7 @@ from recsys.models.build import spec_table_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
 from recsys.spec.loader import spec_source
+from recsys.train.report import plan_table
 from recsys.train.sharding import plan_for
 
 
@@ -70,9 +71,6 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
         except DataError as e:
             raise DataError(f"{e} (build text vectors with `python jobs/encode_text.py --spec {_spec_arg(spec)}`)")
         lines.append("text tables: " + ", ".join(f"{n}={s}" for n, s in shapes.items()))
-    lines.append("tables: " + ", ".join(f"{t}={n:,}" for t, n in rows.items()))
     result = plan_for(spec, rows, world_size, device_type)
-    lines.append(f"sharding plan for {world_size} {device_type} rank(s):")
-    for t in result.tables:
-        lines.append(f"  {t.name}: {t.sharding_type} / {t.compute_kernel} on ranks {list(t.ranks)}")
+    lines.append(plan_table(result))
     return "\n".join(lines)

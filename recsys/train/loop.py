@@ -24,6 +24,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.errors import NumericsError, RecsysError
+from recsys.logs import CONSOLE
 from recsys.models.build import build_model, spec_table_rows, text_tables_for
 from recsys.models.model import SRFoundationModel, TrainTask
 from recsys.models.precision import resolve_precision
@@ -33,6 +34,7 @@ from recsys.train import checkpoint
 from recsys.train.dist import DistContext
 from recsys.train.evaluation import evaluate_split
 from recsys.train.numerics import FiniteGradGuard, describe_batch
+from recsys.train.report import epoch_line, plan_table
 from recsys.train.sharding import plan_for, sharders_for
 
 log = logging.getLogger("recsys.train.loop")
@@ -109,6 +111,8 @@ class Trainer:
                                     dict(lr=spec.train.embedding_lr, **extra))
         plan = plan_for(spec, self.rows, ctx.world_size, ctx.device.type, pg=dist.group.WORLD, module=self.task)
         self.plan = plan
+        if ctx.is_main and for_training:
+            log.info("%s", plan_table(plan, self.precision), extra=CONSOLE)
         self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
                                             sharders=sharders_for(ctx.device.type,
                                                                   comm_precision=spec.train.embedding_comm))
@@ -224,7 +228,7 @@ class Trainer:
         if dist.is_initialized():
             dist.barrier()
         log.info("resumed from %s (epoch %d, step %d in epoch, global step %d)", found, self.state.epoch,
-                 self.state.step_in_epoch, self.state.global_step)
+                 self.state.step_in_epoch, self.state.global_step, extra=CONSOLE)
         return True
 
     # ---------------------------------------------------------------------------------------------------- train
@@ -232,6 +236,7 @@ class Trainer:
         spec = self.spec
         for epoch in range(self.state.epoch, spec.train.epochs):
             self.state.epoch = epoch
+            t_epoch = time.perf_counter()
             self._set_learning_rates(epoch)
             self._train_epoch(epoch)
             metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
@@ -246,8 +251,10 @@ class Trainer:
                 self.state.best_checkpoint = str(self.ckpt_root / f"step_{self.state.global_step:09d}")
             path = self.save()
             if self.ctx.is_main:
-                log.info("epoch %d valid %s %.4f%s (%s)", epoch, spec.train.select_metric, overall,
-                         " *best*" if improved else "", path)
+                log.info("%s", epoch_line(epoch, spec.train.epochs, spec.train.select_metric, overall, improved,
+                                          self.epoch_loss, self.epoch_rate, time.perf_counter() - t_epoch),
+                         extra=CONSOLE)
+                log.info("epoch %d checkpoint %s", epoch, path)
         summary = {"best_epoch": self.state.best_epoch, "best_valid_auc": self.state.best_metric,
                    "select_metric": spec.train.select_metric,
                    "best_checkpoint": self.state.best_checkpoint, "history": self.state.history}
@@ -284,9 +291,10 @@ class Trainer:
         if ctx.is_main:
             from tqdm import tqdm
 
-            bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch}", unit="batch", dynamic_ncols=True,
-                       mininterval=2.0)
+            bar = tqdm(total=total, initial=skip, desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="batch",
+                       dynamic_ncols=True, mininterval=2.0, leave=False)
         t0, seen = time.perf_counter(), 0
+        loss_sum, steps = None, 0  # summed on the loss's device: no per-step host sync
         every = spec.train.log_every_steps
         ckpt_every = spec.train.checkpoint_every_steps
         crash_at = _test_crash_step()
@@ -309,6 +317,8 @@ class Trainer:
                 log.error("RECSYS_TEST_CRASH_AT_STEP=%d: exiting hard (testing hook)", crash_at)
                 os._exit(1)
             seen += int(labels.shape[0])
+            loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach()
+            steps += 1
             if not torch.isfinite(loss):
                 raise NumericsError(_nan_report(self.state, logits, labels, domain, spec))
             if bar is not None:
@@ -324,6 +334,7 @@ class Trainer:
         if bar is not None:
             bar.close()
         self.epoch_rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
+        self.epoch_loss = float(loss_sum) / steps if steps else None  # this rank's mean batch loss
         if self.writer is not None:
             self.writer.add_scalar("train/samples_per_s_epoch", self.epoch_rate, self.state.global_step)
 
