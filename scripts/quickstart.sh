@@ -9,6 +9,8 @@ PY=.venv/bin/python
 SPEC=feature_specs/movielens.yaml
 RUN=runs/movielens   # the spec's train.output_dir
 NPROC=${NPROC:-2}
+# cores per rank (what torchrun would pick with a warning banner when unset; set it yourself to override)
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 $PY jobs/prepare_data.py --spec "$SPEC"
 $PY jobs/encode_text.py --spec "$SPEC"
 .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume
