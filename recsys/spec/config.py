@@ -40,7 +40,8 @@ class DataSpec(StrictModel):
     adapter: Literal["movielens", "amazon_sr", "parquet"]
     raw_dir: str
     prepared_dir: str
-    splits: Dict[str, str] = Field(default_factory=lambda: {"train": "train.parquet", "valid": "valid.parquet",
+    # split names become file names (quarantine/<split>.jsonl, index caches): plain names only, no `../x`
+    splits: Dict[Annotated[str, Field(pattern=NAME_PATTERN)], str] = Field(default_factory=lambda: {"train": "train.parquet", "valid": "valid.parquet",
                                                              "test": "test.parquet"})
     side_tables: List[SideTableSpec] = Field(default_factory=list)
     domain_column: str = "domain"
@@ -207,7 +208,8 @@ class ModelSpec(StrictModel):
     domain_adaptive: bool = True
     regularizer: Literal["js", "mmd", "none"] = "js"
     reg_weight: float = Field(default=0.1, ge=0.0)
-    hidden: List[int] = Field(default_factory=lambda: [256, 128])
+    # at least one layer, each at least 1 wide (the towers index hidden[0] and divide by widths)
+    hidden: List[Annotated[int, Field(gt=0)]] = Field(default_factory=lambda: [256, 128], min_length=1)
     num_experts: int = Field(default=4, gt=0)  # mmoe / ple shared experts
     num_specific_experts: int = Field(default=1, gt=0)  # ple
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
@@ -408,6 +410,15 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
         elif t.source != "rows" and t.text is None:
             issues.append((("text", "tables", i), f"text table reads side table '{t.source}': name its text column "
                            f"with 'text'"))
+
+    # a domain both declared and ignored would keep its rows (the loader maps rows by the declared domains first)
+    declared = {d.match_value: i for i, d in enumerate(spec.domains)}
+    declared.update({d.name: i for i, d in enumerate(spec.domains)})
+    for j, value in enumerate(spec.data.ignore_domains):
+        if value in declared:
+            i = declared[value]
+            issues.append((("data", "ignore_domains", j), f"domain '{value}' is declared (domains.{i}) and ignored; "
+                           f"remove it from domains to hold it out, or from data.ignore_domains to train it"))
 
     if spec.model.single_domain is not None and spec.model.single_domain not in [d.name for d in spec.domains]:
         issues.append((("model", "single_domain"), f"unknown domain '{spec.model.single_domain}'; expected one of "

@@ -116,6 +116,42 @@ def _duplicate_keys(root: yaml.Node, file: str) -> List[SpecIssue]:
     return issues
 
 
+# A spec has a few hundred nodes; anchors and aliases may repeat parts of it, but a tree that expands past this
+# is an alias bomb (8 levels of 10 aliases: 10^8 nodes from 3 KB), refused before it is built.
+MAX_EXPANDED_NODES = 100_000
+
+
+def _check_expansion(root: yaml.Node, file: str) -> None:
+    """SpecError when the document, with every alias expanded, would have more than MAX_EXPANDED_NODES nodes.
+    Counted on the composed graph (aliases share one node), memoised per node: linear in the file's size."""
+    size: Dict[int, int] = {}
+    active: set = set()
+
+    def count(n: yaml.Node, depth: int) -> int:
+        key = id(n)
+        if key in size:
+            return size[key]
+        if depth > 200:
+            raise SpecError(f"{file}:{n.start_mark.line + 1}: invalid YAML: nested more than 200 levels deep")
+        if key in active:
+            raise SpecError(f"{file}:{n.start_mark.line + 1}: invalid YAML: an alias refers to the node that contains "
+                            f"it (a recursive structure)")
+        active.add(key)
+        total = 1
+        if isinstance(n, yaml.MappingNode):
+            total += sum(count(k, depth + 1) + count(v, depth + 1) for k, v in n.value)
+        elif isinstance(n, yaml.SequenceNode):
+            total += sum(count(v, depth + 1) for v in n.value)
+        active.discard(key)
+        size[key] = total
+        if total > MAX_EXPANDED_NODES:
+            raise SpecError(f"{file}:{n.start_mark.line + 1}: invalid YAML: aliases expand this node to more than "
+                            f"{MAX_EXPANDED_NODES:,} values (an alias bomb?); write the values out instead")
+        return total
+
+    count(root, 0)
+
+
 def _compose(text: str, file: str) -> Tuple[Any, Dict[Loc, int], List[SpecIssue]]:
     """Parse YAML into plain data plus the 1-based line of every key path; flags duplicate keys."""
     loader = yaml.SafeLoader(text)
@@ -123,6 +159,7 @@ def _compose(text: str, file: str) -> Tuple[Any, Dict[Loc, int], List[SpecIssue]
         node = loader.get_single_node()
         if node is None:
             raise SpecError(f"{file}:1: the spec is empty")
+        _check_expansion(node, file)  # before anything walks the tree with its aliases expanded
         duplicates = _duplicate_keys(node, file)  # before construction rewrites merge keys in place
         data = loader.construct_document(node)
     except yaml.MarkedYAMLError as e:
@@ -314,6 +351,8 @@ def _strip_tags(loc: Sequence[Any], data: Any) -> Loc:
     value = data
     for part in loc:
         if isinstance(value, dict) and part not in value and value.get("kind") == part:
+            continue
+        if part == "[key]":  # pydantic's marker for a bad mapping key (a split name): the key's path names it
             continue
         out.append(part)
         try:

@@ -195,3 +195,57 @@ def test_anchors_and_merge_keys(tmp_path: Path):
     path.write_text(path.read_text().replace("kind: serch", "kind: search"))
     spec = load_spec(path)
     assert [d.name for d in spec.domains] == ["d1", "d2"] and spec.domains[1].kind == "search"
+
+
+# ------------------------------------------------------------------------------- hostile specs (issue 15, items 2-3)
+def _bomb(levels: int, fan: int = 10) -> str:
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, levels + 1):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * fan) + "]")
+    return "\n".join(lines) + "\n"
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path: Path):
+    import time
+
+    path = tmp_path / "bomb.yaml"
+    path.write_text(_bomb(8) + "name: x\n")  # ~10^9 values once expanded, ~1 KB on disk
+    t0 = time.monotonic()
+    errors = spec_errors(path)
+    assert time.monotonic() - t0 < 5  # refused before expansion (the unbounded version ran for minutes)
+    assert len(errors) == 1 and errors[0].startswith(f"{path}:") and "alias" in errors[0], errors
+
+
+def test_modest_aliases_still_load(tmp_path: Path):
+    # a few shared blocks stay well below the bound
+    path = variant(tmp_path, [("  - name: d_rec\n    kind: rec\n", "  - &d {name: d_rec, kind: rec}\n")])
+    assert load_spec(path).domains[0].name == "d_rec"
+
+
+def test_recursive_alias_is_refused(tmp_path: Path):
+    path = tmp_path / "loop.yaml"
+    path.write_text("name: &n [1, *n]\n")
+    errors = spec_errors(path)
+    assert len(errors) == 1 and "recursive" in errors[0], errors
+
+
+@pytest.mark.parametrize("edit, key, fragment", [
+    # names that become paths must be plain names (a split `../../x` wrote outside the prepared folder)
+    (("  prepared_dir: prepared\n", "  prepared_dir: prepared\n  splits: {train: t.parquet, ../../../evil: e.parquet}\n"),
+     "data.splits.../../../evil", "'../../../evil' is not a valid name"),
+    (("  - name: item\n    dim: 8", "  - name: ../item\n    dim: 8"), "tables.1.name", "is not a valid name"),
+    (("    - name: item_texts\n", "    - name: /tmp/x\n"), "text.tables.0.name", "is not a valid name"),
+    (("  - name: d_rec\n", "  - name: d/rec\n"), "domains.0.name", "is not a valid name"),
+    # model.hidden: [] and [0] crashed the towers (IndexError / ZeroDivisionError)
+    (("  dim: 8\n  fusion", "  dim: 8\n  hidden: []\n  fusion"), "model.hidden", "needs at least 1 item"),
+    (("  dim: 8\n  fusion", "  dim: 8\n  hidden: [16, 0]\n  fusion"), "model.hidden.1", "must be > 0, got 0"),
+    # a domain both declared and ignored kept its rows silently
+    (("  prepared_dir: prepared\n", "  prepared_dir: prepared\n  ignore_domains: [d_search]\n"),
+     "data.ignore_domains.0", "domain 'd_search' is declared (domains.1) and ignored"),
+])
+def test_hostile_values_are_refused_at_load(tmp_path: Path, edit, key, fragment):
+    path = variant(tmp_path, [edit])
+    errors = spec_errors(path)
+    hits = [e for e in errors if f" {key}: " in e]
+    assert hits and fragment in hits[0], errors
+    assert hits[0].startswith(f"{path}:")
