@@ -26,7 +26,7 @@ from recsys.spec.config import Spec, check_references
 
 Loc = Tuple[Union[str, int], ...]
 
-__all__ = ["load_spec", "resolve_path", "spec_source", "project_root", "dump_resolved", "spec_hash",
+__all__ = ["load_spec", "resolve_path", "resolved_values", "spec_source", "project_root", "dump_resolved", "spec_hash",
            "check_domains_have_rows", "SpecIssue"]
 
 
@@ -514,6 +514,11 @@ def _resolved_dict(spec: Spec) -> Dict[str, Any]:
     for section, key in _PATH_FIELDS:
         out[section][key] = str(resolve_path(spec, out[section][key]))
     return out
+
+
+def resolved_values(spec: Spec) -> Dict[str, Any]:
+    """The validated spec as plain JSON-able data, project paths absolute (what `dump_resolved` writes)."""
+    return _resolved_dict(spec)
 
 
 def dump_resolved(spec: Spec) -> str:

@@ -1,12 +1,18 @@
 """Crash-safe checkpoints through torch.distributed.checkpoint.
 
 Layout: `<output_dir>/checkpoints/step_<N>/` holds the DCP shards of {"model", "optim"} plus `manifest.json`
-(step, epoch, spec hash, loader position, RNG state, metrics, and the size of every file written). A checkpoint is
-written into `step_<N>.tmp` and renamed only when every rank has finished and the manifest is complete, so a crash
-mid-save leaves the previous checkpoint untouched; `latest_good` skips anything truncated or half-written.
+(step, epoch, the resolved spec and its hash, loader position, RNG state, metrics, and the byte size and sha256 of
+every file written). A checkpoint is written into `step_<N>.tmp` and renamed only when every rank has finished and
+the manifest is complete, so a crash mid-save leaves the previous checkpoint untouched; `latest_good` skips
+anything truncated, damaged (digest mismatch) or half-written.
+
+Trust: every file is checked against the manifest's digests before anything reads it, and `.metadata` (a pickle)
+is then read by a restricted unpickler (`recsys.train.safe_dcp`), so a checkpoint cannot run code. The digests
+detect damage; they cannot tell who wrote the folder (whoever can write the shards can write the manifest too).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,16 +24,38 @@ from typing import Any, Dict, List, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from recsys.errors import CheckpointError
+from recsys.train import safe_dcp
 
 log = logging.getLogger("recsys.train.checkpoint")
 MANIFEST = "manifest.json"
 _NAME = re.compile(r"step_\d+$")  # finished checkpoints; `.tmp` (half-written) and `.bad` (set aside) are not
 
 
+FORMAT = 2  # 1: sizes only; 2: sizes and sha256 digests
+
+
 def _file_sizes(folder: Path) -> Dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _file_digests(folder: Path) -> Dict[str, Dict[str, Any]]:
+    return {name: {"bytes": size, "sha256": _sha256(folder / name)} for name, size in _file_sizes(folder).items()}
+
+
+# verify() runs several times per load (latest_good, resume, load): a file whose size and mtime are unchanged since
+# its digest matched is not hashed again in this process
+_verified: Dict[str, tuple] = {}
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Dict[str, Any], keep: int,
@@ -44,7 +72,7 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Di
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
-        manifest = dict(meta, step=step, files=_file_sizes(tmp), format=1)
+        manifest = dict(meta, step=step, files=_file_digests(tmp), format=FORMAT)
         with open(tmp / (MANIFEST + ".part"), "w") as f:
             json.dump(manifest, f, indent=1, default=str)
             f.flush()
@@ -71,21 +99,52 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def verify(folder: Path) -> Dict[str, Any]:
-    """The manifest of a complete checkpoint, or CheckpointError saying what is wrong."""
+def read_manifest(folder: Path) -> Dict[str, Any]:
+    """The manifest of `folder` as a dict, or CheckpointError naming what is wrong with it."""
     mf = folder / MANIFEST
     if not mf.is_file():
         raise CheckpointError(f"{folder}: no {MANIFEST} (the save did not finish)")
     try:
-        manifest = json.loads(mf.read_text())
+        manifest = json.loads(mf.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{mf}: unreadable manifest (not UTF-8 text)") from None
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{mf}: unreadable manifest ({e})") from None
-    for name, size in manifest.get("files", {}).items():
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise CheckpointError(f"{mf}: not a checkpoint manifest (expected a JSON object with a 'files' object)")
+    return manifest
+
+
+def verify(folder: Path) -> Dict[str, Any]:
+    """The manifest of a complete, undamaged checkpoint, or CheckpointError saying what is wrong: a missing or
+    unreadable manifest, a missing, truncated or changed file (sha256 digest), a file the manifest does not list."""
+    manifest = read_manifest(folder)
+    files = manifest.get("files", {})
+    if ".metadata" not in files:
+        raise CheckpointError(f"{folder / MANIFEST}: lists no .metadata file")
+    for name, entry in files.items():
+        size, digest = (entry.get("bytes"), entry.get("sha256")) if isinstance(entry, dict) else (entry, None)
         p = folder / name
+        if not safe_dcp.plain_file_name(name):
+            raise CheckpointError(f"{folder / MANIFEST}: file name {name!r} is not a plain file name")
         if not p.is_file():
             raise CheckpointError(f"{folder}: missing file {name}")
-        if p.stat().st_size != size:
-            raise CheckpointError(f"{p}: truncated ({p.stat().st_size} of {size} bytes)")
+        st = p.stat()
+        if st.st_size != size:
+            what = "truncated" if isinstance(size, int) and st.st_size < size else "changed size"
+            raise CheckpointError(f"{p}: {what} ({st.st_size} of {size} bytes)")
+        if digest is None:
+            continue  # format 1: sizes only (warned below)
+        stamp = (st.st_size, st.st_mtime_ns, digest)
+        if _verified.get(str(p)) == stamp:
+            continue
+        if _sha256(p) != digest:
+            raise CheckpointError(f"{p}: damaged (sha256 differs from the manifest's; the file changed after the "
+                                  f"save)")
+        _verified[str(p)] = stamp
+    if manifest.get("format", 1) < FORMAT:
+        log.warning("%s: written before checkpoints had digests (format %s): only file sizes were checked", folder,
+                    manifest.get("format", 1))
     return manifest
 
 
@@ -166,27 +225,47 @@ def refresh_derived(model: torch.nn.Module) -> None:
 
 
 def best_or_latest(path: Path) -> Path:
-    """A run folder's best checkpoint (by valid AUC, from train_summary.json), else `resolve(path)`."""
-    summary = Path(path) / "train_summary.json"
+    """A run folder's best checkpoint (by valid metric, from train_summary.json), else `resolve(path)`.
+
+    The summary names the best checkpoint relative to the run folder (older runs wrote an absolute path: only its
+    `step_<N>` name is used), so a copied or moved run folder reads its own checkpoint, never the original's."""
+    path = Path(path)
+    summary = path / "train_summary.json"
     if summary.is_file():
-        best = json.loads(summary.read_text()).get("best_checkpoint")
-        if best and Path(best).is_dir():
-            return resolve(Path(best))
+        try:
+            best = json.loads(summary.read_bytes().decode("utf-8")).get("best_checkpoint")
+        except (UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise CheckpointError(f"{summary}: unreadable run summary ({type(e).__name__})") from None
+        if best:
+            mine = path / "checkpoints" / Path(str(best)).name
+            if mine.is_dir():
+                verify(mine)  # the best one damaged is an error, not a silent switch to another checkpoint
+                return mine
+            log.warning("%s: its best checkpoint %s is gone; using the newest good one", summary, mine.name)
     return resolve(path)
+
+
+def best_relative(ckpt: Optional[str]) -> Optional[str]:
+    """How a run folder's files name one of its checkpoints: relative to the run folder."""
+    if not ckpt:
+        return ckpt
+    return str(Path("checkpoints") / Path(ckpt).name)
+
+
+def _metadata(folder: Path):
+    manifest = read_manifest(folder)
+    return safe_dcp.read_metadata(folder, allowed_files=manifest.get("files", {}).keys())
 
 
 def saved_keys(folder: Path) -> set:
     """Flattened state-dict keys a DCP checkpoint holds (e.g. `optim.state.<param>.exp_avg`)."""
-    try:
-        return set(dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata)
-    except Exception as e:  # unreadable metadata: the same problem `load` would report
-        raise CheckpointError(f"{folder}: unreadable checkpoint metadata ({type(e).__name__}: {e})") from None
+    return set(_metadata(folder).state_dict_metadata)
 
 
 def _check_model_shapes(folder: Path, model_state: Dict[str, Any]) -> None:
     """CheckpointError naming the first model tensors whose saved global shape differs from this model's, or that
     one side lacks -- before DCP, whose own failure comes with per-rank tracebacks in the log."""
-    saved = dcp.FileSystemReader(str(folder)).read_metadata().state_dict_metadata
+    saved = _metadata(folder).state_dict_metadata
     problems: List[str] = []
     for name, value in model_state.items():
         meta = saved.get(f"model.{name}")
@@ -211,8 +290,10 @@ def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) 
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
     try:
-        dcp.load(state, checkpoint_id=str(folder))
-    except Exception as e:  # DCP raises a CheckpointException wrapping per-rank tracebacks
+        safe_dcp.load(state, folder, allowed_files=manifest["files"].keys())
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:  # per-rank tracebacks wrapped in a BaseException
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: does not match this model ({first[:300]})") from None
     model.load_state_dict(state["model"])

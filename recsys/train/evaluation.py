@@ -8,6 +8,7 @@ independent scorer computes from the saved predictions.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Dict, List
 
 import numpy as np
@@ -98,6 +99,17 @@ def markdown_table(metrics: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def json_safe(x: Any) -> Any:
+    """JSON has no NaN/inf: such numbers are written as null (json.dumps would write the bare word NaN)."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def publish(spec: Spec, split: str, scores: np.ndarray, source: str, out=None, save_predictions=None,
             **extra: Any) -> Dict[str, Any]:
     """Rank 0's end of an evaluation: metrics from the scores, optional JSON and raw-score files (the independent
@@ -112,7 +124,7 @@ def publish(spec: Spec, split: str, scores: np.ndarray, source: str, out=None, s
         np.save(save_predictions, scores.astype(np.float32))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(metrics, indent=1))
+        Path(out).write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))
     print(f"{spec.name} / {split} / {source}\n")
     print(markdown_table(metrics))
     return metrics

@@ -29,10 +29,10 @@ from recsys.models.build import build_model, spec_table_rows, text_tables_for
 from recsys.models.model import SRFoundationModel, TrainTask
 from recsys.models.precision import resolve_precision
 from recsys.spec.config import Spec
-from recsys.spec.loader import dump_resolved, resolve_path, spec_hash
+from recsys.spec.loader import dump_resolved, resolve_path, resolved_values, spec_hash
 from recsys.train import checkpoint
 from recsys.train.dist import DistContext
-from recsys.train.evaluation import evaluate_split
+from recsys.train.evaluation import evaluate_split, json_safe
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
 from recsys.train.sharding import plan_for, sharders_for
@@ -175,6 +175,7 @@ class Trainer:
             "best_checkpoint": self.state.best_checkpoint,
             "history": self.state.history,
             "spec_hash": spec_hash(self.spec),
+            "spec": resolved_values(self.spec),  # what --resume compares and fine-tuning rebuilds the model from
             "world_size": self.ctx.world_size,
             "batch_size": self.spec.train.batch_size,
             "seed": self.spec.train.seed,
@@ -189,7 +190,8 @@ class Trainer:
         return {name: [int(rows), int(dims.get(name, -1))] for name, rows in self.rows.items()}
 
     def save(self, protect_best: bool = True) -> Path:
-        protect = Path(self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) else None
+        protect = (self.out_dir / self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) \
+            else None
         return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
                                self.spec.train.keep_checkpoints, protect)
 
@@ -218,6 +220,8 @@ class Trainer:
         for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
                   "history"):
             setattr(self.state, k, manifest[k])
+        # older manifests hold an absolute path (of wherever the run folder was then)
+        self.state.best_checkpoint = checkpoint.best_relative(self.state.best_checkpoint)
         rngs = manifest.get("rng")
         if rngs and len(rngs) == self.ctx.world_size:
             _set_rng_state(rngs[self.ctx.rank])
@@ -248,18 +252,20 @@ class Trainer:
             self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
             if improved:
                 self.state.best_metric, self.state.best_epoch = overall, epoch
-                self.state.best_checkpoint = str(self.ckpt_root / f"step_{self.state.global_step:09d}")
+                # relative to the run folder, so a copied or moved run folder names its own checkpoint
+                self.state.best_checkpoint = checkpoint.best_relative(f"step_{self.state.global_step:09d}")
             path = self.save()
             if self.ctx.is_main:
                 log.info("%s", epoch_line(epoch, spec.train.epochs, spec.train.select_metric, overall, improved,
                                           self.epoch_loss, self.epoch_rate, time.perf_counter() - t_epoch),
                          extra=CONSOLE)
                 log.info("epoch %d checkpoint %s", epoch, path)
-        summary = {"best_epoch": self.state.best_epoch, "best_valid_auc": self.state.best_metric,
+        # best_valid_metric is the valid value of select_metric (the mean of the domains' AUCs by default)
+        summary = {"best_epoch": self.state.best_epoch, "best_valid_metric": json_safe(self.state.best_metric),
                    "select_metric": spec.train.select_metric,
-                   "best_checkpoint": self.state.best_checkpoint, "history": self.state.history}
+                   "best_checkpoint": self.state.best_checkpoint, "history": json_safe(self.state.history)}
         if self.ctx.is_main:
-            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1))
+            (self.out_dir / "train_summary.json").write_text(json.dumps(summary, indent=1, allow_nan=False))
             self.writer.flush()
         return summary
 

@@ -16,22 +16,31 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from recsys.errors import CheckpointError
 from recsys.models.build import build_model
 from recsys.models.model import TrainTask
 from recsys.spec.config import Spec
 from recsys.spec.loader import load_spec
-from recsys.train import checkpoint
+from recsys.train import checkpoint, safe_dcp
 
 log = logging.getLogger("recsys.train.transfer")
 
 
-def pretrained_spec(ckpt: Path) -> Spec:
+def pretrained_spec(ckpt: Path, manifest: Optional[Dict] = None) -> Spec:
+    """The spec a checkpoint was trained with: the resolved spec its manifest holds, else (checkpoints written
+    before manifests held it) its run folder's `spec.resolved.yaml`."""
+    saved = (manifest or {}).get("spec")
+    if isinstance(saved, dict):
+        try:
+            return Spec.model_validate(saved)
+        except ValueError as e:
+            raise CheckpointError(f"{ckpt / checkpoint.MANIFEST}: its spec does not validate "
+                                  f"({str(e).splitlines()[0][:200]})") from None
     resolved = ckpt.parent.parent / "spec.resolved.yaml"
     if not resolved.is_file():
         raise CheckpointError(f"{ckpt}: no spec.resolved.yaml in its run folder {ckpt.parent.parent}")
@@ -40,13 +49,15 @@ def pretrained_spec(ckpt: Path) -> Spec:
 
 def load_pretrained_state(ckpt: Path) -> Tuple[Spec, Dict[str, torch.Tensor]]:
     """Full (unsharded) tensors of a checkpoint's model, keyed like the TrainTask state dict."""
-    checkpoint.verify(ckpt)
-    old_spec = pretrained_spec(ckpt)
+    manifest = checkpoint.verify(ckpt)
+    old_spec = pretrained_spec(ckpt, manifest)
     old = TrainTask(build_model(old_spec, torch.device("cpu")), old_spec)
     state = {"model": old.state_dict()}
     try:
-        dcp.load(state, checkpoint_id=str(ckpt))
-    except Exception as e:
+        safe_dcp.load(state, ckpt, allowed_files=manifest["files"].keys())
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
         msg = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{ckpt}: cannot be read with its own spec ({msg})") from None
     return old_spec, state["model"]

@@ -1,9 +1,13 @@
-"""Checkpoints: truncated or half-written ones are detected and skipped (resume falls back to the newest good one,
-with a warning), and one written by a different spec is refused with a clear CheckpointError."""
+"""Checkpoints: truncated, damaged (sha256) or half-written ones are detected and skipped (resume falls back to the
+newest good one, with a warning), one written by a different spec is refused with a clear CheckpointError, and a
+hostile `.metadata` pickle is refused without running it."""
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import pickle
 import shutil
 from pathlib import Path
 
@@ -107,3 +111,124 @@ def test_checkpoint_of_another_spec_is_refused(ml_prepared, finished_run, tmp_pa
 def test_existing_checkpoints_need_resume(ml_prepared, finished_run):
     proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, finished_run, **ONE_EPOCH)])
     assert_clean_error(proc, "already holds checkpoints", "--resume")
+
+
+# ------------------------------------------------------------------------ trust and damage (issue 15 items 1, 4, 5, 9)
+def _attacker_rewrites(ckpt: Path, name: str, data: bytes) -> None:
+    """Replace one file and make the manifest agree (whoever writes a checkpoint can write its manifest too)."""
+    (ckpt / name).write_bytes(data)
+    mf = ckpt / checkpoint.MANIFEST
+    manifest = json.loads(mf.read_text())
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    mf.write_text(json.dumps(manifest))
+
+
+class _RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _eval_args(ml_prepared, out: Path, ckpt: Path):
+    return ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH), "--checkpoint", str(ckpt),
+            "--split", "valid"]
+
+
+def test_hostile_metadata_pickle_is_not_run(ml_prepared, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000000006"
+    marker = tmp_path / "pwned"
+    _attacker_rewrites(ckpt, ".metadata", pickle.dumps(_RunsCode(marker)))
+    checkpoint.verify(ckpt)  # the digests agree: they detect damage, not authorship
+    with pytest.raises(CheckpointError, match="refusing to load posix.system"):
+        checkpoint.saved_keys(ckpt)
+    assert not marker.exists()
+    proc = job("evaluate.py", _eval_args(ml_prepared, out, ckpt))
+    assert_clean_error(proc, str(ckpt / ".metadata"), "unreadable checkpoint metadata", "refusing to load")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("junk, needle", [
+    (b"\x80\x04junk" * 50, "unreadable checkpoint metadata"),
+    (pickle.dumps({"not": "metadata"}), r"not checkpoint metadata \(holds a dict\)"),
+])
+def test_junk_metadata_is_one_line(finished_run, tmp_path, junk, needle):
+    out = _copy(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000000006"
+    _attacker_rewrites(ckpt, ".metadata", junk)
+    with pytest.raises(CheckpointError, match=needle):
+        checkpoint.saved_keys(ckpt)
+
+
+def test_metadata_may_not_point_outside_the_checkpoint(finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000000006"
+    meta = pickle.loads((ckpt / ".metadata").read_bytes())  # our own file: safe to unpickle here
+    for info in meta.storage_data.values():
+        info.relative_path = "../../../../etc/passwd"
+    _attacker_rewrites(ckpt, ".metadata", pickle.dumps(meta))
+    with pytest.raises(CheckpointError, match="refers to data file '../../../../etc/passwd'"):
+        checkpoint.saved_keys(ckpt)
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"\xff\xfe not utf-8", "not UTF-8"),
+    (b"[1, 2, 3]", "not a checkpoint manifest"),
+    (b'{"files": 7}', "not a checkpoint manifest"),
+    (b"{", "unreadable manifest"),
+])
+def test_bad_manifest_is_a_checkpoint_error(finished_run, tmp_path, content, needle):
+    out = _copy(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000000006"
+    (ckpt / checkpoint.MANIFEST).write_bytes(content)
+    with pytest.raises(CheckpointError, match=needle):
+        checkpoint.verify(ckpt)
+    assert checkpoint.latest_good(out / "checkpoints") == out / "checkpoints" / "step_000000004"
+
+
+def _damage_table_rows(ckpt: Path) -> Path:
+    """4,000 bytes of float 0.5 written into the middle of the largest shard: same size, other values."""
+    import numpy as np
+
+    shard = max(ckpt.glob("*.distcp"), key=lambda p: p.stat().st_size)
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.seek(size // 2)
+        f.write(np.full(1000, 0.5, dtype=np.float32).tobytes())
+    assert shard.stat().st_size == size
+    return shard
+
+
+def test_same_size_damage_is_detected_and_resume_falls_back(ml_prepared, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    newest = out / "checkpoints" / "step_000000006"
+    shard = _damage_table_rows(newest)
+    with pytest.raises(CheckpointError, match="damaged"):
+        checkpoint.verify(newest)
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH), "--resume"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "skipping bad checkpoint" in proc.stderr and f"{shard}: damaged" in proc.stderr
+    assert "resumed from " + str(out / "checkpoints" / "step_000000004") in proc.stderr
+    assert json.loads((out / "train_summary.json").read_text())["history"] == \
+        json.loads((finished_run / "train_summary.json").read_text())["history"]
+
+
+def test_evaluating_a_damaged_checkpoint_is_one_line(ml_prepared, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000000006"
+    shard = _damage_table_rows(ckpt)
+    proc = job("evaluate.py", _eval_args(ml_prepared, out, out))  # the run folder: its best checkpoint
+    assert_clean_error(proc, str(shard), "damaged")
+
+
+def test_moved_run_folder_evaluates_its_own_checkpoint(finished_run, tmp_path):
+    summary = json.loads((finished_run / "train_summary.json").read_text())
+    assert summary["best_checkpoint"] == "checkpoints/step_000000006"  # relative to the run folder
+    moved = _copy(finished_run, tmp_path)
+    assert checkpoint.best_or_latest(moved) == moved / "checkpoints" / "step_000000006"
+    # a summary written before paths were relative: only the step name counts, inside the folder given
+    (moved / "train_summary.json").write_text(json.dumps(dict(summary, best_checkpoint=str(
+        finished_run / "checkpoints" / "step_000000004"))))
+    assert checkpoint.best_or_latest(moved) == moved / "checkpoints" / "step_000000004"

@@ -43,7 +43,7 @@ def test_kill_9_mid_epoch_then_resume_is_exact(ml_prepared, tmp_path, uninterrup
     assert int(m.group(1)) >= 15 and 0 < int(m.group(3)) < 12  # a mid-epoch checkpoint, not an epoch end
     resumed = summary(out)
     assert _metrics(resumed) == _metrics(uninterrupted)
-    assert resumed["best_valid_auc"] == uninterrupted["best_valid_auc"]
+    assert resumed["best_valid_metric"] == uninterrupted["best_valid_metric"]
 
 
 def test_torchrun_max_restarts_resumes_by_itself(ml_prepared, tmp_path, uninterrupted):
