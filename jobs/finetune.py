@@ -53,7 +53,9 @@ def main(argv=None) -> int:
     from recsys.train import checkpoint
     from recsys.train.dist import init_distributed, shutdown
     from recsys.train.evaluation import predict, publish
+    from recsys.spec.loader import resolve_path
     from recsys.train.loop import Trainer
+    from recsys.train.run_lock import lock_for_this_rank
     from recsys.train.transfer import load_pretrained_state, transfer_into
 
     hook = None
@@ -61,8 +63,7 @@ def main(argv=None) -> int:
         ckpt = checkpoint.best_or_latest(args.source)
         old_spec, old_state = load_pretrained_state(ckpt)
         hook = lambda tr: transfer_into(tr.dmp, spec, old_spec, old_state)  # noqa: E731
-    from recsys.spec.loader import resolve_path
-
+    lock = lock_for_this_rank(resolve_path(spec, spec.train.output_dir))  # noqa: F841 (held until exit)
     attach_log_file(resolve_path(spec, spec.train.output_dir))
     ctx = init_distributed(args.device)
     try:

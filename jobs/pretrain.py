@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_spec_args(p)
     p.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint of the run")
+    p.add_argument("--allow-spec-change", action="store_true",
+                   help="with --resume: continue even though spec values differ from the checkpoint's (named in "
+                        "the error you get without this flag)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dry-run", action="store_true", help="validate spec, data schema and sharding plan, then stop")
     return p.parse_args(argv)
@@ -47,10 +50,13 @@ def main(argv=None) -> int:
     from recsys.train.dist import init_distributed, shutdown
     from recsys.train.loop import Trainer
     from recsys.train.report import summary_table
+    from recsys.train.run_lock import lock_for_this_rank
 
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or restarted
-    ckpts = checkpoint.list_checkpoints(resolve_path(spec, spec.train.output_dir) / "checkpoints")
+    out_dir = resolve_path(spec, spec.train.output_dir)
+    lock = lock_for_this_rank(out_dir)  # noqa: F841 (one training per run folder; held until the process ends)
+    ckpts = checkpoint.list_checkpoints(out_dir / "checkpoints")
     if ckpts and not resume:
         raise RecsysError(f"train.output_dir {spec.train.output_dir!r} already holds checkpoints; pass --resume to "
                           f"continue it or --set train.output_dir=<new dir>")
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
     ctx = init_distributed(args.device)
     try:
         trainer = Trainer(spec, ctx)
-        if resume and not trainer.resume():
+        if resume and not trainer.resume(allow_spec_change=args.allow_spec_change):
             log.info("no checkpoint to resume from; starting fresh")
         summary = trainer.fit()
         if ctx.is_main:

@@ -26,7 +26,7 @@ from recsys.spec.config import Spec, check_references
 
 Loc = Tuple[Union[str, int], ...]
 
-__all__ = ["load_spec", "resolve_path", "resolved_values", "spec_source", "project_root", "dump_resolved", "spec_hash",
+__all__ = ["load_spec", "resolve_path", "resolved_values", "spec_differences", "spec_source", "project_root", "dump_resolved", "spec_hash",
            "check_domains_have_rows", "SpecIssue"]
 
 
@@ -553,3 +553,31 @@ def spec_hash(spec: Spec, sections: Optional[Iterable[str]] = None, paths: bool 
         data = {s: data[s] for s in wanted}
     blob = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()[:16]
+
+
+def _flatten(value: Any, prefix: str, out: Dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, list) and value and all(isinstance(x, dict) and "name" in x for x in value):
+        for x in value:  # named items (domains, features, tables): addressed by name, as --set does
+            _flatten(x, f"{prefix}.{x['name']}", out)
+    else:
+        out[prefix] = value
+
+
+def spec_differences(old: Dict[str, Any], new: Dict[str, Any], ignore: Iterable[str] = ()) -> List[str]:
+    """`key.path (old -> new)` for every value that differs between two `resolved_values` dicts, in key order;
+    keys in `ignore` (or below them) are left out."""
+    a: Dict[str, Any] = {}
+    b: Dict[str, Any] = {}
+    _flatten(old, "", a)
+    _flatten(new, "", b)
+    skip = tuple(ignore)
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if any(key == s or key.startswith(s + ".") for s in skip):
+            continue
+        if a.get(key, "<absent>") != b.get(key, "<absent>"):
+            out.append(f"{key} ({_got(a.get(key, '<absent>'))} -> {_got(b.get(key, '<absent>'))})")
+    return out

@@ -180,11 +180,21 @@ def set_aside_newer(root: Path, chosen: Path) -> List[Path]:
     return moved
 
 
+# Spec keys a resume may change without being asked: how often to log/save/keep, how far to train, where files
+# live (a moved run folder or data folder). Anything else continues the run with other settings than it started.
+RESUME_MAY_CHANGE = ("description", "train.epochs", "train.log_every_steps", "train.checkpoint_every_steps",
+                     "train.keep_checkpoints", "train.loader_workers", "train.eval_batch_size", "data.raw_dir",
+                     "data.prepared_dir", "text.cache_dir", "train.output_dir", "text.encoder.batch_size",
+                     "text.encoder.device")
+
+
 def check_resumable(folder: Path, manifest: Dict[str, Any], *, tables: Dict[str, List[int]], world_size: int,
-                    batch_size: int, seed: int) -> None:
+                    batch_size: int, seed: int, spec_values: Optional[Dict[str, Any]] = None,
+                    allow_spec_change: bool = False) -> None:
     """CheckpointError naming the first difference that makes `folder` unable to continue this run: table shapes
     (another spec), or world size / global batch size / seed (the saved loader position counts batches of one
-    rank's stream, which depends on all three)."""
+    rank's stream, which depends on all three); then, unless `allow_spec_change`, every other spec value that
+    differs from the one the checkpoint was trained with (`spec_values`: `resolved_values` of this run's spec)."""
     saved = manifest.get("tables")
     if saved is not None:
         for name in sorted(set(saved) | set(tables)):
@@ -201,6 +211,21 @@ def check_resumable(folder: Path, manifest: Dict[str, Any], *, tables: Dict[str,
         if key in manifest and manifest[key] != mine:
             raise CheckpointError(f"{folder}: saved with {key}={manifest[key]}, this run has {key}={mine}; an "
                                   f"exact resume needs the same value (or start a new train.output_dir)")
+    saved_spec = manifest.get("spec")
+    if spec_values is None or allow_spec_change:
+        return
+    if not isinstance(saved_spec, dict):
+        log.warning("%s: written before manifests held the spec; cannot check that --resume uses the same one",
+                    folder)
+        return
+    from recsys.spec.loader import spec_differences
+
+    diff = spec_differences(saved_spec, spec_values, ignore=RESUME_MAY_CHANGE)
+    if diff:
+        more = f" (+{len(diff) - 5} more)" if len(diff) > 5 else ""
+        raise CheckpointError(f"{folder}: this spec differs from the one the run was trained with: "
+                              f"{'; '.join(diff[:5])}{more}; pass --allow-spec-change to continue the run with "
+                              f"these settings, or use a new train.output_dir")
 
 
 def resolve(path: Path) -> Path:

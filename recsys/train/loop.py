@@ -140,7 +140,6 @@ class Trainer:
             from torch.utils.tensorboard import SummaryWriter
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "spec.resolved.yaml").write_text(dump_resolved(spec))
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
 
     # ------------------------------------------------------------------------------------------------ model views
@@ -195,16 +194,18 @@ class Trainer:
         return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
                                self.spec.train.keep_checkpoints, protect)
 
-    def resume(self) -> bool:
+    def resume(self, allow_spec_change: bool = False) -> bool:
         """Load the newest good checkpoint of this run; False when there is none. Broken newer checkpoints are
         reported, skipped and renamed `<name>.bad` (they belong to an abandoned timeline); a checkpoint that
-        cannot continue this spec (other tables, world size, batch size or seed) raises CheckpointError."""
+        cannot continue this spec (other tables, world size, batch size or seed) raises CheckpointError, and so does
+        one trained with other spec values (unless `allow_spec_change`; see checkpoint.RESUME_MAY_CHANGE)."""
         found = checkpoint.latest_good(self.ckpt_root)
         if found is None:
             return False
         manifest = checkpoint.verify(found)
         checkpoint.check_resumable(found, manifest, tables=self._table_shapes(), world_size=self.ctx.world_size,
-                                   batch_size=self.spec.train.batch_size, seed=self.spec.train.seed)
+                                   batch_size=self.spec.train.batch_size, seed=self.spec.train.seed,
+                                   spec_values=resolved_values(self.spec), allow_spec_change=allow_spec_change)
         # Adam's state is created lazily by its first step: a fresh optimiser's state_dict has no exp_avg/step
         # entries, so DCP would load nothing into it and the resumed run would restart Adam from zero. A dummy
         # zero-gradient step creates the entries; the load below then overwrites them and the weights.
@@ -238,6 +239,8 @@ class Trainer:
     # ---------------------------------------------------------------------------------------------------- train
     def fit(self) -> Dict[str, Any]:
         spec = self.spec
+        if self.ctx.is_main:  # written here, not at construction: a refused --resume must leave the old one
+            (self.out_dir / "spec.resolved.yaml").write_text(dump_resolved(spec))
         for epoch in range(self.state.epoch, spec.train.epochs):
             self.state.epoch = epoch
             t_epoch = time.perf_counter()

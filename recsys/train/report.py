@@ -59,8 +59,9 @@ def summary_table(summary: Dict[str, Any]) -> str:
     """The best epoch's valid metrics as markdown, headed by where its checkpoint is."""
     best = summary.get("best_epoch", -1)
     entry = next((h for h in summary.get("history", []) if h.get("epoch") == best), None)
+    value = summary.get("best_valid_metric")
     head = (f"best epoch {best + 1} (valid {summary.get('select_metric')} "
-            f"{summary.get('best_valid_auc', float('nan')):.4f}): {summary.get('best_checkpoint')}")
+            f"{'n/a' if value is None else format(value, '.4f')}): {summary.get('best_checkpoint')}")
     if entry is None:
         return head
     return head + "\n\n" + markdown_table(entry["valid"])

@@ -232,3 +232,53 @@ def test_moved_run_folder_evaluates_its_own_checkpoint(finished_run, tmp_path):
     (moved / "train_summary.json").write_text(json.dumps(dict(summary, best_checkpoint=str(
         finished_run / "checkpoints" / "step_000000004"))))
     assert checkpoint.best_or_latest(moved) == moved / "checkpoints" / "step_000000004"
+
+
+# ------------------------------------------------------------------------------- run folder (issue 15 items 6, 7)
+def test_resume_with_a_changed_spec_names_the_keys(ml_prepared, finished_run, tmp_path):
+    out = _copy(finished_run, tmp_path)
+    before = (out / "spec.resolved.yaml").read_text()
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH),
+                               "--set", "train.lr=0.05", "--set", "model.dropout=0.1", "--resume"])
+    assert_clean_error(proc, str(out / "checkpoints" / "step_000000006"), "differs from the one the run was trained",
+                       "model.dropout (0.0 -> 0.1)", "train.lr (0.001 -> 0.05)", "--allow-spec-change")
+    assert (out / "spec.resolved.yaml").read_text() == before  # the refused run left the run's spec alone
+
+
+def test_check_resumable_spec_values(finished_run):
+    ckpt = finished_run / "checkpoints" / "step_000000006"
+    manifest = checkpoint.verify(ckpt)
+    same = dict(tables=manifest["tables"], world_size=1, batch_size=256, seed=manifest["seed"])
+
+    # harmless changes (how long to train, where files live, how often to save) pass without the flag
+    checkpoint.check_resumable(ckpt, manifest, **same, spec_values=_changed(manifest, ("train", "epochs"), 5))
+    checkpoint.check_resumable(ckpt, manifest, **same,
+                               spec_values=_changed(manifest, ("data", "prepared_dir"), "/elsewhere"))
+    changed = _changed(manifest, ("train", "lr_decay"), 0.5)
+    with pytest.raises(CheckpointError, match=r"train\.lr_decay \(1\.0 -> 0\.5\)"):
+        checkpoint.check_resumable(ckpt, manifest, **same, spec_values=changed)
+    checkpoint.check_resumable(ckpt, manifest, **same, spec_values=changed, allow_spec_change=True)
+
+
+def _changed(manifest, loc, value):
+    import copy
+
+    values = copy.deepcopy(manifest["spec"])
+    values[loc[0]][loc[1]] = value
+    return values
+
+
+def test_a_second_training_into_a_held_run_folder_is_refused(ml_prepared, tmp_path):
+    import socket
+
+    from recsys.train.run_lock import RunFolderLock
+
+    out = tmp_path / "run"
+    with RunFolderLock(out):
+        proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH)])
+        assert_clean_error(proc, f"train.output_dir {out} is in use by another training",
+                           f"pid {os.getpid()} on {socket.gethostname()}")
+    assert not (out / "checkpoints").exists()
+    # released: the lock file stays, but holds nobody
+    with RunFolderLock(out):
+        pass
