@@ -1,9 +1,12 @@
 #!/usr/bin/env python
 """Encode every text table of a spec with its frozen text encoder (only texts not cached yet run the model).
 
-    python jobs/encode_text.py --spec feature_specs/amazon_sr.yaml [--set text.encoder.batch_size=256] [--device cuda]
+    python jobs/encode_text.py --spec feature_specs/amazon_sr.yaml [--set text.encoder.backend=onnx-int8] [--device cuda]
+    torchrun --nproc_per_node=N jobs/encode_text.py --spec S     # N ranks (or nodes x N), each encoding its chunks
 
-Needs the prepared text tables (`jobs/prepare_data.py`). Prints one summary line per table.
+Needs the prepared text tables (`jobs/prepare_data.py`). Resumable: a run killed at any point and rerun encodes
+only the chunks not committed yet and ends with the same cache as an uninterrupted run. Prints one summary line
+per table (rank 0).
 """
 from __future__ import annotations
 
@@ -18,11 +21,11 @@ from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_
 
 
 def format_summary(stats: dict) -> str:
-    header = f"{'table':<16} {'texts':>9} {'new':>9} {'cached':>9} {'seconds':>9} {'texts/s':>9}"
+    header = f"{'table':<16} {'texts':>9} {'new':>9} {'cached':>9} {'encoded':>9} {'seconds':>9} {'texts/s':>9}"
     lines = [header, "-" * len(header)]
     for name, s in stats.items():
-        lines.append(f"{name:<16} {s['texts']:>9d} {s['new']:>9d} {s['cached']:>9d} {s['seconds']:>9.1f} "
-                     f"{s['texts_per_s']:>9.1f}")
+        lines.append(f"{name:<16} {s['texts']:>9d} {s['new']:>9d} {s['cached']:>9d} {s['encoded']:>9d} "
+                     f"{s['seconds']:>9.1f} {s['texts_per_s']:>9.1f}")
     return "\n".join(lines)
 
 
@@ -33,14 +36,16 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="override text.encoder.device (default: the spec's, `auto` = cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     args = parser.parse_args(argv)
-    setup_logging(rank=0, verbose=args.verbose)
+    setup_logging(verbose=args.verbose)  # rank from $RANK: other ranks show only warnings
     spec = load_spec_from_args(args)
     from recsys.data.paths import prepared_dir
 
     attach_log_file(prepared_dir(spec))
-    from recsys.text import encode_text_tables
+    from recsys.text.sharded import encode_on_all_ranks
 
-    stats = encode_text_tables(spec, device=args.device, progress=not args.no_progress)
+    stats = encode_on_all_ranks(spec, device=args.device, progress=not args.no_progress)
+    if stats is None:  # not rank 0: rank 0 prints the summary
+        return 0
     if not stats:
         print(f"text.mode is '{spec.text.mode}': nothing to encode")
         return 0

@@ -185,6 +185,12 @@ class EncoderSpec(StrictModel):
     batch_size: int = Field(default=128, gt=0)
     normalize: bool = True
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # how the model is run (docs/text_encoding.md): `torch` fp32 is the reference; `onnx` is ONNX Runtime fp32 and
+    # `onnx-int8` ONNX Runtime with int8 weights and dynamically quantised activations (CPU; several times faster,
+    # other numerics: its own cache entries); `torch-int8` is PyTorch's dynamic int8 (torch.ao).
+    backend: Literal["torch", "torch-int8", "onnx", "onnx-int8"] = "torch"
+    # texts encoded together and stored as one cache part: the unit of resuming and of sharding over ranks
+    chunk_size: int = Field(default=4096, gt=0)
 
 
 class TextSpec(StrictModel):

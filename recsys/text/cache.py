@@ -1,16 +1,26 @@
 """On-disk cache of text vectors, so each distinct text is encoded once per encoder configuration.
 
-Layout of one cache folder (one per `CacheKey`, i.e. model identity + pooling + max_length + normalize):
+Layout of one cache folder (one per `CacheKey`: model identity + backend + pooling + max_length + normalize):
 
-    manifest.json          key, dim, count, the current generation's file names and their sha256
-    vectors-<gen>.npy      float32 [count, dim], opened memory-mapped
-    keys-<gen>.npy         |S20 [count], sha1 of each row's text (utf-8)
-    .lock                  flock taken while appending
+    manifest.json                 key, dim, count and the list of parts (file names, row counts, sha256)
+    part-<digest>.vectors.npy     float32 [rows, dim] of one part, opened memory-mapped
+    part-<digest>.keys.npy        |S20 [rows], sha1 of each row's text (utf-8)
+    .lock                         flock held by every writer for the whole of its write
 
-Appending writes a new generation of both arrays to temp files, renames them into place, then atomically replaces
-the manifest that names them: readers see either the old or the new generation, never a mix. Anything that does
-not add up (other key, wrong size, checksum mismatch, index/matrix length mismatch) raises `DataError` - a cache
-is never silently trusted or silently rebuilt, because stale vectors would quietly poison a model.
+A part is immutable and named by the digest of the text hashes it holds, so the same texts written by a resumed or
+a differently sharded run land in the same file. The manifest lists parts sorted by name and carries nothing
+else that depends on timing (no generation counter, no dates): the folder's content is a function of which parts
+exist, which is what lets an encode run killed at any point and rerun end bit-for-bit where an uninterrupted run
+ends. Adding a part writes it (temp file + rename) and then atomically replaces the manifest (the commit point):
+readers see either the old or the new set of parts, never a mix, and since every writer holds the lock, a temp
+file seen while holding it belongs to a dead writer and is removed.
+
+Format 1 (one `vectors-<gen>.npy`/`keys-<gen>.npy` pair) is still read, as a single part; the next append rewrites
+the manifest as format 2 and keeps those two files as they are.
+
+Anything that does not add up (other key, wrong size, checksum mismatch, index/matrix length mismatch) raises
+`DataError` - a cache is never silently trusted or silently rebuilt, because stale vectors would quietly poison a
+model.
 """
 from __future__ import annotations
 
@@ -21,7 +31,7 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -32,8 +42,12 @@ from recsys.text.model_source import sha256_file, write_text_atomic
 
 log = logging.getLogger("recsys.text.cache")
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 HASH_BYTES = 20  # sha1
+# The reference numerics (PyTorch fp32). Keys of this backend leave it out of their dict, so caches written before
+# the backend was part of the key keep their folder and stay valid.
+REFERENCE_BACKEND = "torch"
 
 
 def text_hash(text: str) -> bytes:
@@ -52,11 +66,28 @@ class CacheKey:
     pooling: str
     max_length: int
     normalize: bool
+    backend: str = REFERENCE_BACKEND  # how the model is run (recsys.text.backends): other numerics, other vectors
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        if self.backend == REFERENCE_BACKEND:
+            del d["backend"]
+        return d
 
     def folder_name(self) -> str:
-        digest = hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(json.dumps(self.as_dict(), sort_keys=True).encode()).hexdigest()[:12]
         norm = "norm" if self.normalize else "raw"
-        return f"{self.model_identity[:12]}-{self.pooling}-{self.max_length}-{norm}-{digest}"
+        backend = "" if self.backend == REFERENCE_BACKEND else f"-{self.backend}"
+        return f"{self.model_identity[:12]}{backend}-{self.pooling}-{self.max_length}-{norm}-{digest}"
+
+
+@dataclass
+class Part:
+    vectors_file: str
+    keys_file: str
+    count: int
+    vectors_sha256: str
+    keys_sha256: str
 
 
 @dataclass
@@ -65,11 +96,18 @@ class Manifest:
     key: dict
     dim: int
     count: int
-    generation: int
-    vectors_file: str
-    keys_file: str
-    vectors_sha256: str
-    keys_sha256: str
+    parts: List[Part] = field(default_factory=list)
+
+
+def _manifest_from_json(raw: dict) -> Manifest:
+    """Format 2 as written; format 1 (one generation of two files) becomes a one-part manifest."""
+    raw = dict(raw)
+    if raw.get("format_version") == 1:
+        part = Part(vectors_file=raw["vectors_file"], keys_file=raw["keys_file"], count=raw["count"],
+                    vectors_sha256=raw["vectors_sha256"], keys_sha256=raw["keys_sha256"])
+        return Manifest(format_version=1, key=raw["key"], dim=raw["dim"], count=raw["count"], parts=[part])
+    parts = [Part(**p) for p in raw.pop("parts")]
+    return Manifest(parts=parts, **raw)
 
 
 class VectorCache:
@@ -80,8 +118,10 @@ class VectorCache:
         self.folder = Path(root) / key.folder_name()
         self.verify = verify
         self.manifest: Optional[Manifest] = None
-        self.vectors: Optional[np.ndarray] = None  # memory-mapped float32 [count, dim]
+        self._parts: List[np.ndarray] = []  # memory-mapped float32 [rows, dim], one per manifest part
+        self._offsets = np.zeros(1, dtype=np.int64)  # row where each part starts, plus the total
         self._index: Dict[bytes, int] = {}
+        self._verified: set = set()
         self._load()
 
     # ------------------------------------------------------------------------------------------------- reading
@@ -93,6 +133,13 @@ class VectorCache:
     def dim(self) -> Optional[int]:
         return None if self.manifest is None else self.manifest.dim
 
+    @property
+    def part_files(self) -> List[str]:
+        """Every file the manifest names (the cache's content besides manifest.json)."""
+        if self.manifest is None:
+            return []
+        return [name for p in self.manifest.parts for name in (p.vectors_file, p.keys_file)]
+
     def _fail(self, what: str) -> DataError:
         return DataError(f"text vector cache {self.folder}: {what}; delete that folder and rerun "
                          f"`python jobs/encode_text.py --spec <spec>`")
@@ -102,24 +149,21 @@ class VectorCache:
         if not path.is_file():
             return None
         try:
-            raw = json.loads(path.read_text())
-            manifest = Manifest(**raw)
-        except (ValueError, TypeError) as exc:
-            raise self._fail(f"unreadable manifest.json ({exc})") from None
-        if manifest.format_version != FORMAT_VERSION:
-            raise self._fail(f"format version {manifest.format_version}, expected {FORMAT_VERSION}")
-        if manifest.key != asdict(self.key):
+            manifest = _manifest_from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise self._fail(f"unreadable manifest.json ({exc!r})") from None
+        if manifest.format_version not in READABLE_VERSIONS:
+            raise self._fail(f"format version {manifest.format_version}, expected one of {READABLE_VERSIONS}")
+        if manifest.key != self.key.as_dict():
             # Same folder, different encoder/config: the folder was copied or renamed by hand.
-            raise self._fail(f"made by another encoder/config ({manifest.key}), not {asdict(self.key)}")
+            raise self._fail(f"made by another encoder/config ({manifest.key}), not {self.key.as_dict()}")
+        if sum(p.count for p in manifest.parts) != manifest.count:
+            raise self._fail(f"parts hold {sum(p.count for p in manifest.parts)} rows, manifest says "
+                             f"{manifest.count} (index/matrix mismatch)")
         return manifest
 
-    def _load(self) -> None:
-        manifest = self._read_manifest()
-        if manifest is None:
-            self.manifest, self.vectors, self._index = None, None, {}
-            return
-        vec_path = self.folder / manifest.vectors_file
-        key_path = self.folder / manifest.keys_file
+    def _load_part(self, part: Part, dim: int):
+        vec_path, key_path = self.folder / part.vectors_file, self.folder / part.keys_file
         for path in (vec_path, key_path):
             if not path.is_file():
                 raise self._fail(f"{path.name} named by manifest.json is missing")
@@ -128,21 +172,37 @@ class VectorCache:
             keys = np.load(key_path)
         except (ValueError, OSError) as exc:  # numpy refuses files shorter than their header says
             raise self._fail(f"truncated or corrupt matrix ({exc})") from None
-        if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (manifest.count, manifest.dim):
-            raise self._fail(f"matrix is {vectors.dtype}{list(vectors.shape)}, manifest says "
-                             f"float32[{manifest.count}, {manifest.dim}]")
-        if keys.dtype != np.dtype(f"S{HASH_BYTES}") or keys.shape != (manifest.count,):
-            raise self._fail(f"index holds {keys.shape[0] if keys.ndim else 0} entries for "
-                             f"{manifest.count} vectors (index/matrix mismatch)")
-        if self.verify:
-            if sha256_file(vec_path) != manifest.vectors_sha256:
+        if vectors.dtype != np.float32 or vectors.ndim != 2 or vectors.shape != (part.count, dim):
+            raise self._fail(f"matrix {vec_path.name} is {vectors.dtype}{list(vectors.shape)}, manifest says "
+                             f"float32[{part.count}, {dim}]")
+        if keys.dtype != np.dtype(f"S{HASH_BYTES}") or keys.shape != (part.count,):
+            raise self._fail(f"index {key_path.name} holds {keys.shape[0] if keys.ndim else 0} entries for "
+                             f"{part.count} vectors (index/matrix mismatch)")
+        # Parts are immutable and named by content, so one check per process is enough (an append re-reads the
+        # manifest and would otherwise re-hash every part each time).
+        if self.verify and (part.vectors_file, part.vectors_sha256, part.keys_sha256) not in self._verified:
+            if sha256_file(vec_path) != part.vectors_sha256:
                 raise self._fail(f"{vec_path.name} checksum mismatch (modified or truncated)")
-            if sha256_file(key_path) != manifest.keys_sha256:
+            if sha256_file(key_path) != part.keys_sha256:
                 raise self._fail(f"{key_path.name} checksum mismatch (modified or truncated)")
-        index = {bytes(k): i for i, k in enumerate(keys.tolist())}
-        if len(index) != manifest.count:
-            raise self._fail("index holds duplicate text hashes")
-        self.manifest, self.vectors, self._index = manifest, vectors, index
+            self._verified.add((part.vectors_file, part.vectors_sha256, part.keys_sha256))
+        return vectors, keys
+
+    def _load(self) -> None:
+        manifest = self._read_manifest()
+        self.manifest, self._parts, self._offsets, self._index = None, [], np.zeros(1, dtype=np.int64), {}
+        if manifest is None:
+            return
+        parts, index, offsets = [], {}, [0]
+        for part in manifest.parts:
+            vectors, keys = self._load_part(part, manifest.dim)
+            start = offsets[-1]
+            for i, k in enumerate(keys.tolist()):
+                if index.setdefault(bytes(k), start + i) != start + i:
+                    raise self._fail("index holds duplicate text hashes")
+            parts.append(vectors)
+            offsets.append(start + part.count)
+        self.manifest, self._parts, self._offsets, self._index = manifest, parts, np.array(offsets), index
 
     def lookup(self, hashes: Sequence[bytes]) -> np.ndarray:
         """Cache row of each hash, -1 where the text was never encoded."""
@@ -160,12 +220,23 @@ class VectorCache:
                 out.append(i)
         return out
 
+    def take(self, rows: np.ndarray) -> np.ndarray:
+        """float32 [len(rows), dim] of cache rows (as returned by `lookup`, all >= 0)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim or 0), dtype=np.float32)
+        which = np.searchsorted(self._offsets, rows, side="right") - 1
+        for p, vectors in enumerate(self._parts):
+            sel = np.nonzero(which == p)[0]
+            if len(sel):
+                out[sel] = vectors[rows[sel] - self._offsets[p]]
+        return out
+
     def gather(self, hashes: Sequence[bytes]) -> np.ndarray:
         """float32 [len(hashes), dim]; every hash must be cached."""
         rows = self.lookup(hashes)
         if (rows < 0).any():
             raise self._fail(f"{int((rows < 0).sum())} requested texts are not cached")
-        return np.asarray(self.vectors[rows], dtype=np.float32)
+        return self.take(rows)
 
     # ------------------------------------------------------------------------------------------------- writing
     @contextlib.contextmanager
@@ -191,39 +262,40 @@ class VectorCache:
             raise
         return sha256_file(self.folder / name)
 
+    def _remove_leftovers(self) -> None:
+        """Delete files no manifest names (temp or part files of a writer killed mid-write). Called with the lock
+        held: every writer holds it while writing, so nothing here belongs to a live one."""
+        keep = {"manifest.json", ".lock", *self.part_files}
+        for path in self.folder.iterdir():
+            if path.is_file() and path.name not in keep:
+                path.unlink(missing_ok=True)
+
     def append(self, hashes: Sequence[bytes], vectors: np.ndarray) -> int:
-        """Add vectors for texts not cached yet (others are ignored); returns how many rows were added."""
+        """Add vectors for texts not cached yet (others are ignored) as one new part; returns rows added."""
         vectors = np.asarray(vectors, dtype=np.float32)
         if vectors.ndim != 2 or vectors.shape[0] != len(hashes):
             raise ValueError(f"append: {len(hashes)} hashes for vectors of shape {vectors.shape}")
         with self._locked():
             self._load()  # another process may have appended since we opened
+            self._remove_leftovers()
             if self.manifest is not None and vectors.shape[1] != self.manifest.dim:
                 raise self._fail(f"new vectors have dim {vectors.shape[1]}, cache has {self.manifest.dim}")
             fresh = self.missing(hashes)
             if not fresh:
                 return 0
-            new_keys = np.array([bytes(hashes[i]) for i in fresh], dtype=f"S{HASH_BYTES}")
-            new_vecs = vectors[fresh]
-            if self.manifest is None:
-                all_keys, all_vecs, gen = new_keys, new_vecs, 1
-            else:
-                all_keys = np.concatenate([np.load(self.folder / self.manifest.keys_file), new_keys])
-                all_vecs = np.concatenate([np.asarray(self.vectors), new_vecs])
-                gen = self.manifest.generation + 1
+            keys = np.array([bytes(hashes[i]) for i in fresh], dtype=f"S{HASH_BYTES}")
+            digest = hashlib.sha1(keys.tobytes()).hexdigest()[:20]
+            part = Part(vectors_file=f"part-{digest}.vectors.npy", keys_file=f"part-{digest}.keys.npy",
+                        count=len(fresh), vectors_sha256="", keys_sha256="")
+            part.vectors_sha256 = self._save_array(part.vectors_file, np.ascontiguousarray(vectors[fresh]))
+            part.keys_sha256 = self._save_array(part.keys_file, keys)
             old = self.manifest
-            manifest = Manifest(format_version=FORMAT_VERSION, key=asdict(self.key), dim=int(all_vecs.shape[1]),
-                                count=int(all_vecs.shape[0]), generation=gen,
-                                vectors_file=f"vectors-{gen}.npy", keys_file=f"keys-{gen}.npy",
-                                vectors_sha256="", keys_sha256="")
-            manifest.vectors_sha256 = self._save_array(manifest.vectors_file, all_vecs)
-            manifest.keys_sha256 = self._save_array(manifest.keys_file, all_keys)
+            parts = sorted((old.parts if old else []) + [part], key=lambda p: p.vectors_file)
+            manifest = Manifest(format_version=FORMAT_VERSION, key=self.key.as_dict(), dim=int(vectors.shape[1]),
+                                count=sum(p.count for p in parts), parts=parts)
             # The manifest swap is the commit point.
             write_text_atomic(self.folder / "manifest.json", json.dumps(asdict(manifest), indent=1))
-            self.vectors = None  # drop our mmap of the old generation before deleting it
-            if old is not None:
-                for name in (old.vectors_file, old.keys_file):
-                    (self.folder / name).unlink(missing_ok=True)
             self._load()
-            log.debug("cache %s: +%d vectors (now %d)", self.folder.name, len(fresh), self.count)
+            log.debug("cache %s: +%d vectors (now %d in %d parts)", self.folder.name, len(fresh), self.count,
+                      len(parts))
             return len(fresh)

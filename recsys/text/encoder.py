@@ -6,7 +6,9 @@ of the longest one in the corpus. Vectors are put back into input order, so the 
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import List, Literal, Optional, Sequence
 import numpy as np
 
 from recsys.errors import DataError
+from recsys.text.model_source import hidden_size, model_identity
 
 log = logging.getLogger("recsys.text.encoder")
 
@@ -22,15 +25,19 @@ Pooling = Literal["mean", "cls"]
 
 
 def pick_device(device: str) -> str:
-    """`auto` -> cuda when available; an explicit `cuda` without CUDA is a clear error, not a crash later."""
+    """`auto` -> cuda when available (under torchrun: the local rank's GPU); an explicit `cuda` without CUDA is a
+    clear error, not a crash later."""
     import torch
 
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise DataError("text.encoder.device: cuda requested but CUDA is not available on this machine")
     if device not in ("cpu", "cuda"):
         raise DataError(f"text.encoder.device: unknown device {device!r} (use auto, cpu or cuda)")
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        # one GPU per rank of a torchrun launch
+        return f"cuda:{int(os.environ['LOCAL_RANK']) % torch.cuda.device_count()}"
     return device
 
 
@@ -47,9 +54,17 @@ class TextEncoder:
     """Loads a local model folder (never a hub) and encodes texts to float32 vectors."""
 
     def __init__(self, model_dir: Path, pooling: Pooling = "mean", max_length: int = 64, batch_size: int = 128,
-                 normalize: bool = True, device: str = "auto") -> None:
+                 normalize: bool = True, device: str = "auto", backend: str = "torch",
+                 derived_root: Optional[Path] = None, identity: Optional[str] = None) -> None:
         import torch
+        import transformers
         from transformers import AutoModel, AutoTokenizer
+
+        from recsys.text import backends
+
+        # the encode progress bar is ours; transformers' per-load "Loading weights" bar and notices are noise
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
 
         if pooling not in ("mean", "cls"):
             raise DataError(f"text.encoder.pooling: unknown pooling {pooling!r} (use mean or cls)")
@@ -58,19 +73,44 @@ class TextEncoder:
         self.max_length = int(max_length)
         self.batch_size = int(batch_size)
         self.normalize = bool(normalize)
+        self.backend = backends.resolve_backend(backend)
         self.device = pick_device(device)
+        if self.backend == "torch-int8" and self.device != "cpu":
+            raise DataError("text.encoder.backend: torch-int8 runs on CPU only (set text.encoder.device: cpu)")
+
+        def load_model():
+            try:
+                return AutoModel.from_pretrained(str(self.model_dir), local_files_only=True).eval()
+            except (OSError, ValueError) as exc:
+                raise DataError(f"cannot load text encoder from {self.model_dir}: {exc}") from None
+
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), local_files_only=True)
-            self.model = AutoModel.from_pretrained(str(self.model_dir), local_files_only=True)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot load text encoder from {self.model_dir}: {exc}") from None
-        limit = getattr(self.model.config, "max_position_embeddings", None)
+        self.config = json.loads((self.model_dir / "config.json").read_text())
+        limit = self.config.get("max_position_embeddings")
         if isinstance(limit, int) and self.max_length > limit:
             raise DataError(f"text.encoder.max_length: {self.max_length} exceeds the model's "
                             f"max_position_embeddings ({limit})")
-        self.model.eval().to(self.device)
+        self.model = None  # the torch module (torch backends only)
+        if self.backend in ("torch", "torch-int8"):
+            model = load_model()
+            if self.backend == "torch-int8":
+                model = backends.torch_int8_model(model)
+            self.model = model.to(self.device)
+            self._run = backends.torch_runner(self.model, self.device)
+        else:
+            if derived_root is None or identity is None:
+                derived_root = self.model_dir / ".onnx"
+                identity = model_identity(self.model_dir)
+            path = backends.export_onnx(load_model, identity, Path(derived_root))
+            if self.backend == "onnx-int8":
+                path = backends.quantize_onnx(path)
+            threads = torch.get_num_threads() if self.device == "cpu" else None
+            self._run = backends.onnx_runner(path, self.device, threads)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.dim = int(self.model.config.hidden_size)
+        self.dim = hidden_size(self.model_dir)
         self.counters = EncodeCounters()
         self._torch = torch
 
@@ -89,9 +129,8 @@ class TextEncoder:
         for i, row in enumerate(ids):
             input_ids[i, : len(row)] = row
             mask[i, : len(row)] = 1
-        input_t = torch.from_numpy(input_ids).to(self.device)
-        mask_t = torch.from_numpy(mask).to(self.device)
-        hidden = self.model(input_ids=input_t, attention_mask=mask_t).last_hidden_state.float()
+        hidden = self._run(input_ids, mask)
+        mask_t = torch.from_numpy(mask).to(hidden.device)
         if self.pooling == "cls":
             pooled = hidden[:, 0]
         else:
@@ -104,8 +143,9 @@ class TextEncoder:
         return pooled.cpu().numpy().astype(np.float32, copy=False)
 
     # ---------------------------------------------------------------------------------------------------- public
-    def encode(self, texts: Sequence[str], progress: bool = False, desc: str = "encode") -> np.ndarray:
-        """float32 [len(texts), dim], row i = vector of texts[i] (independent of batching and order)."""
+    def encode(self, texts: Sequence[str], progress: bool = False, desc: str = "encode", bar=None) -> np.ndarray:
+        """float32 [len(texts), dim], row i = vector of texts[i] (its position in `texts` does not matter; with
+        an int8 backend the other texts of its batch do, slightly). `bar`: a tqdm to advance per batch."""
         out = np.zeros((len(texts), self.dim), dtype=np.float32)
         if len(texts) == 0:
             return out
@@ -114,8 +154,8 @@ class TextEncoder:
         lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
         # Longest first: the biggest batch runs first (an out-of-memory shows at once) and the ETA is pessimistic.
         order = np.argsort(-lengths, kind="stable")
-        bar = None
-        if progress:
+        own_bar = bar is None and progress
+        if own_bar:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(texts), desc=desc, unit="text", unit_scale=False, dynamic_ncols=True)
@@ -127,7 +167,7 @@ class TextEncoder:
                     if bar is not None:
                         bar.update(len(idx))
         finally:
-            if bar is not None:
+            if own_bar:
                 bar.close()
         elapsed = time.perf_counter() - start
         self.counters.texts_encoded += len(texts)
@@ -136,7 +176,10 @@ class TextEncoder:
         return out
 
 
-def load_encoder(model_dir: Path, pooling: Pooling, max_length: int, batch_size: int, normalize: bool,
-                 device: Optional[str]) -> TextEncoder:
-    return TextEncoder(model_dir, pooling=pooling, max_length=max_length, batch_size=batch_size,
-                       normalize=normalize, device=device or "auto")
+def load_encoder(model_dir: Path, enc_spec, device: Optional[str], derived_root: Optional[Path] = None,
+                 identity: Optional[str] = None) -> TextEncoder:
+    """The encoder a spec's `text.encoder` section describes (`device` overrides the spec's)."""
+    return TextEncoder(model_dir, pooling=enc_spec.pooling, max_length=enc_spec.max_length,
+                       batch_size=enc_spec.batch_size, normalize=enc_spec.normalize,
+                       device=device or enc_spec.device, backend=enc_spec.backend, derived_root=derived_root,
+                       identity=identity)

@@ -29,7 +29,8 @@ def test_job_prints_summary_and_reuses_cache(tmp_path, tiny_bert, capsys):
     job = _job()
     assert job.main(["--spec", str(spec_path), "--no-progress"]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split() == ["table", "texts", "new", "cached", "seconds", "texts/s"]
+    assert out[0].split() == ["table", "texts", "new", "cached", "encoded", "seconds",
+                                 "texts/s"]
     assert out[2].split()[:4] == ["items", "2", "2", "0"] and out[3].split()[:4] == ["queries", "1", "1", "0"]
     assert job.main(["--spec", str(spec_path), "--no-progress", "--set", "text.encoder.batch_size=2"]) == 0
     out = capsys.readouterr().out.splitlines()
