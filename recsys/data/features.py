@@ -20,11 +20,16 @@ def sequence_kjt_keys(f) -> List[str]:
     return [f.name] if f.pooling == "mean" else sequence_keys(f.name, f.max_len)
 
 
+def is_bucketized(f) -> bool:
+    """A dense feature turned into a categorical id (`transform: bucketize`): a single-valued KJT key."""
+    return f.kind == "dense" and f.transform == "bucketize"
+
+
 def kjt_keys(spec: Spec) -> List[str]:
     """KJT keys in batch order: id and sparse features in spec order, then each sequence's keys."""
     keys: List[str] = []
     for f in spec.features:
-        if f.kind in ("id", "sparse"):
+        if f.kind in ("id", "sparse") or is_bucketized(f):
             keys.append(f.name)
     for f in spec.features:
         if f.kind == "sequence":
@@ -36,7 +41,7 @@ def table_of_key(spec: Spec) -> Dict[str, str]:
     """KJT key -> embedding table name (sequence positions read their feature's table)."""
     out: Dict[str, str] = {}
     for f in spec.features:
-        if f.kind in ("id", "sparse"):
+        if f.kind in ("id", "sparse") or is_bucketized(f):
             out[f.name] = f.table
         elif f.kind == "sequence":
             for k in sequence_kjt_keys(f):

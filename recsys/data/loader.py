@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import operator
+import re
 import os
 import queue
 import threading
@@ -45,7 +46,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.data import paths, schema
+from recsys.data import arrowops, paths, schema
+from recsys.data.hashing import hash_user_keys
 from recsys.data.batch import Batch
 from recsys.data.features import active_domains
 from recsys.data.mapping import REASONS, Arrays, FeatureMapper, assemble, drop_ids
@@ -60,14 +62,39 @@ MAP_BLOCK = 65536  # rows mapped per vectorised call
 CACHE_BYTES = 512 << 20  # decoded row groups kept in memory (at least one is always kept)
 
 
-def parse_row_filter(expr: str) -> Tuple[str, str, float]:
-    parts = expr.split()
-    if len(parts) != 3 or parts[1] not in _OPS:
-        raise DataError(f"data.row_filter {expr!r}: expected `column op number` with op in {sorted(_OPS)}")
+_BUCKET = re.compile(r"^bucket\(\s*([^,\s()]+)\s*,\s*(\d+)\s*\)$")
+
+
+def parse_row_filter(expr: str) -> Tuple[str, str, float, Optional[int]]:
+    """`column op number`, or `bucket(column, N) op number`: the column's values hashed (stable, the same hash
+    as GAUC's user keys) into N buckets, so a few-shot subset of users needs no numeric bucket column:
+    `bucket(user_id, 100) < 10` keeps about 10% of the users, with all their rows."""
+    left, _, rest = expr.strip().rpartition(" ")
+    left, op = left.strip().rsplit(" ", 1) if " " in left.strip() else ("", left.strip())
+    if not left or op not in _OPS:
+        raise DataError(f"data.row_filter {expr!r}: expected `column op number` or `bucket(column, N) op number` "
+                        f"with op in {sorted(_OPS)}")
     try:
-        return parts[0], parts[1], float(parts[2])
+        number = float(rest)
     except ValueError:
-        raise DataError(f"data.row_filter {expr!r}: {parts[2]!r} is not a number") from None
+        raise DataError(f"data.row_filter {expr!r}: {rest!r} is not a number") from None
+    m = _BUCKET.match(left)
+    if m:
+        if int(m.group(2)) < 1:
+            raise DataError(f"data.row_filter {expr!r}: bucket count must be at least 1")
+        return m.group(1), op, number, int(m.group(2))
+    if "(" in left or " " in left:
+        raise DataError(f"data.row_filter {expr!r}: expected `column op number` or `bucket(column, N) op number`")
+    return left, op, number, None
+
+
+def row_filter_values(path: Path, expr: str) -> Tuple[np.ndarray, str, float]:
+    """(the filtered quantity per row of `path`, op, number) of a row filter."""
+    col, op, num, buckets = parse_row_filter(expr)
+    raw = pq.read_table(path, columns=[col])[col]
+    if buckets is not None:
+        return (hash_user_keys(arrowops.as_strings(raw.combine_chunks())) % buckets).astype(np.float64), op, num
+    return raw.to_numpy(zero_copy_only=False).astype(np.float64), op, num
 
 
 class _RowGroupReader:
@@ -124,8 +151,7 @@ class BatchLoader:
         active = [spec.domain_index(n) for n in active_domains(spec)]
         keep = (reason == 0) & np.isin(domain, active)
         if spec.data.row_filter and with_row_filter and split == "train":
-            col, op, num = parse_row_filter(spec.data.row_filter)
-            vals = pq.read_table(self.path, columns=[col])[col].to_numpy(zero_copy_only=False).astype(np.float64)
+            vals, op, num = row_filter_values(self.path, spec.data.row_filter)
             keep &= _OPS[op](vals, num)
         starts = np.array([self.reader.rg_start[rg] + s for rg, s, _ in self.chunks], dtype=np.int64)
         # kept global row numbers of every chunk

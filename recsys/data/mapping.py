@@ -18,12 +18,18 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data import arrowops, paths, schema
 from recsys.data.batch import Batch
-from recsys.data.features import kjt_keys
+from recsys.data.features import is_bucketized, kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
 from recsys.errors import DataError
 from recsys.spec.config import Spec
 
 Arrays = Dict[str, np.ndarray]
+
+
+def bucket_rows(values: np.ndarray, boundaries) -> np.ndarray:
+    """Embedding rows of bucketized values: 1 + number of boundaries <= v; 0 for NaN/inf (missing)."""
+    rows = np.searchsorted(np.asarray(boundaries, dtype=np.float64), values, side="right") + 1
+    return np.where(np.isfinite(values), rows, 0).astype(np.int64)
 
 
 def _is_list(t: pa.DataType) -> bool:
@@ -37,7 +43,7 @@ class FeatureMapper:
         self._hashers: Dict[str, object] = {}  # one function object per hash table (memo key of arrowops)
         self.vocab: Dict[str, pa.Array] = {}
         for t in spec.tables:
-            if t.index == "vocab":
+            if t.index == "vocab" and t.name not in spec.bucket_tables():
                 p = paths.vocab_path(spec, t.name)
                 if not p.exists():
                     raise DataError(f"{p}: vocabulary missing; run jobs/prepare_data.py --spec <spec> first")
@@ -97,7 +103,10 @@ class FeatureMapper:
             self.side_keys[st.name] = arrowops.as_strings(tab[st.key].combine_chunks())
             for f in feats:
                 col = tab[f.column]
-                if f.kind == "dense":
+                if f.kind == "dense" and f.bucketized:
+                    v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+                    self.side_arrays[f.name] = np.append(bucket_rows(v, f.boundaries), 0)[:, None]
+                elif f.kind == "dense":
                     v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
                     mean = self.dense_stats.get(f.name, {}).get("mean", 0.0)
                     v = np.where(np.isfinite(v), v, mean)  # side values are content: fill, never quarantine
@@ -138,7 +147,14 @@ class FeatureMapper:
         dense: List[np.ndarray] = []
         for f in spec.features:
             src = getattr(f, "source", None)
-            if f.kind == "dense":
+            if f.kind == "dense" and f.bucketized:  # one value per row; row 0 (missing) still counts as a value
+                if src:
+                    out["sp/" + f.name] = self.side_arrays[f.name][side_idx[src]]
+                else:
+                    v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
+                    out["sp/" + f.name] = bucket_rows(v, f.boundaries)[:, None]
+                out["sp/" + f.name + "#len"] = np.ones(n, dtype=np.int64)
+            elif f.kind == "dense":
                 if src:
                     dense.append(self.side_arrays[f.name][side_idx[src]])
                 else:
@@ -189,7 +205,7 @@ class FeatureMapper:
         for col in dict.fromkeys(required):
             flag(arrowops.apply_distinct(table[col], _empty), 3)
         for f in self.spec.features:
-            if f.kind == "dense" and not f.source:
+            if f.kind == "dense" and not f.source and not f.bucketized:  # a bucket has a row for missing values
                 v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
                 flag(~np.isfinite(v), 4)
         for name in table.column_names:
@@ -236,7 +252,7 @@ def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
         if f.kind == "id":
             values.append(a["id/" + f.name])
             lengths.append(np.ones(b, dtype=np.int64))
-        elif f.kind == "sparse":
+        elif f.kind == "sparse" or is_bucketized(f):
             padded, lens = a["sp/" + f.name], a["sp/" + f.name + "#len"]
             values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
             lengths.append(lens)

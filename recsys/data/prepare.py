@@ -127,8 +127,10 @@ def build_vocab(spec: Spec, table: str, side: Dict[str, pa.Table]) -> pa.Table:
 
 def table_num_rows(spec: Spec) -> Dict[str, int]:
     """Embedding rows per table: vocab -> len+1 (or num_buckets when set), hash -> num_buckets."""
-    out: Dict[str, int] = {}
+    out: Dict[str, int] = dict(spec.bucket_tables())  # bucketized dense features: len(boundaries) + 2
     for t in spec.tables:
+        if t.name in out:
+            continue
         if t.index == "hash" or t.num_buckets is not None:
             out[t.name] = int(t.num_buckets)
             continue
@@ -232,7 +234,7 @@ def prepare(spec: Spec, force: bool = False) -> dict:
 
     data_fp = spec.data.model_dump(exclude={"row_filter", "max_bad_fraction"})
     for t in spec.tables:
-        if t.index != "vocab":
+        if t.index != "vocab" or t.name in spec.bucket_tables():  # bucket tables need no vocabulary
             continue
         out = paths.vocab_path(spec, t.name)
         fp = _fingerprint([data_fp, t.model_dump(), [f.model_dump() for f in spec.features

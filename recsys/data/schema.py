@@ -45,7 +45,9 @@ def type_ok(kind: str, t: pa.DataType) -> bool:
 def row_filter_column(spec: Spec) -> Optional[str]:
     if not spec.data.row_filter:
         return None
-    return spec.data.row_filter.split()[0]
+    from recsys.data.loader import parse_row_filter
+
+    return parse_row_filter(spec.data.row_filter)[0]
 
 
 def row_columns(spec: Spec, split: str, with_row_filter: bool = True) -> Dict[str, str]:
@@ -69,7 +71,7 @@ def row_columns(spec: Spec, split: str, with_row_filter: bool = True) -> Dict[st
             cols[f.column] = LIST if f.sequence else STRING_LIKE
     rf = row_filter_column(spec)
     if rf and with_row_filter and split == "train":
-        cols[rf] = NUMERIC
+        cols[rf] = STRING_LIKE if "bucket(" in spec.data.row_filter else NUMERIC
     return cols
 
 

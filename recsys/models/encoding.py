@@ -181,6 +181,9 @@ class UserQueryItemEncoder(nn.Module):
             elif f.kind == "sparse":
                 self.sparse_feats[f.side].append(f.name)
                 widths[(f.side, "sparse")] = widths.get((f.side, "sparse"), 0) + table_dim[f.table]
+            elif f.kind == "dense" and f.bucketized:  # a categorical id: looked up like a sparse feature
+                self.sparse_feats[f.side].append(f.name)
+                widths[(f.side, "sparse")] = widths.get((f.side, "sparse"), 0) + table_dim[f.table]
             elif f.kind == "dense":
                 self.dense_index[f.side].append(dense_i)
                 dense_i += 1

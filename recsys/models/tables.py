@@ -16,8 +16,11 @@ def table_rows(spec: Spec, vocab_rows: Dict[str, int]) -> Dict[str, int]:
     """Rows per table: `num_buckets` where the spec gives one (hash tables, or a cap/override for vocab tables),
     else the prepared vocabulary size (which already counts row 0 for unseen ids)."""
     out: Dict[str, int] = {}
+    buckets = spec.bucket_tables()
     for t in spec.tables:
-        if t.num_buckets is not None:
+        if t.name in buckets:
+            out[t.name] = buckets[t.name]
+        elif t.num_buckets is not None:
             out[t.name] = t.num_buckets
         elif t.name in vocab_rows:
             out[t.name] = vocab_rows[t.name]

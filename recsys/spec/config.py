@@ -118,12 +118,34 @@ class SequenceFeature(StrictModel):
 
 
 class DenseFeature(StrictModel):
+    """A numeric column. `none` / `log1p` / `standardize` (train mean and std) feed it to the model as a number;
+    `bucketize` turns it into a categorical id instead (the usual treatment of age-like columns): value v gets
+    row 1 + (number of `boundaries` <= v) of its own embedding `table`, which has len(boundaries) + 2 rows
+    (row 0 = missing / non-finite value, never a bad row)."""
+
     kind: Literal["dense"]
     name: str = Field(pattern=NAME_PATTERN)
     column: str
     side: Side
     source: Optional[str] = None
-    transform: Literal["none", "log1p", "standardize"] = "standardize"
+    transform: Literal["none", "log1p", "standardize", "bucketize"] = "standardize"
+    boundaries: Optional[List[float]] = None  # bucketize: increasing bucket edges, e.g. [18, 25, 35, 45, 55, 65]
+    table: Optional[str] = None  # bucketize: the embedding table of the buckets (read by this feature only)
+
+    @model_validator(mode="after")
+    def _bucketize_fields(self):
+        if self.transform == "bucketize":
+            if not self.boundaries or self.table is None:
+                raise ValueError("transform 'bucketize' needs boundaries (increasing numbers) and table")
+            if any(hi <= lo for lo, hi in zip(self.boundaries, self.boundaries[1:])):
+                raise ValueError(f"boundaries must increase strictly, got {self.boundaries}")
+        elif self.boundaries is not None or self.table is not None:
+            raise ValueError(f"boundaries/table are for transform 'bucketize', not '{self.transform}'")
+        return self
+
+    @property
+    def bucketized(self) -> bool:
+        return self.transform == "bucketize"
 
 
 class TextFeature(StrictModel):
@@ -297,6 +319,10 @@ class Spec(StrictModel):
         """Names of the text tables some text feature reads, sorted."""
         return sorted({f.text_table for f in self.features_of("text")})
 
+    def bucket_tables(self) -> Dict[str, int]:
+        """Tables of bucketized dense features -> their rows (len(boundaries) + 2; no vocabulary)."""
+        return {f.table: len(f.boundaries) + 2 for f in self.features_of("dense") if f.bucketized}
+
     def table(self, name: str) -> TableSpec:
         return next(t for t in self.tables if t.name == name)
 
@@ -391,6 +417,14 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
             elif f.text_table not in text_table_names:
                 issues.append((("features", i, "text_table"),
                                f"unknown text table '{f.text_table}'; expected one of {_one_of(text_table_names)}"))
+
+    # a bucketized dense feature owns its table: its rows are bucket numbers, no other id space
+    for i, f in enumerate(spec.features):
+        if f.kind == "dense" and f.bucketized:
+            others = [j for j, g in enumerate(spec.features) if j != i and getattr(g, "table", None) == f.table]
+            if others:
+                issues.append((("features", i, "table"), f"table '{f.table}' holds the buckets of '{f.name}'; "
+                               f"features.{others[0]} '{spec.features[others[0]].name}' may not read it too"))
 
     # features sharing a table must put values of one id space into it: tokens split out of a string column
     # (sparse with a separator) are a different id space than raw ids (id / sequence features).

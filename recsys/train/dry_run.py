@@ -27,7 +27,8 @@ def missing_prepared(spec: Spec) -> List[Path]:
     if spec.data.adapter == "movielens":  # this adapter writes the split files and side tables itself
         need += [split_path(spec, s) for s in spec.data.splits]
         need += [side_table_path(spec, st.name) for st in spec.data.side_tables]
-    need += [paths.vocab_path(spec, t.name) for t in spec.tables if t.index == "vocab" and t.num_buckets is None]
+    need += [paths.vocab_path(spec, t.name) for t in spec.tables if t.index == "vocab" and t.num_buckets is None
+             and t.name not in spec.bucket_tables()]
     if spec.features_of("dense"):
         need.append(paths.stats_path(spec))
     if spec.text.mode != "none":
