@@ -64,20 +64,24 @@ def git_commit() -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    """lscpu's model name (see recsys.hardware)."""
+    from recsys import hardware
+
+    return hardware.cpu_info().model
 
 
 def machine() -> Dict[str, Any]:
+    """What every result states: CPU model (lscpu), torch's CPU capability, bf16 support, cores, commit, load."""
     import torch
 
-    return {"cpu_model": cpu_model(), "nproc": os.cpu_count(), "python": platform.python_version(),
-            "torch": torch.__version__, "torch_threads": torch.get_num_threads(), "commit": git_commit(),
+    from recsys import hardware
+
+    cpu = hardware.cpu_info()
+    return {"cpu_model": cpu.model, "cpu_capability": cpu.capability, "bf16_native": cpu.bf16_native,
+            "cpu_flags": sorted(cpu.flags), "cores": cpu.cores, "nproc": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(0)
+            if torch.cuda.is_available() else None, "commit": git_commit(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_1min": load_average()}
 
 

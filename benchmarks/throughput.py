@@ -1,25 +1,35 @@
 #!/usr/bin/env python
-"""Training and inference throughput (samples/s) of the full model on amazon-sr with 1 and 2 ranks, against a
-plain-PyTorch reference of the same architecture, plus the loader alone, peak RSS per process, FLOPs per sample
-against this machine's fp32 matmul peak, and the profile (top ops) of the distributed training step.
+"""Training and inference throughput (samples/s) on amazon-sr, measured side by side in ONE launch and reported as
+ratios: our full model against a plain-PyTorch reference of the same model code, our peers' configuration against
+the public peers themselves (our re-implementations of Scenario-Wise-Rec's EPNet and SharedBottom,
+benchmarks/peers.py), plus the loader alone, peak RSS, FLOPs per sample against this machine's fp32 matmul peak and
+the profile of the distributed training step. Every report names the CPU (lscpu model name), torch's CPU capability,
+the cores and the commit: absolute figures belong to one machine, the ratios are the claim.
 
-    python benchmarks/throughput.py                    # amazon-sr, all configurations (~10 min on 2 cores)
-    python benchmarks/throughput.py --quick            # movielens, few steps, 1 rank (a smoke run)
+    python benchmarks/throughput.py                    # amazon-sr, the default set, 3 interleaved rounds (~12 min
+                                                       # on 2 quiet cores)
+    python benchmarks/throughput.py --quick            # amazon-sr goal set, 1 round, few steps (~4 min); movielens
+                                                       # when the amazon-sr files are absent
     python benchmarks/throughput.py --configs tr_full_train_2 plain_full_train_2
+    python benchmarks/throughput.py --all              # every configuration
 
 Every configuration is its own `torchrun` launch of this file's timing entry point (`--worker`): build the model
-as the training job does, warm up, barrier, time N steps, barrier (no evaluation inside the timed window). The
-TorchRec configurations run the job's own pieces (Trainer: planner-sharded DistributedModelParallel, fused
+as the training job does, warm up, barrier, time N steps, barrier (no evaluation inside the timed window). With
+`--repeat R` the configurations are launched in R interleaved rounds (A B C, A B C, ...) and each reports its median:
+a machine that gets busier or quieter during the run then shifts every configuration alike, not the last ones only.
+The TorchRec configurations run the job's own pieces (Trainer: planner-sharded DistributedModelParallel, fused
 in-backward row-wise Adagrad, TrainPipelineSparseDist, the finite-gradient guard); the plain ones run the same
 recsys model code on benchmarks/plain_reference.py's EmbeddingBag collection with torch.optim (sparse Adagrad +
-Adam) and DistributedDataParallel on 2 ranks. Each measurement records the 1-minute load average before and after:
-this machine is shared, and figures taken under load are noisy.
+Adam) and DistributedDataParallel on 2 ranks. `*_prebuilt` configurations and the public peers time the step on
+batches built before the timed window (how the peers are timed); the others include our loader. Each measurement
+records the 1-minute load average before and after: figures taken under load are noisy, ratios less so.
 
 Writes benchmarks/results/throughput.{json,md,png}.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -34,11 +44,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks import common  # noqa: E402
 from recsys.train.dist import GLOO_EXIT_ABORT  # noqa: E402
 
-PEER_BEST = 198_000  # fastest public peer measured on this machine, samples/s (range 65k-198k)
-GOAL_FULL_2 = 60_000
+# The goals, as ratios measured in the same launch (CPU-independent): our peers' configuration >= 1.5x the fastest
+# public peer at global batch 4,096 on the same protocol (pre-built batches, one process, all cores), and the full
+# model on TorchRec at least as fast as the plain-PyTorch reference of the same model code.
+GOAL_PEER_RATIO = 1.5
+GOAL_FULL_VS_PLAIN = 1.0
 
-# name -> (impl, task, nproc, variant[, overrides of this configuration only])
+# name -> (impl, task, nproc, variant[, overrides of this configuration only]). impl "peer" = benchmarks/peers.py
+# (variant = the peer model), always one process with every core as an intra-op thread.
 CONFIGS: Dict[str, tuple] = {
+    "peer_epnet": ("peer", "train", 1, "epnet"),
+    "peer_sharedbottom": ("peer", "train", 1, "sharedbottom"),
+    "tr_peer_train_1_prebuilt": ("torchrec", "train", 1, "peer"),
+    # information, not the goal: the peers' configuration at the peers' own tower width (SharedBottom's bottom is
+    # one 128-wide layer; ours is 256-128, 3x the tower FLOPs of EPNet's 128-64-32 MLP)
+    "tr_peer128_train_1_prebuilt": ("torchrec", "train", 1, "peer", ["model.hidden=[128]"]),
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
     "tr_full_train_1": ("torchrec", "train", 1, "full"),
@@ -56,7 +76,14 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_infer_2": ("torchrec", "infer", 2, "full"),
     "plain_full_infer_1": ("plain", "infer", 1, "full"),
 }
-QUICK_CONFIGS = ["loader_1", "tr_full_train_1", "plain_full_train_1", "tr_full_infer_1"]
+PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer128_train_1_prebuilt"}
+PREBUILT_BATCHES = 16  # batches built before the timed window of a pre-built configuration (the peers use as many)
+DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer128_train_1_prebuilt",
+                   "tr_peer_train_1", "tr_peer_train_2", "tr_full_train_1", "tr_full_train_2", "plain_full_train_1",
+                   "plain_full_train_2", "loader_1", "tr_full_infer_1"]
+QUICK_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_full_train_1",
+                 "plain_full_train_1"]
+QUICK_CONFIGS_MOVIELENS = ["loader_1", "tr_full_train_1", "plain_full_train_1", "tr_full_infer_1"]
 
 
 # ============================================================================================== worker (torchrun)
@@ -97,7 +124,30 @@ def _top_ops(prof, steps: int, limit: int = 30) -> List[Dict[str, Any]]:
             for e in events[:limit]]
 
 
+def peer_worker(cfg: Dict[str, Any]) -> None:
+    """A public peer (our re-implementation, benchmarks/peers.py): one process, every core an intra-op thread,
+    batches built before the timed window; no process group."""
+    from benchmarks import peers
+    from recsys import hardware
+
+    rows = peers.load_rows(common.AMAZON_RAW)
+    threads = hardware.cpu_info().cores
+    res = peers.time_peer(cfg["variant"], rows, batch=cfg["batch"], threads=threads, steps=cfg["steps"],
+                          warmup=cfg["warmup"])
+    load0 = common.load_average()
+    mine = {"rank": 0, "seconds": res["seconds"], "local_samples": res["steps"] * res["batch"],
+            "load_avg_before": load0, "load_avg_after": common.load_average(), "peak_rss_mb": common.peak_rss_mb(),
+            "threads": threads}
+    common.write_json(Path(cfg["out"]), {
+        "samples_per_s": res["samples_per_s"], "samples": mine["local_samples"], "seconds": res["seconds"],
+        "steps": cfg["steps"], "warmup": cfg["warmup"], "batch_per_rank": cfg["batch"], "world_size": 1,
+        "per_rank": [mine], "peak_rss_mb_per_process": [mine["peak_rss_mb"]], "load_avg_before": load0,
+        "load_avg_after": mine["load_avg_after"], "prebuilt": True})
+
+
 def worker(cfg: Dict[str, Any]) -> None:
+    if cfg["impl"] == "peer":
+        return peer_worker(cfg)
     import torch
     import torch.distributed as dist
 
@@ -113,7 +163,12 @@ def worker(cfg: Dict[str, Any]) -> None:
     bs = (spec.train.batch_size if task_kind != "infer" else spec.train.eval_batch_size) // world
     loader = BatchLoader(spec, split, bs, rank=ctx.rank, world_size=world, seed=spec.train.seed,
                          eval_mode=task_kind == "infer")
-    batches = _cycle(loader)
+    if cfg.get("prebuilt"):  # built before timing, as the peers are timed; cycled (the step never sees the loader)
+        it = iter(_cycle(loader))
+        built = [next(it) for _ in range(PREBUILT_BATCHES)]
+        batches = (built[i % len(built)] for i in itertools.count())
+    else:
+        batches = _cycle(loader)
     prof_result = None
 
     if impl == "loader":
@@ -214,7 +269,9 @@ def matmul_peak_gflops(n: int = 2048, reps: int = 8) -> float:
     """Best fp32 GEMM rate of this process with all cores' threads: the denominator of the FLOP fraction."""
     import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
+    from recsys import hardware
+
+    torch.set_num_threads(hardware.cpu_info().cores)
     a, b = torch.randn(n, n), torch.randn(n, n)
     for _ in range(2):
         a @ b
@@ -254,12 +311,13 @@ def flops_per_sample(data: str, variant: str, extra: List[str], batch: int = 512
 
 
 def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], profile_steps: int,
-           tmp: Path, timeout: float) -> Dict[str, Any]:
+           tmp: Path, timeout: float, batch: int = 4096) -> Dict[str, Any]:
     impl, task, nproc, variant, *own = CONFIGS[name]
     out = tmp / f"{name}.json"
     cfg = {"impl": impl, "task": task, "variant": variant, "data": data, "steps": steps, "warmup": warmup,
            "extra": [*extra, *(own[0] if own else [])], "out": str(out), "tmp": str(tmp / f"run_{name}"),
-           "profile_steps": profile_steps if (impl == "torchrec" and task == "train" and nproc > 1) else 0}
+           "profile_steps": profile_steps if (impl == "torchrec" and task == "train" and nproc > 1) else 0,
+           "prebuilt": name in PREBUILT, "batch": batch}
     cmd = [common.PYTHON, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
            str(Path(__file__).resolve()), "--worker", json.dumps(cfg)]
     t0 = time.time()
@@ -293,10 +351,8 @@ def launch(name: str, data: str, steps: int, warmup: int, extra: List[str], prof
     return res
 
 
-def measure(name: str, repeat: int, **kwargs) -> Dict[str, Any]:
-    """`repeat` launches of one configuration; the median run is reported (samples/s of every run kept): a single
-    3-10 s window on a shared 2-core machine varies by a few percent."""
-    runs = [launch(name, **kwargs) for _ in range(repeat)]
+def median_run(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The median of one configuration's launches (samples/s of every launch kept); the last error if none ran."""
     ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["samples_per_s"])
     if not ok:
         return runs[-1]
@@ -305,14 +361,76 @@ def measure(name: str, repeat: int, **kwargs) -> Dict[str, Any]:
     return res
 
 
-def peer_goal_rows(configs: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The peers' configuration on 2 ranks at each measured global batch, against the goal, smallest batch first."""
-    rows = []
-    for name, r in configs.items():
-        if name.startswith("tr_peer_train_2") and r.get("samples_per_s"):
-            rows.append({"config": name, "global_batch": r["batch_per_rank"] * r["world_size"],
-                         "samples_per_s": r["samples_per_s"], "met": r["samples_per_s"] >= 1.5 * PEER_BEST})
-    return sorted(rows, key=lambda p: p["global_batch"])
+def measure_rounds(names: List[str], repeat: int, **kwargs) -> Dict[str, Dict[str, Any]]:
+    """`repeat` interleaved rounds over all configurations (A B C, A B C, ...), the median launch of each reported:
+    load that comes and goes during the run then shifts every configuration alike, which keeps the ratios fair."""
+    runs: Dict[str, List[Dict[str, Any]]] = {n: [] for n in names}
+    for r in range(repeat):
+        for name in names:
+            print(f"[{time.strftime('%H:%M:%S')}] round {r + 1}/{repeat} {name} (load {common.load_average():.2f}) "
+                  f"...", flush=True)
+            res = launch(name, **kwargs)
+            runs[name].append(res)
+            print(f"    -> {res['samples_per_s']:,.0f} samples/s" if "error" not in res
+                  else f"    -> {res['error']}\n{res['log_tail']}", flush=True)
+    return {n: median_run(rs) for n, rs in runs.items()}
+
+
+def _rate(configs: Dict[str, Any], name: str) -> Optional[float]:
+    r = configs.get(name) or {}
+    return r.get("samples_per_s") if "error" not in r else None
+
+
+def ratios(configs: Dict[str, Any]) -> Dict[str, Any]:
+    """The claims of a run, each a ratio of two configurations measured in it (None where one is missing)."""
+    peers = {n: _rate(configs, n) for n in configs if CONFIGS.get(n, ("",))[0] == "peer"}
+    peers = {n: v for n, v in peers.items() if v}
+    fastest = max(peers, key=peers.get) if peers else None
+
+    def over(a: str, b: Optional[str]) -> Optional[float]:
+        va, vb = _rate(configs, a), (_rate(configs, b) if b else None)
+        return va / vb if va and vb else None
+
+    rows = {
+        "peers_config_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt", fastest),
+        "peers_config_with_loader_1_rank_vs_fastest_peer": over("tr_peer_train_1", fastest),
+        "peers_config_with_loader_2_ranks_vs_fastest_peer": over("tr_peer_train_2", fastest),
+        "peers_config_at_peer_width_prebuilt_vs_fastest_peer": over("tr_peer128_train_1_prebuilt", fastest),
+        "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
+        "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
+        "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
+        "peers_config_2_ranks_vs_1_rank": over("tr_peer_train_2", "tr_peer_train_1"),
+        "full_vs_fastest_peer": over("tr_full_train_1", fastest),
+    }
+    goal_peer = rows["peers_config_prebuilt_vs_fastest_peer"]
+    goal_full = rows["full_vs_plain_reference_1_rank"]
+    return {"fastest_peer": fastest, "fastest_peer_samples_per_s": peers.get(fastest) if fastest else None,
+            "ratios": rows, "goal_peer_ratio": GOAL_PEER_RATIO,
+            "peer_goal_met": None if goal_peer is None else goal_peer >= GOAL_PEER_RATIO,
+            "goal_full_vs_plain": GOAL_FULL_VS_PLAIN,
+            "full_goal_met": None if goal_full is None else goal_full >= GOAL_FULL_VS_PLAIN}
+
+
+RATIO_LABELS = {
+    "peers_config_prebuilt_vs_fastest_peer": "peers' configuration / fastest peer, both on pre-built batches, 1 "
+                                             "process (**the goal: >= 1.5**)",
+    "peers_config_with_loader_1_rank_vs_fastest_peer": "peers' configuration with our loader in the loop, 1 process "
+                                                       "/ fastest peer (pre-built)",
+    "peers_config_with_loader_2_ranks_vs_fastest_peer": "the same on 2 gloo ranks / fastest peer",
+    "peers_config_at_peer_width_prebuilt_vs_fastest_peer": "peers' configuration at the peers' tower width (hidden "
+                                                           "128), pre-built / fastest peer (information)",
+    "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
+    "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
+    "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",
+    "peers_config_2_ranks_vs_1_rank": "peers' configuration, 2 ranks / 1 process (TorchRec, with loader)",
+    "full_vs_fastest_peer": "full model (1 process, with loader) / fastest peer",
+}
+
+
+def machine_line(m: Dict[str, Any]) -> str:
+    return (f"{m.get('cpu_model', '?')} ({m.get('cores', m.get('nproc', '?'))} cores, torch CPU capability "
+            f"{m.get('cpu_capability', '?')}, bf16 {'native' if m.get('bf16_native') else 'not native'}), "
+            f"torch {m.get('torch', '?')}, commit `{m.get('commit', '?')}`, {m.get('date', '?')}")
 
 
 def render(report: Dict[str, Any]) -> str:
@@ -327,36 +445,44 @@ def render(report: Dict[str, Any]) -> str:
         runs = [x for x in r.get("runs_samples_per_s", []) if x]
         rate = f"{r['samples_per_s']:,.0f}" + (f" (median of {' / '.join(f'{x:,.0f}' for x in runs)})"
                                                if len(runs) > 1 else "")
-        rows.append([name, r["impl"], r["task"], r["variant"], r["nproc"], f"{batch:,}", rate,
+        model = r["variant"] + (" (pre-built batches)" if r.get("prebuilt") else "")
+        rows.append([name, r["impl"], r["task"], model, r["nproc"], f"{batch:,}", rate,
                      " / ".join(f"{x:,.0f}" for x in r["peak_rss_mb_per_process"]),
                      f"{r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f}"
                      + (f"; {100 * frac:.2f}% of fp32 peak" if frac is not None else "")])
-    text = (f"# Throughput on {report['data']}\n\n{m['nproc']} x {m['cpu_model']}, torch {m['torch']}, commit "
-            f"`{m['commit']}`, {m['date']}. Training: global batch {report['global_batch']} (unless the table says "
-            f"otherwise), {report['steps']} timed "
-            f"steps after {report['warmup']} warm-up steps, no evaluation in the window; inference: eval batch "
+    text = (f"# Throughput on {report['data']}\n\nMachine: {machine_line(m)}. Load average at the start "
+            f"{m.get('load_avg_1min', float('nan')):.2f}. Training: global batch {report['global_batch']} (unless "
+            f"the table says otherwise), {report['steps']} timed steps after {report['warmup']} warm-up steps, "
+            f"{report.get('repeat', 1)} interleaved round(s), no evaluation in the window; inference: eval batch "
             f"{report['eval_batch']} on valid. Samples/s are global (all ranks). Load average = 1-min, before -> "
-            f"after each measurement (2 cores: anything above ~2 means other jobs shared the CPU).\n\n")
-    text += common.markdown_table(["config", "impl", "task", "model", "ranks", "global batch", "samples/s",
-                                   "peak RSS MB/process",
-                                   "load avg; FLOP use"], rows)
-    text += (f"\n\nfp32 matmul peak (2048^3 GEMM, {m['nproc']} threads): {report['matmul_peak_gflops']:.1f} GFLOP/s. "
-             f"FLOPs per sample (forward+backward, FlopCounterMode): full {report['flops']['full']['flops_per_sample'] / 1e6:.2f} MFLOP, "
-             f"peer config {report['flops']['peer']['flops_per_sample'] / 1e6:.2f} MFLOP. The default amazon-sr spec "
-             f"runs its dense matmuls in bf16 (`train.precision`), so the fraction of the *fp32* peak is a "
-             f"reference point, not a ceiling.\n")
-    g = report.get("goals", {})
+            f"after each measurement (above the core count means other jobs shared the CPU).\n\n")
+    g = report.get("goals")
     if g:
-        def measured(key: str, met: str) -> str:  # a run may measure only some configurations
-            v = g.get(key)
-            return "not measured" if v is None else f"measured {v:,.0f} ({'met' if g.get(met) else 'NOT met'})"
+        text += "## Ratios measured in this run\n\n"
+        fastest = g.get("fastest_peer")
+        if fastest:
+            text += (f"Fastest public peer in this run: `{fastest}` ({g['fastest_peer_samples_per_s']:,.0f} "
+                     f"samples/s; our re-implementation, benchmarks/peers.py).\n\n")
+        text += common.markdown_table(["ratio", "value"], [
+            [RATIO_LABELS.get(k, k), "not measured" if v is None else f"{v:.2f}x"] for k, v in g["ratios"].items()])
 
-        peers = ", ".join(f"{p['samples_per_s']:,.0f} ({'met' if p['met'] else 'NOT met'}) at global batch "
-                          f"{p['global_batch']:,}" for p in g.get("peer_by_batch", []))
-        peers = f"measured {peers}" if peers else "not measured"
-        text += (f"\nGoals: full model >= {GOAL_FULL_2:,} samples/s on 2 ranks -> {measured('full_2_ranks', 'full_met')}; "
-                 f"peer configuration >= 1.5 x {PEER_BEST:,} = {1.5 * PEER_BEST:,.0f} on 2 ranks -> "
-                 f"{peers}. The public peers' batch size is not known, so every measured batch is listed.\n")
+        def verdict(key: str) -> str:
+            v = g.get(key)
+            return "not measured" if v is None else ("met" if v else "NOT met")
+
+        text += (f"\n\nGoals: peers' configuration >= {GOAL_PEER_RATIO}x the fastest peer at global batch 4,096 "
+                 f"-> {verdict('peer_goal_met')}; full model on TorchRec >= {GOAL_FULL_VS_PLAIN}x the plain-PyTorch "
+                 f"reference -> {verdict('full_goal_met')}.\n\n")
+    text += "## Every configuration\n\n"
+    text += common.markdown_table(["config", "impl", "task", "model", "ranks", "global batch", "samples/s",
+                                   "peak RSS MB/process", "load avg; FLOP use"], rows)
+    if report.get("matmul_peak_gflops"):
+        names = {"full": "full", "peer": "peers' configuration"}
+        flops = ", ".join(f"{names.get(v, v)} {f['flops_per_sample'] / 1e6:.2f} MFLOP"
+                          for v, f in report.get("flops", {}).items())
+        text += (f"\n\nfp32 matmul peak (2048^3 GEMM, all cores): {report['matmul_peak_gflops']:.1f} GFLOP/s. "
+                 f"FLOPs per sample (forward+backward, FlopCounterMode): {flops}. Dense precision: "
+                 f"{report.get('precision', '?')}.\n")
     prof = report.get("profile_top_ops")
     if prof:
         text += "\n## Profile of the 2-rank TorchRec training step (rank 0, self CPU time)\n\n"
@@ -373,21 +499,23 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [(n, r["samples_per_s"]) for n, r in report["configs"].items() if "error" not in r
+    items = [(n, r["samples_per_s"], r["impl"]) for n, r in report["configs"].items() if "error" not in r
              and r["task"] != "loader"]
     if not items:
         return
-    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 1.5))
-    colors = ["tab:blue" if "tr_" in n else "tab:orange" for n, _ in items]
-    ax.barh([n for n, _ in items], [v for _, v in items], color=colors)
-    if report["data"] == "amazon_sr":
-        ax.axvline(GOAL_FULL_2, color="k", ls="--", lw=1, label=f"goal full model, 2 ranks ({GOAL_FULL_2:,})")
-        ax.axvline(PEER_BEST, color="r", ls=":", lw=1, label=f"fastest public peer ({PEER_BEST:,})")
-        ax.axvline(1.5 * PEER_BEST, color="r", ls="--", lw=1,
-                   label=f"goal peers' configuration, 2 ranks ({1.5 * PEER_BEST:,.0f})")
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 2.0))
+    colour = {"torchrec": "tab:blue", "plain": "tab:orange", "peer": "tab:gray"}
+    ax.barh([n for n, _, _ in items], [v for _, v, _ in items], color=[colour.get(i, "k") for _, _, i in items])
+    g = report.get("goals") or {}
+    if g.get("fastest_peer_samples_per_s"):
+        best = g["fastest_peer_samples_per_s"]
+        ax.axvline(best, color="r", ls=":", lw=1, label=f"fastest peer in this run ({best:,.0f})")
+        ax.axvline(GOAL_PEER_RATIO * best, color="r", ls="--", lw=1,
+                   label=f"goal: {GOAL_PEER_RATIO}x the fastest peer ({GOAL_PEER_RATIO * best:,.0f})")
         ax.legend(fontsize=7)
     ax.set_xlabel("samples/s (all ranks)")
-    ax.set_title(f"{report['data']} throughput (blue TorchRec, orange plain PyTorch)")
+    ax.set_title(f"{report['data']} throughput (blue TorchRec, orange plain PyTorch, grey public peers)\n"
+                 f"{machine_line(report['machine'])}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -398,63 +526,67 @@ def main(argv=None) -> int:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--data", default="amazon_sr", choices=list(common.SPEC_FILES))
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS))
+    ap.add_argument("--all", action="store_true", help="every configuration, not the default set")
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--profile-steps", type=int, default=5)
     ap.add_argument("--set", dest="extra", action="append", default=[], help="spec override for every config")
-    ap.add_argument("--quick", action="store_true", help="movielens, 1 rank, 5 steps (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="the goal configurations, 1 round, 10 steps (amazon-sr; "
+                    "movielens, 1 rank, 5 steps where the amazon-sr files are absent)")
     ap.add_argument("--results-dir", type=Path, default=common.RESULTS)
     ap.add_argument("--merge", action="store_true", help="keep the configurations of the existing result file that "
                     "this run does not re-measure")
     ap.add_argument("--timeout", type=float, default=900)
-    ap.add_argument("--repeat", type=int, default=1, help="launches per configuration; the median is reported")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved rounds; each configuration reports its median")
     args = ap.parse_args(argv)
     if args.worker:
         worker(json.loads(args.worker))
         return 0
     if args.quick:
-        args.data = "movielens" if args.data == "amazon_sr" else args.data
-        args.configs = args.configs or QUICK_CONFIGS
-        args.steps, args.warmup, args.profile_steps = min(args.steps, 5), min(args.warmup, 2), 0
+        if args.data == "amazon_sr" and common.data_available("amazon_sr"):
+            args.data = "movielens"
+        args.configs = args.configs or (QUICK_CONFIGS if args.data == "amazon_sr" else QUICK_CONFIGS_MOVIELENS)
+        args.steps, args.warmup, args.profile_steps, args.repeat = min(args.steps, 10), min(args.warmup, 2), 0, 1
     why = common.data_available(args.data)
     if why:
         print(f"skip {args.data}: {why}")
         return 0
     from recsys.data.prepare import prepare
+    from recsys.models.precision import resolve_precision
 
     spec = common.load(args.data, args.extra)
     prepare(spec)
-    names = args.configs or list(CONFIGS)
-    report: Dict[str, Any] = {"data": args.data, "machine": common.machine(), "steps": args.steps,
+    names = args.configs or (list(CONFIGS) if args.all else DEFAULT_CONFIGS)
+    if args.data != "amazon_sr":
+        names = [n for n in names if CONFIGS[n][0] != "peer"]  # the peers are defined on amazon-sr's features
+    machine = common.machine()
+    print(f"machine: {machine_line(machine)}", flush=True)
+    report: Dict[str, Any] = {"data": args.data, "machine": machine, "steps": args.steps, "repeat": args.repeat,
                               "warmup": args.warmup, "global_batch": spec.train.batch_size,
                               "eval_batch": spec.train.eval_batch_size, "overrides": args.extra,
+                              "precision": resolve_precision(spec.train.precision, "cpu")[1],
                               "peer_overrides": common.peer_overrides(args.data), "configs": {}}
     stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
     previous = args.results_dir / f"{stem}.json"
     if args.merge and previous.exists():  # re-measure some configurations, keep the others (each has its time)
         report["configs"] = json.loads(previous.read_text()).get("configs", {})
     report["matmul_peak_gflops"] = matmul_peak_gflops()
-    report["flops"] = {v: flops_per_sample(args.data, v, args.extra) for v in ("full", "peer")}
+    report["flops"] = {v: flops_per_sample(args.data, v, args.extra)
+                       for v in sorted({CONFIGS[n][3] for n in names if CONFIGS[n][0] != "peer"})}
     with tempfile.TemporaryDirectory(prefix="recsys_tput_") as tmp:
-        for name in names:
-            print(f"[{time.strftime('%H:%M:%S')}] {name} (load {common.load_average():.2f}) ...", flush=True)
-            r = measure(name, args.repeat, data=args.data, steps=args.steps, warmup=args.warmup, extra=args.extra,
-                        profile_steps=args.profile_steps, tmp=Path(tmp), timeout=args.timeout)
-            if "error" not in r and r["task"] == "train":
-                fl = report["flops"][r["variant"]]["flops_per_sample"]
-                r["flop_fraction_of_peak"] = fl * r["samples_per_s"] / (report["matmul_peak_gflops"] * 1e9)
-            report["configs"][name] = r
-            print(f"    -> {r.get('samples_per_s', float('nan')):,.0f} samples/s" if "error" not in r
-                  else f"    -> {r['error']}\n{r['log_tail']}", flush=True)
+        measured = measure_rounds(names, args.repeat, data=args.data, steps=args.steps, warmup=args.warmup,
+                                  extra=args.extra, profile_steps=args.profile_steps, tmp=Path(tmp),
+                                  timeout=args.timeout, batch=spec.train.batch_size)
+    for name, r in measured.items():
+        if "error" not in r and r["task"] == "train" and r["variant"] in report["flops"]:
+            fl = report["flops"][r["variant"]]["flops_per_sample"]
+            r["flop_fraction_of_peak"] = fl * r["samples_per_s"] / (report["matmul_peak_gflops"] * 1e9)
+        report["configs"][name] = r
     c = report["configs"]
     prof = next((r.get("profile_top_ops_rank0") for r in c.values() if r.get("profile_top_ops_rank0")), None)
     if prof:
         report["profile_top_ops"] = prof
-    full2 = c.get("tr_full_train_2", {}).get("samples_per_s")
-    if args.data == "amazon_sr":
-        report["goals"] = {"full_2_ranks": full2, "full_goal": GOAL_FULL_2,
-                           "full_met": bool(full2 and full2 >= GOAL_FULL_2), "peer_goal": 1.5 * PEER_BEST,
-                           "peer_by_batch": peer_goal_rows(c)}
+    report["goals"] = ratios(c)
     report["samples_per_s"] = {n: r.get("samples_per_s") for n, r in c.items()}
     common.write_json(args.results_dir / f"{stem}.json", report)
     (args.results_dir / f"{stem}.md").write_text(render(report))

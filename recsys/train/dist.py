@@ -11,6 +11,7 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+log = logging.getLogger("recsys.train.dist")
 
 @dataclass(frozen=True)
 class DistContext:
@@ -63,9 +64,41 @@ def init_distributed(device: str = "auto") -> DistContext:
         else:
             dist.init_process_group(backend=backend, rank=rank, world_size=world)
     if not use_cuda:
-        # Two ranks on two cores: more intra-op threads than cores per rank only adds contention.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", world)))))
+        set_cpu_threads(int(os.environ.get("LOCAL_WORLD_SIZE", world)), announce=rank == 0)
     return DistContext(rank, world, local_rank, dev, backend)
+
+
+# On CPU, ranks on one host split the same cores: each gets a share of the batch (smaller GEMMs), and every step
+# adds gloo collectives (the dense all-reduce, the embeddings' all-to-all) that threads in one process do not
+# need. What ranks buy is parallel Python and dispatch, which only pays once a rank has enough cores that intra-op
+# threads stop scaling on small ops. Measured on 2-core AVX2 and AVX512 machines (benchmarks/results/throughput.md):
+# one process beat 2 ranks by 8-28% for the peers' configuration and lost by ~5% for the full model, so one rank
+# per CORES_PER_CPU_RANK cores is the advice (a heuristic: many-core hosts were not measured); the job logs it.
+CORES_PER_CPU_RANK = 8
+
+
+def recommended_cpu_ranks(cores: int) -> int:
+    """Ranks per host the logs advise on a CPU host with `cores` usable cores."""
+    return max(1, cores // CORES_PER_CPU_RANK)
+
+
+def set_cpu_threads(local_ranks: int, announce: bool = True) -> int:
+    """Intra-op threads per rank = usable cores (affinity/cgroup-aware, not os.cpu_count) // ranks on this host:
+    more threads than cores per rank only adds contention. Logs the choice and the ranks advice."""
+    from recsys import hardware
+
+    cores = hardware.cpu_info().cores
+    threads = max(1, cores // max(1, local_ranks))
+    torch.set_num_threads(threads)
+    if announce:
+        advice = recommended_cpu_ranks(cores)
+        log.info("CPU: %d rank(s) on this host, %d usable cores -> %d intra-op threads per rank (%s)", local_ranks,
+                 cores, threads, hardware.describe())
+        if local_ranks > advice:
+            log.warning("%d ranks on %d cores: one process per %d cores is advised on CPU (here %d: run `python "
+                        "jobs/...` without torchrun, or --nproc_per_node=%d); ranks add gloo collectives and split "
+                        "the batch, see docs/cpu_speed.md", local_ranks, cores, CORES_PER_CPU_RANK, advice, advice)
+    return threads
 
 
 def _init_attempt_scoped(backend: str, rank: int, world: int) -> None:

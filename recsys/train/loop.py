@@ -35,7 +35,7 @@ from recsys.train.dist import DistContext
 from recsys.train.evaluation import evaluate_split, json_safe
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
-from recsys.train.sharding import plan_for, sharders_for
+from recsys.train.sharding import data_parallel_wrapper_for, plan_for, sharders_for
 
 log = logging.getLogger("recsys.train.loop")
 
@@ -115,7 +115,8 @@ class Trainer:
             log.info("%s", plan_table(plan, self.precision), extra=CONSOLE)
         self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
                                             sharders=sharders_for(ctx.device.type,
-                                                                  comm_precision=spec.train.embedding_comm))
+                                                                  comm_precision=spec.train.embedding_comm),
+                                            data_parallel_wrapper=data_parallel_wrapper_for(ctx.world_size))
         if init_hook is not None:
             init_hook(self)
         dense = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))

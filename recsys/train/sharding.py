@@ -81,6 +81,23 @@ def make_topology(
 
 
 # ----------------------------------------------------------------------------------------------------- sharders
+def data_parallel_wrapper_for(world_size: int):
+    """DistributedModelParallel's wrapper of the dense (unsharded) part: TorchRec's DDP on several ranks; none on
+    one rank, where DDP's per-step all-reduce of a one-rank group and its bucket bookkeeping are pure overhead (about
+    a tenth of a small model's CPU step). Parameter and state-dict names are the same either way (TorchRec strips
+    DDP's `module.` prefix), so checkpoints move between both."""
+    from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultDataParallelWrapper
+
+    if world_size > 1:
+        return DefaultDataParallelWrapper()
+
+    class NoDataParallel(DataParallelWrapper):
+        def wrap(self, dmp, env, device) -> None:
+            return None
+
+    return NoDataParallel()
+
+
 def fused_params_for(spec: Spec) -> Dict[str, Any]:
     """FBGEMM fused-optimiser parameters from `train.embedding_optimizer` / `train.embedding_lr`."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
@@ -138,6 +155,10 @@ def sharders_for(device_type: str, fused_params: Optional[Dict[str, Any]] = None
 
 
 # -------------------------------------------------------------------------------------------------- constraints
+# On one rank every table is table_wise (see constraints_from_spec). A switch only so tests can exercise the
+# replicated-table path (which matters on 2+ ranks) in a one-rank process.
+ONE_RANK_TABLE_WISE = True
+
 def _pooling_factors(spec: Spec, table: str) -> List[float]:
     """Expected values per sample for each feature of `table`, in KJT order: ids and sequence positions hold
     exactly one; a sparse feature at most `max_values` (an upper bound keeps the comms estimate conservative)."""
@@ -157,12 +178,17 @@ def _pooling_factors(spec: Spec, table: str) -> List[float]:
     return out
 
 
-def constraints_from_spec(spec: Spec, device_type: str) -> Dict[str, Any]:
+def constraints_from_spec(spec: Spec, device_type: str, world_size: Optional[int] = None) -> Dict[str, Any]:
     """`train.sharding_constraints` (table -> allowed sharding types) as TorchRec ParameterConstraints.
 
     Every table some feature reads gets an entry (it carries the pooling factors the cost model needs). On CPU each
     entry lists only CPU-buildable types: row-wise types are dropped with a warning, and a table left with nothing
-    falls back to all CPU types. On CUDA unconstrained tables leave the choice to the planner."""
+    falls back to all CPU types. On CUDA unconstrained tables leave the choice to the planner.
+
+    On one rank (`world_size` 1) every table is `table_wise`: the constraints exist to place tables across ranks,
+    and with a single rank the other types only add work -- `data_parallel` wraps the lookup in DDP (an all-reduce
+    of a one-rank group) and trains the table through a dense gradient and a separate optimiser step instead of
+    the fused in-backward update, `column_wise`/`row_wise` split a table into shards that all live on that rank."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
     _check_device(device_type)
@@ -172,6 +198,12 @@ def constraints_from_spec(spec: Spec, device_type: str) -> Dict[str, Any]:
         if name not in declared:
             raise SpecError(f"train.sharding_constraints.{name}: no such table (tables: {sorted(declared)})")
     out: Dict[str, ParameterConstraints] = {}
+    if world_size == 1 and ONE_RANK_TABLE_WISE:
+        if spec.train.sharding_constraints:
+            log.info("one rank: every table table_wise (train.sharding_constraints place tables across ranks)")
+        return {t.name: ParameterConstraints(sharding_types=["table_wise"],
+                                             pooling_factors=_pooling_factors(spec, t.name))
+                for t in spec.tables if t.name in read_tables}
     for table in spec.tables:
         if table.name not in read_tables:
             continue
@@ -371,7 +403,8 @@ def plan_for(
     # tensors, which a meta-device dry run does not have (TorchRec warns about exactly that).
     planner = EmbeddingShardingPlanner(topology=topology, batch_size=local_batch,
                                        storage_reservation=FixedPercentageStorageReservation(RESERVED_FRACTION),
-                                       constraints=constraints_from_spec(spec, device_type), stats=stats, debug=False)
+                                       constraints=constraints_from_spec(spec, device_type, world_size), stats=stats,
+                                       debug=False)
     target = module if module is not None else build_meta_ebc(spec, rows)
     sharders = sharders_for(device_type, fused_params_for(spec))
     try:

@@ -123,53 +123,63 @@ def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
 
 @pytest.mark.slow
 def test_throughput_quick(tiny_sets, tmp_path):
-    cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--configs", "loader_1", "tr_full_train_1",
+    cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--data", "movielens", "--configs", "loader_1",
+           "tr_full_train_1", "tr_peer_train_1_prebuilt",
            "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path), *tiny_sets]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "throughput_movielens_quick.json").read_text())
-    for name in ("loader_1", "tr_full_train_1"):
+    for name in ("loader_1", "tr_full_train_1", "tr_peer_train_1_prebuilt"):
         r = report["configs"][name]
         assert "error" not in r, r
         assert r["samples_per_s"] > 0 and r["peak_rss_mb_per_process"][0] > 0
+    assert report["configs"]["tr_peer_train_1_prebuilt"]["prebuilt"] is True
     assert report["matmul_peak_gflops"] > 0 and report["flops"]["full"]["flops_per_sample"] > 0
     assert 0 < report["configs"]["tr_full_train_1"]["flop_fraction_of_peak"] < 1
+    m = report["machine"]  # every result names the machine it was measured on
+    assert m["cpu_model"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cores"] >= 1
+    assert m["cpu_capability"] in (tmp_path / "throughput_movielens_quick.md").read_text()
+
+
+def _report(configs):
+    return {"data": "amazon_sr", "machine": {"cores": 2, "cpu_model": "Test CPU", "cpu_capability": "AVX2",
+                                             "torch": "2", "commit": "c", "date": "d"},
+            "global_batch": 4096, "steps": 2, "warmup": 1, "eval_batch": 16384, "matmul_peak_gflops": 100.0,
+            "flops": {"full": {"flops_per_sample": 1e6}, "peer": {"flops_per_sample": 5e5}}, "configs": configs}
+
+
+def _run(impl, variant, rate, nproc=1, **kw):
+    return {"impl": impl, "task": "train", "variant": variant, "nproc": nproc, "world_size": nproc,
+            "batch_per_rank": 4096 // nproc, "samples_per_s": rate, "peak_rss_mb_per_process": [900.0] * nproc,
+            "load_avg_before": 0.5, "load_avg_after": 0.6, **kw}
 
 
 def test_throughput_report_renders_with_only_some_configurations():
-    """A run may measure a subset (e.g. --configs tr_full_train_2): the goals line says what was not measured."""
-    from benchmarks.throughput import render
+    """A run may measure a subset (e.g. --configs tr_full_train_2): ratios it cannot form say so."""
+    from benchmarks.throughput import ratios, render
 
-    report = {"data": "amazon_sr", "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "commit": "c",
-                                               "date": "d"},
-              "global_batch": 4096, "steps": 2, "warmup": 1, "eval_batch": 16384, "matmul_peak_gflops": 100.0,
-              "flops": {"full": {"flops_per_sample": 1e6}, "peer": {"flops_per_sample": 5e5}},
-              "configs": {"tr_full_train_2": {"impl": "torchrec", "task": "train", "variant": "full", "nproc": 2,
-                                              "samples_per_s": 61000.0, "peak_rss_mb_per_process": [900.0, 900.0],
-                                              "load_avg_before": 0.5, "load_avg_after": 0.6}},
-              "goals": {"full_2_ranks": 61000.0, "full_met": True, "peer_by_batch": []}}
+    configs = {"tr_full_train_2": _run("torchrec", "full", 61000.0, nproc=2)}
+    report = {**_report(configs), "goals": ratios(configs)}
     text = render(report)
-    assert "measured 61,000 (met)" in text and "297,000 on 2 ranks -> not measured" in text
+    assert report["goals"]["peer_goal_met"] is None and "-> not measured" in text
+    assert "Test CPU (2 cores, torch CPU capability AVX2" in text
 
 
-def test_peer_goal_is_judged_at_every_measured_batch():
-    from benchmarks.throughput import peer_goal_rows, render
+def test_peer_goal_is_a_ratio_to_the_fastest_peer_measured_in_the_same_run():
+    from benchmarks.throughput import ratios, render
 
-    def run(rate, per_rank):
-        return {"impl": "torchrec", "task": "train", "variant": "peer", "nproc": 2, "world_size": 2,
-                "batch_per_rank": per_rank, "samples_per_s": rate}
-
-    configs = {"tr_peer_train_2_b32k": run(310000.0, 16384), "tr_peer_train_2": run(160000.0, 2048),
-               "tr_full_train_2": {**run(60000.0, 2048), "variant": "full"}, "tr_peer_train_1": run(170000.0, 4096)}
-    rows = peer_goal_rows(configs)
-    assert [(r["global_batch"], r["met"]) for r in rows] == [(4096, False), (32768, True)]
-    report = {"data": "amazon_sr", "machine": {"nproc": 2, "cpu_model": "cpu", "torch": "2", "commit": "c",
-                                               "date": "d"},
-              "global_batch": 4096, "steps": 2, "warmup": 1, "eval_batch": 16384, "matmul_peak_gflops": 100.0,
-              "flops": {"full": {"flops_per_sample": 1e6}, "peer": {"flops_per_sample": 5e5}}, "configs": {},
-              "goals": {"full_2_ranks": None, "peer_by_batch": rows}}
-    text = render(report)
-    assert "160,000 (NOT met) at global batch 4,096, 310,000 (met) at global batch 32,768" in text
+    configs = {"peer_epnet": _run("peer", "epnet", 100000.0, prebuilt=True),
+               "peer_sharedbottom": _run("peer", "sharedbottom", 90000.0, prebuilt=True),
+               "tr_peer_train_1_prebuilt": _run("torchrec", "peer", 160000.0, prebuilt=True),
+               "tr_full_train_1": _run("torchrec", "full", 30000.0),
+               "plain_full_train_1": _run("plain", "full", 40000.0)}
+    g = ratios(configs)
+    assert g["fastest_peer"] == "peer_epnet" and g["ratios"]["peers_config_prebuilt_vs_fastest_peer"] == 1.6
+    assert g["peer_goal_met"] is True and g["full_goal_met"] is False  # 0.75x the plain reference
+    text = render({**_report(configs), "goals": g})
+    assert "1.60x" in text and "0.75x" in text and "-> met; full model" in text and "-> NOT met." in text
+    configs["tr_peer_train_1_prebuilt"] = _run("torchrec", "peer", 140000.0, prebuilt=True)
+    assert ratios(configs)["peer_goal_met"] is False
 
 
 def test_auc_report_names_the_commits_its_runs_were_made_at():

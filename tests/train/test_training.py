@@ -145,15 +145,32 @@ def test_pretrain_refuses_a_run_dir_with_checkpoints(tiny_overrides, tmp_path, c
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_000000007"]  # untouched
 
 
-@pytest.mark.slow
-def test_data_parallel_table_trains_under_the_embedding_optimiser_in_bf16(group, tiny_spec, tmp_path):
-    """A table the plan replicates (data_parallel) runs TorchRec's dense kernel, which has no in-backward
-    optimiser: it must be stepped by the spec's embedding optimiser (not the dense layers' Adam), and training in
-    bf16 must run through the pipeline (which fx-traces the forward)."""
-    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+def test_one_rank_plans_every_table_table_wise_without_ddp(group, tiny_spec, tmp_path):
+    """One rank: a data_parallel constraint (placement across ranks) becomes table_wise with the fused in-backward
+    optimiser, and the dense part is not wrapped in DDP (an all-reduce of a one-rank group)."""
+    from torch.nn.parallel import DistributedDataParallel
 
     from recsys.train.loop import Trainer
 
+    spec = tiny_spec(f"train.output_dir={tmp_path}", "train.sharding_constraints.item=[data_parallel]")
+    trainer = Trainer(spec, group, for_training=False)
+    assert {t.sharding_type for t in trainer.plan.tables} == {"table_wise"}
+    assert not isinstance(trainer.dmp._dmp_wrapped_module, DistributedDataParallel)
+    assert trainer.table_optimizer is None and not any(".l0.ebc." in k for k in trainer.dense_optimizer.params)
+
+
+@pytest.mark.slow
+def test_data_parallel_table_trains_under_the_embedding_optimiser_in_bf16(group, tiny_spec, tmp_path, monkeypatch):
+    """A table the plan replicates (data_parallel) runs TorchRec's dense kernel, which has no in-backward
+    optimiser: it must be stepped by the spec's embedding optimiser (not the dense layers' Adam), and training in
+    bf16 must run through the pipeline (which fx-traces the forward). One rank plans every table table_wise, so
+    the replicated path of 2+ ranks is switched on here to run it in this one-rank process."""
+    from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+    from recsys.train import sharding
+    from recsys.train.loop import Trainer
+
+    monkeypatch.setattr(sharding, "ONE_RANK_TABLE_WISE", False)
     spec = tiny_spec(f"train.output_dir={tmp_path}", "train.sharding_constraints.item=[data_parallel]",
                      "train.precision=bf16", "train.max_steps=6")
     trainer = Trainer(spec, group)
