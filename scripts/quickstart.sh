@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded MovieLens default: install -> prepare data -> encode text with the
-# frozen LLM -> torchrun pretraining on 2 ranks -> evaluate on test (per-domain AUC table).
+# frozen LLM -> torchrun pretraining -> evaluate on test (per-domain AUC table). Ranks: one per GPU, on CPU one per
+# 8 cores (recsys.train.dist.recommended_ranks; set NPROC to override).
 # Re-running it is cheap: every step skips work already done (the pretraining resumes its finished run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -8,7 +9,7 @@ bash scripts/install.sh
 PY=.venv/bin/python
 SPEC=feature_specs/movielens.yaml
 RUN=runs/movielens   # the spec's train.output_dir
-NPROC=${NPROC:-2}
+NPROC=${NPROC:-$(PYTHONPATH=. $PY -c "from recsys.train.dist import recommended_ranks; print(recommended_ranks())")}
 # cores per rank (what torchrun would pick with a warning banner when unset; set it yourself to override)
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 $PY jobs/prepare_data.py --spec "$SPEC"

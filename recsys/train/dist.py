@@ -82,6 +82,15 @@ def recommended_cpu_ranks(cores: int) -> int:
     return max(1, cores // CORES_PER_CPU_RANK)
 
 
+def recommended_ranks() -> int:
+    """Ranks per host for this machine: one per GPU, else recommended_cpu_ranks (scripts/quickstart.sh uses it)."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    from recsys import hardware
+
+    return recommended_cpu_ranks(hardware.cpu_info().cores)
+
+
 def set_cpu_threads(local_ranks: int, announce: bool = True) -> int:
     """Intra-op threads per rank = usable cores (affinity/cgroup-aware, not os.cpu_count) // ranks on this host:
     more threads than cores per rank only adds contention. Logs the choice and the ranks advice."""
