@@ -14,6 +14,7 @@ evaluated like jobs/evaluate.py.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -55,9 +56,12 @@ def main(argv=None) -> int:
     from recsys.train.evaluation import predict, publish
     from recsys.spec.loader import resolve_path
     from recsys.train.loop import Trainer
+    from recsys.train.preflight import preflight
     from recsys.train.run_lock import lock_for_this_rank
     from recsys.train.transfer import load_pretrained_state, transfer_into
 
+    if not args.zero_shot:
+        preflight(spec, int(os.environ.get("WORLD_SIZE", "1")))
     hook = None
     if args.source is not None:
         ckpt = checkpoint.best_or_latest(args.source)

@@ -42,18 +42,21 @@ def main(argv=None) -> int:
     if args.dry_run:  # writes nothing: the planner's own output is shown only with --verbose
         from recsys.train.dry_run import dry_run
 
-        print(dry_run(spec, world_size=int(os.environ.get("WORLD_SIZE", "1")), device=args.device))
+        print(dry_run(spec, world_size=int(os.environ.get("WORLD_SIZE", "1")), device=args.device,
+                      resume=args.resume))
         return 0
 
     from recsys.spec.loader import resolve_path
     from recsys.train import checkpoint
     from recsys.train.dist import init_distributed, shutdown
     from recsys.train.loop import Trainer
+    from recsys.train.preflight import preflight
     from recsys.train.report import summary_table
     from recsys.train.run_lock import lock_for_this_rank
 
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0
     resume = args.resume or restarted
+    preflight(spec, int(os.environ.get("WORLD_SIZE", "1")))
     out_dir = resolve_path(spec, spec.train.output_dir)
     lock = lock_for_this_rank(out_dir)  # noqa: F841 (one training per run folder; held until the process ends)
     ckpts = checkpoint.list_checkpoints(out_dir / "checkpoints")

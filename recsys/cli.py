@@ -71,14 +71,16 @@ def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
     """Run `main_fn()` and exit with its return code (None = 0).
 
     `RecsysError` / argparse errors -> `error: <message>` on stderr, exit 2, no traceback (RECSYS_DEBUG=1
-    re-raises); Ctrl-C -> exit 130. Other exceptions are bugs and keep their traceback.
+    re-raises; under torchrun only the first rank of a host prints an error found before the process group
+    starts, see `_quiet_rank`); Ctrl-C -> exit 130. Other exceptions are bugs and keep their traceback.
     """
     try:
         rc = main_fn()
     except (RecsysError, argparse.ArgumentError, argparse.ArgumentTypeError) as e:
         if _debug():
             raise
-        _report(str(e))
+        if not _quiet_rank():
+            _report(str(e))
         exit_with(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         if _debug():
@@ -86,6 +88,17 @@ def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
         print("error: interrupted", file=sys.stderr)
         exit_with(EXIT_INTERRUPTED)
     exit_with(rc)
+
+
+def _quiet_rank() -> bool:
+    """True on a torchrun worker other than its host's first (LOCAL_RANK > 0) that failed before joining the
+    process group. Such errors come from the spec, the arguments and the files, which every rank of a host reads
+    alike: the host's first rank prints the line, so a 2-rank job shows it once, not once per rank. Errors after
+    the group exists may differ by rank (a rank's data shard) and are printed by every rank."""
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        return False
+    dist_mod = sys.modules.get("torch.distributed")
+    return not (dist_mod is not None and dist_mod.is_available() and dist_mod.is_initialized())
 
 
 def exit_with(code: Optional[int]) -> None:

@@ -26,7 +26,7 @@ from recsys.spec.config import Spec, check_references
 
 Loc = Tuple[Union[str, int], ...]
 
-__all__ = ["load_spec", "resolve_path", "resolved_values", "spec_differences", "spec_source", "project_root", "dump_resolved", "spec_hash",
+__all__ = ["load_spec", "resolve_path", "raise_spec_issue", "resolved_values", "spec_differences", "spec_source", "project_root", "dump_resolved", "spec_hash",
            "check_domains_have_rows", "SpecIssue"]
 
 
@@ -486,6 +486,11 @@ def _display_name(path: str) -> str:
 def _error_for(spec: Spec, loc: Loc, message: str) -> SpecIssue:
     file = _display_name(spec._source_path) if spec._source_path else "<spec>"
     return _Origins(file, spec._key_lines, spec._override_origin).issue(loc, message)
+
+
+def raise_spec_issue(spec: Spec, loc: Loc, message: str) -> None:
+    """Raise SpecError for one problem found after loading, with the file line (or --set) of `loc`."""
+    _raise([_error_for(spec, loc, message)])
 
 
 def check_domains_have_rows(spec: Spec, domain_counts: Dict[str, int], split: str = "train") -> None:

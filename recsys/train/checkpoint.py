@@ -188,6 +188,12 @@ RESUME_MAY_CHANGE = ("description", "train.epochs", "train.log_every_steps", "tr
                      "text.encoder.device")
 
 
+def table_shapes(spec: Any, rows: Dict[str, int]) -> Dict[str, List[int]]:
+    """table -> [rows, dim], as manifests record them and `check_resumable` compares them."""
+    dims = {t.name: t.dim for t in spec.tables}
+    return {name: [int(n), int(dims.get(name, -1))] for name, n in rows.items()}
+
+
 def check_resumable(folder: Path, manifest: Dict[str, Any], *, tables: Dict[str, List[int]], world_size: int,
                     batch_size: int, seed: int, spec_values: Optional[Dict[str, Any]] = None,
                     allow_spec_change: bool = False) -> None:

@@ -11,6 +11,7 @@ from recsys.models.build import spec_table_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
 from recsys.spec.loader import spec_source
+from recsys.train.preflight import preflight, train_rows_per_domain
 from recsys.train.report import plan_table
 from recsys.train.sharding import plan_for
 
@@ -45,9 +46,10 @@ def check_prepared(spec: Spec) -> None:
                         f"{_spec_arg(spec)}` first (with the same --set overrides)")
 
 
-def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
-    """Validates data schemas (every split and side table), table sizes and the sharding plan; returns a report.
-    Raises the same clear errors the job would raise, before any process group or model exists."""
+def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool = False) -> str:
+    """Validates data schemas (every split and side table), the batch against the ranks, the train split's rows
+    per domain, table sizes and the sharding plan, and with `resume` the checkpoint a resume would load; returns a
+    report. Raises the same clear errors the job would raise, before any process group or model exists."""
     import torch
 
     device_type = "cuda" if (device == "cuda" or (device == "auto" and torch.cuda.is_available())) else "cpu"
@@ -62,6 +64,9 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
         path = side_table_path(spec, st.name)
         check_file(path, side_columns(spec, st.name))
         lines.append(f"side table {st.name}: {path} OK")
+    preflight(spec, world_size)
+    lines.append(f"train rows per domain: " + ", ".join(f"{k}={v:,}" for k, v in
+                                                          sorted(train_rows_per_domain(spec).items())))
     rows = spec_table_rows(spec)
     if spec.text.mode != "none":
         # mode llm reads cached vectors (built by jobs/encode_text.py), mode random the token ids
@@ -74,4 +79,24 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto") -> str:
         lines.append("text tables: " + ", ".join(f"{n}={s}" for n, s in shapes.items()))
     result = plan_for(spec, rows, world_size, device_type)
     lines.append(plan_table(result))
+    if resume:
+        lines.append(check_resume_target(spec, world_size))
     return "\n".join(lines)
+
+
+def check_resume_target(spec: Spec, world_size: int) -> str:
+    """What `--resume` would load: the newest checkpoint that verifies (digests, manifest, metadata read safely)
+    and can continue this spec (tables, world size, batch, seed, spec values)."""
+    from recsys.spec.loader import resolve_path, resolved_values
+    from recsys.train import checkpoint
+
+    root = resolve_path(spec, spec.train.output_dir) / "checkpoints"
+    found = checkpoint.latest_good(root)
+    if found is None:
+        return f"resume: no checkpoint in {root}; training would start fresh"
+    manifest = checkpoint.verify(found)
+    checkpoint.saved_keys(found)  # the metadata, through the restricted unpickler
+    checkpoint.check_resumable(found, manifest, tables=checkpoint.table_shapes(spec, spec_table_rows(spec)), world_size=world_size,
+                               batch_size=spec.train.batch_size, seed=spec.train.seed,
+                               spec_values=resolved_values(spec))
+    return f"resume: {found} OK (epoch {manifest.get('epoch')}, global step {manifest.get('global_step')})"

@@ -186,8 +186,7 @@ class Trainer:
         }
 
     def _table_shapes(self) -> Dict[str, List[int]]:
-        dims = {t.name: t.dim for t in self.spec.tables}
-        return {name: [int(rows), int(dims.get(name, -1))] for name, rows in self.rows.items()}
+        return checkpoint.table_shapes(self.spec, self.rows)
 
     def save(self, protect_best: bool = True) -> Path:
         protect = (self.out_dir / self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) \

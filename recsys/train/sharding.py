@@ -412,6 +412,9 @@ def plan_for(
     except PlannerError as err:
         why = explain_no_fit(spec, rows, world_size, device_type, hbm_gb, ddr_gb)
         first_line = str(err).strip().splitlines()[0]
+        if not why and batch_size is None:  # nothing too big but the batch: its buffers count in the estimate
+            why = (f"{first_line} The estimate counts each rank's batch buffers: train.batch_size="
+                   f"{spec.train.batch_size:,} gives {local_batch:,} rows per rank; lower train.batch_size")
         raise SpecError(f"{spec.name}: no sharding plan on {world_size} {device_type} rank(s): "
                         f"{why or first_line}") from None
 

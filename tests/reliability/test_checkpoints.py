@@ -282,3 +282,16 @@ def test_a_second_training_into_a_held_run_folder_is_refused(ml_prepared, tmp_pa
     # released: the lock file stays, but holds nobody
     with RunFolderLock(out):
         pass
+
+
+def test_dry_run_with_resume_checks_the_checkpoint(ml_prepared, finished_run, tmp_path):
+    from recsys.spec.loader import load_spec
+    from recsys.train.dry_run import dry_run
+
+    out = _copy(finished_run, tmp_path)
+    sets = small_overrides(ml_prepared, out, **ONE_EPOCH)[1::2]
+    _damage_table_rows(out / "checkpoints" / "step_000000006")
+    report = dry_run(load_spec(SPEC, sets), device="cpu", resume=True)
+    assert f"resume: {out / 'checkpoints' / 'step_000000004'} OK" in report  # the damaged newest is skipped
+    with pytest.raises(CheckpointError, match=r"train\.lr \(0\.001 -> 0\.05\)"):
+        dry_run(load_spec(SPEC, [*sets, "train.lr=0.05"]), device="cpu", resume=True)

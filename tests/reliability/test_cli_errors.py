@@ -84,3 +84,56 @@ def test_dry_run_names_missing_column(ml_prepared, tmp_path):
     proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, tmp_path / "run"),
                                "--set", "data.adapter=parquet", "--set", f"data.raw_dir={raw}", "--dry-run"])
     assert_clean_error(proc, str(raw / "valid.parquet"), "missing column 'hist_item_ids'")
+
+
+# ------------------------------------------------ what training would trip on, caught first (issue 15 items 9-11)
+def test_batch_smaller_than_ranks_is_one_line_in_dry_run(ml_prepared, tmp_path):
+    proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, tmp_path / "run"),
+                               "--set", "train.batch_size=1", "--dry-run"], WORLD_SIZE="2")
+    msg = assert_clean_error(proc, "[--set train.batch_size=1] train.batch_size: 1 is smaller than the number of "
+                                   "ranks (2)")
+    assert len(error_lines(proc.stderr)) == 1, msg
+
+
+def _dry(ml_prepared, tmp_path, *sets, world_size=1):
+    from recsys.spec.loader import load_spec
+    from recsys.train.dry_run import dry_run
+
+    args = small_overrides(ml_prepared, tmp_path / "run") + [x for s in sets for x in ("--set", s)]
+    return dry_run(load_spec(SPEC, args[1::2]), world_size=world_size, device="cpu")
+
+
+@pytest.mark.parametrize("sets, error, needles", [
+    # a misspelled domain value selects no rows (trained to NaN metrics before)
+    (["domains.ml_drama.value=ml_dramma"], "SpecError",
+     ["domains.2.value: domain 'ml_drama' has no rows in split 'train' (domain == 'ml_dramma')"]),
+    # a row filter that keeps nothing: an empty train split
+    (["data.row_filter=user_bucket < 0"], "DataError", ["train.parquet: the train split has no rows after data.row_filter"]),
+    # the planner's "insufficient storage" now names the key that caused it
+    (["train.batch_size=1000000000000"], "SpecError",
+     ["no sharding plan", "train.batch_size=1,000,000,000,000 gives 1,000,000,000,000 rows per rank"]),
+])
+def test_dry_run_catches_what_training_would_trip_on(ml_prepared, tmp_path, sets, error, needles):
+    from recsys.errors import RecsysError
+
+    with pytest.raises(RecsysError) as info:
+        _dry(ml_prepared, tmp_path, *sets)
+    assert type(info.value).__name__ == error
+    for n in needles:
+        assert n in str(info.value), str(info.value)
+
+
+def test_dry_run_reports_rows_per_domain(ml_prepared, tmp_path):
+    report = _dry(ml_prepared, tmp_path, world_size=2)
+    assert "train rows per domain: ml_action=" in report and "ml_tag_search=" in report
+
+
+@pytest.mark.slow
+def test_bad_spec_under_torchrun_is_printed_once(tmp_path):
+    from reliability_helpers import torchrun
+
+    proc = torchrun(["--spec", str(SPEC), "--set", "model.dim=-3"], tmp_path / "torchrun.log")
+    assert proc.returncode == 1  # torchrun's own code for a failed worker; the workers exit 2
+    assert "failed (exitcode: 2)" in proc.stderr
+    lines = error_lines(proc.stderr)
+    assert lines == [f"error: {SPEC} [--set model.dim=-3] model.dim: must be > 0, got -3"], proc.stderr[-3000:]
