@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Dict
 
-import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
@@ -26,7 +25,7 @@ def check_batch_sizes(spec: Spec, world_size: int) -> None:
 
 def train_rows_per_domain(spec: Spec) -> Dict[str, int]:
     """Rows of the train split per value of the domain column, after `data.row_filter` (read from two columns)."""
-    from recsys.data.loader import _OPS, parse_row_filter  # the loader's own filter rule
+    from recsys.data.loader import _OPS, row_filter_values  # the loader's own filter rule
 
     path = split_path(spec, "train")
     if not path.is_file():
@@ -34,8 +33,7 @@ def train_rows_per_domain(spec: Spec) -> Dict[str, int]:
     col = spec.data.domain_column
     domains = pq.read_table(path, columns=[col])[col]
     if spec.data.row_filter:
-        fcol, op, num = parse_row_filter(spec.data.row_filter)
-        vals = pq.read_table(path, columns=[fcol])[fcol].to_numpy(zero_copy_only=False).astype(np.float64)
+        vals, op, num = row_filter_values(path, spec.data.row_filter)
         domains = domains.filter(_OPS[op](vals, num))
     counts = pc.value_counts(domains)
     return {str(v["values"]): int(v["counts"]) for v in counts.to_pylist() if v["values"] is not None}
