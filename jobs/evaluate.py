@@ -37,6 +37,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
+    if args.save_predictions:
+        from recsys.train.evaluation import check_output_file
+
+        check_output_file(args.save_predictions, "--save-predictions")
     if args.split not in spec.data.splits:
         raise RecsysError(f"--split {args.split!r}: the spec has splits {sorted(spec.data.splits)}")
 

@@ -47,6 +47,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
+    if args.save_predictions:
+        from recsys.train.evaluation import check_output_file
+
+        check_output_file(args.save_predictions, "--save-predictions")
     freeze = parse_freeze(args.freeze)
     if args.source is None and (freeze or args.zero_shot):
         raise RecsysError("--freeze/--zero-shot need --from: there is nothing pretrained to keep")

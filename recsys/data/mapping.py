@@ -7,6 +7,7 @@ concatenated and sliced generically); `check(table)` finds bad rows. `assemble` 
 from __future__ import annotations
 
 import json
+import logging
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -22,6 +23,8 @@ from recsys.data.features import is_bucketized, kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
 from recsys.errors import DataError
 from recsys.spec.config import Spec
+
+log = logging.getLogger("recsys.data.mapping")
 
 Arrays = Dict[str, np.ndarray]
 
@@ -93,6 +96,7 @@ class FeatureMapper:
     def _load_side_features(self) -> None:
         self.side_keys: Dict[str, pa.Array] = {}
         self.side_arrays: Dict[str, np.ndarray] = {}
+        self.side_filled: Dict[str, int] = {}  # "<side table>.<column>" -> values filled (missing / non-finite)
         for st in self.spec.data.side_tables:
             feats = [f for f in self.spec.features if getattr(f, "source", None) == st.name]
             if not feats:
@@ -109,7 +113,12 @@ class FeatureMapper:
                 elif f.kind == "dense":
                     v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
                     mean = self.dense_stats.get(f.name, {}).get("mean", 0.0)
-                    v = np.where(np.isfinite(v), v, mean)  # side values are content: fill, never quarantine
+                    bad = ~np.isfinite(v)
+                    if bad.any():  # side values are content: filled, never quarantined, but counted and said
+                        self.side_filled[f"{st.name}.{f.column}"] = int(bad.sum())
+                        log.warning("%s: %d of %d values of column %r are missing, NaN or infinite; filled with "
+                                    "the train mean %.4g", p, int(bad.sum()), len(v), f.column, mean)
+                    v = np.where(bad, mean, v)
                     self.side_arrays[f.name] = self._transform(f, np.append(v, mean)).astype(np.float32)
                 elif f.kind == "id":
                     self.side_arrays[f.name] = np.append(self.rows(f.table, col), 0)

@@ -26,7 +26,7 @@ from recsys.spec.config import Spec, check_references
 
 Loc = Tuple[Union[str, int], ...]
 
-__all__ = ["load_spec", "resolve_path", "raise_spec_issue", "resolved_values", "spec_differences", "spec_source", "project_root", "dump_resolved", "spec_hash",
+__all__ = ["load_spec", "resolve_path", "job_command", "raise_spec_issue", "resolved_values", "spec_differences", "spec_source", "project_root", "dump_resolved", "spec_hash",
            "check_domains_have_rows", "SpecIssue"]
 
 
@@ -486,6 +486,18 @@ def _display_name(path: str) -> str:
 def _error_for(spec: Spec, loc: Loc, message: str) -> SpecIssue:
     file = _display_name(spec._source_path) if spec._source_path else "<spec>"
     return _Origins(file, spec._key_lines, spec._override_origin).issue(loc, message)
+
+
+def job_command(spec: Spec, script: str) -> str:
+    """The command line that runs `jobs/<script>` on this spec as it was loaded: its file and every `--set`, so a
+    hint like "run encode_text.py first" acts on the same settings (prepared folder, text model, ...)."""
+    import shlex
+
+    file = _display_name(spec._source_path) if spec._source_path else f"feature_specs/{spec.name}.yaml"
+    parts = ["python", f"jobs/{script}", "--spec", shlex.quote(file)]
+    for arg in spec._override_origin.values():
+        parts += ["--set", shlex.quote(arg)]
+    return " ".join(parts)
 
 
 def raise_spec_issue(spec: Spec, loc: Loc, message: str) -> None:

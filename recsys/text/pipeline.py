@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from recsys.text.cache import CacheKey, VectorCache, text_hashes
 from recsys.text.backends import resolve_backend
 from recsys.text.model_source import hidden_size, model_identity, resolve_model_dir
 from recsys.text.random_tokens import token_id_matrix
+from recsys.spec.loader import job_command
 from recsys.text.tables import TextTable, has_text, read_text_table
 
 log = logging.getLogger("recsys.text")
@@ -24,24 +24,12 @@ log = logging.getLogger("recsys.text")
 IDENTITY_MEMO = "model_identity_memo.json"
 
 
-def _spec_arg(spec: Spec) -> str:
-    """The spec file as the user would pass it (specs built in code fall back to the usual location)."""
-    source = getattr(spec, "_source_path", None)
-    if source:
-        try:
-            rel = os.path.relpath(source)
-            return source if rel.startswith("..") else rel
-        except ValueError:
-            return source
-    return f"feature_specs/{spec.name}.yaml"
-
-
 def _encode_hint(spec: Spec) -> str:
-    return f"python jobs/encode_text.py --spec {_spec_arg(spec)}"
+    return job_command(spec, "encode_text.py")  # with the user's --set overrides (they may move the data)
 
 
 def _prepare_hint(spec: Spec) -> str:
-    return f"python jobs/prepare_data.py --spec {_spec_arg(spec)}"
+    return job_command(spec, "prepare_data.py")
 
 
 def _table_spec(spec: Spec, table_name: str) -> TextTableSpec:

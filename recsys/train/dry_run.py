@@ -10,15 +10,10 @@ from recsys.data.schema import check_file, row_columns, side_columns
 from recsys.models.build import spec_table_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
-from recsys.spec.loader import spec_source
+from recsys.spec.loader import job_command
 from recsys.train.preflight import preflight, train_rows_per_domain
 from recsys.train.report import plan_table
 from recsys.train.sharding import plan_for
-
-
-def _spec_arg(spec: Spec) -> str:
-    src = spec_source(spec)
-    return str(src) if src else "<spec>"
 
 
 def missing_prepared(spec: Spec) -> List[Path]:
@@ -42,8 +37,7 @@ def check_prepared(spec: Spec) -> None:
     missing = missing_prepared(spec)
     if missing:
         shown = ", ".join(str(p) for p in missing[:3]) + (f" (+{len(missing) - 3} more)" if len(missing) > 3 else "")
-        raise DataError(f"prepared data missing: {shown}; run `python jobs/prepare_data.py --spec "
-                        f"{_spec_arg(spec)}` first (with the same --set overrides)")
+        raise DataError(f"prepared data missing: {shown}; run `{job_command(spec, 'prepare_data.py')}` first")
 
 
 def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool = False) -> str:
@@ -75,7 +69,7 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool 
         try:
             shapes = {n: tuple(a.shape) for n, a in text_tables_for(spec).items()}
         except DataError as e:
-            raise DataError(f"{e} (build text vectors with `python jobs/encode_text.py --spec {_spec_arg(spec)}`)")
+            raise DataError(f"{e} (build text vectors with `{job_command(spec, 'encode_text.py')}`)")
         lines.append("text tables: " + ", ".join(f"{n}={s}" for n, s in shapes.items()))
     result = plan_for(spec, rows, world_size, device_type)
     lines.append(plan_table(result))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Any, Dict, List
 
 import numpy as np
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from recsys.data.features import active_domains
+from recsys.errors import RecsysError
 from recsys.metrics import metric_block
 from recsys.spec.config import Spec
 from recsys.train.dist import DistContext
@@ -110,6 +112,16 @@ def json_safe(x: Any) -> Any:
     return x
 
 
+def check_output_file(path, flag: str) -> None:
+    """RecsysError when `path` cannot be written as a file (a folder there): checked when the job starts, not
+    after the evaluation it would lose."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.is_dir() or str(path).endswith(("/", os.sep)):
+        raise RecsysError(f"{flag} {path}: is a folder; give a file name, e.g. {p / 'predictions.npy'}")
+
+
 def publish(spec: Spec, split: str, scores: np.ndarray, source: str, out=None, save_predictions=None,
             **extra: Any) -> Dict[str, Any]:
     """Rank 0's end of an evaluation: metrics from the scores, optional JSON and raw-score files (the independent
@@ -120,8 +132,10 @@ def publish(spec: Spec, split: str, scores: np.ndarray, source: str, out=None, s
     metrics = metrics_from_scores(spec, split, scores)
     metrics.update(source=source, **extra)
     if save_predictions:
+        check_output_file(save_predictions, "--save-predictions")
         Path(save_predictions).parent.mkdir(parents=True, exist_ok=True)
-        np.save(save_predictions, scores.astype(np.float32))
+        with open(save_predictions, "wb") as fh:  # exactly this name (np.save on a path appends .npy)
+            np.save(fh, scores.astype(np.float32), allow_pickle=False)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text(json.dumps(json_safe(metrics), indent=1, allow_nan=False))

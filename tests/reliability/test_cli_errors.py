@@ -52,8 +52,10 @@ def test_bad_command_line_argument():
 def test_dry_run_without_prepare_names_the_command(tmp_path):
     proc = job("pretrain.py", ["--spec", str(SPEC), "--set", f"data.prepared_dir={tmp_path / 'never'}",
                                "--set", "text.mode=none", "--dry-run"])
+    # the hint repeats the user's --set overrides: without them it would prepare another folder
     assert_clean_error(proc, "prepared data missing", str(tmp_path / "never" / "train.parquet"),
-                       f"python jobs/prepare_data.py --spec {SPEC}")
+                       f"run `python jobs/prepare_data.py --spec feature_specs/movielens.yaml --set "
+                       f"data.prepared_dir={tmp_path / 'never'} --set text.mode=none` first")
 
 
 def test_dry_run_validates_without_training(ml_prepared, tmp_path):
