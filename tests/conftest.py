@@ -50,3 +50,29 @@ def child_env() -> dict:
                                                             "MASTER_PORT", "LOCAL_WORLD_SIZE")}
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> Path:
+    """A tiny BERT (2 layers, width 32, MovieLens title words) saved as a local model folder: `text.encoder.model`
+    for tests of the default `text.mode: llm` path (see tests/tiny_llm.py)."""
+    from tiny_llm import build_tiny_bert, movielens_words
+
+    return build_tiny_bert(tmp_path_factory.mktemp("tiny_llm"), seed=0, words=movielens_words())
+
+
+@pytest.fixture(scope="session")
+def llm_overrides(tiny_overrides, tiny_llm, tmp_path_factory) -> Callable[..., List[str]]:
+    """`--set` strings of the tiny MovieLens model on the default text path: `text.mode=llm` with `tiny_llm`, its
+    own vector cache (encoded once per session, on first use) and a 16-wide text basis (later overrides win)."""
+    from recsys.spec.loader import load_spec
+    from recsys.text.pipeline import encode_text_tables
+
+    cache = tmp_path_factory.mktemp("llm_cache")
+    sets = ["text.mode=llm", f"text.encoder.model={tiny_llm}", "text.encoder.device=cpu",
+            "text.encoder.max_length=16", f"text.cache_dir={cache}", "text.reduce_dim=16"]
+    encode_text_tables(load_spec(ML_SPEC, tiny_overrides(*sets)), device="cpu", progress=False)
+
+    def make(*extra: str) -> List[str]:
+        return tiny_overrides(*sets, *extra)
+    return make

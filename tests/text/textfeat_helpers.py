@@ -13,21 +13,9 @@ WORDS = ("the a of for and with to printer printers 3d pla filament spool racing
 
 
 def build_tiny_bert(folder: Path, seed: int = 0) -> Path:
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizer
+    from tiny_llm import build_tiny_bert as build  # tests/tiny_llm.py: the one builder of the suite
 
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab = folder / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    tokenizer = BertTokenizer(vocab=str(vocab))
-    torch.manual_seed(seed)
-    config = BertConfig(vocab_size=5 + len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=64)
-    BertModel(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
+    return build(folder, seed=seed, words=WORDS)
 
 
 def write_text_table(prepared: Path, name: str, keys: List[str], texts: List[Optional[str]],

@@ -22,20 +22,6 @@ SCORER = SHARED_DATA.parent / "tools" / "score_amazon_sr.py"
 
 
 @pytest.fixture(scope="module")
-def group():
-    """A 1-rank gloo group for DistributedModelParallel; the environment and thread count are restored after."""
-    from recsys.train.dist import init_distributed, shutdown
-
-    env, threads = dict(os.environ), torch.get_num_threads()
-    ctx = init_distributed("cpu")
-    yield ctx
-    shutdown()
-    os.environ.clear()
-    os.environ.update(env)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def trained(group, tiny_spec, tmp_path_factory):
     """~60% of one MovieLens epoch on the tiny model (with the valid evaluation and checkpoint of fit())."""
     from recsys.train.loop import Trainer
