@@ -180,6 +180,13 @@ def test_peer_goal_is_a_ratio_to_the_fastest_peer_measured_in_the_same_run():
     assert "1.60x" in text and "0.75x" in text and "-> met; full model" in text and "-> NOT met." in text
     configs["tr_peer_train_1_prebuilt"] = _run("torchrec", "peer", 140000.0, prebuilt=True)
     assert ratios(configs)["peer_goal_met"] is False
+    # --load-robust: the same ratios on samples per CPU-second
+    for name, per_cpu in (("peer_epnet", 50000.0), ("peer_sharedbottom", 60000.0),
+                          ("tr_peer_train_1_prebuilt", 66000.0)):
+        configs[name]["samples_per_cpu_s"] = per_cpu
+    g = ratios(configs, "samples_per_cpu_s")
+    assert g["fastest_peer"] == "peer_sharedbottom" and g["ratios"]["peers_config_prebuilt_vs_fastest_peer"] == 1.1
+    assert "samples per CPU-second" in render({**_report(configs), "goals": g})
 
 
 def test_auc_report_names_the_commits_its_runs_were_made_at():
