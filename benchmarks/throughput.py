@@ -514,23 +514,28 @@ def plot(report: Dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    items = [(n, r["samples_per_s"], r["impl"]) for n, r in report["configs"].items() if "error" not in r
-             and r["task"] != "loader"]
+    g = report.get("goals") or {}
+    metric = g.get("metric", "samples_per_s")  # the bars in the unit the goals were judged in
+    items = [(n, r[metric], r["impl"]) for n, r in report["configs"].items() if "error" not in r
+             and r["task"] != "loader" and r.get(metric)]
     if not items:
         return
     fig, ax = plt.subplots(figsize=(9, 0.45 * len(items) + 2.0))
     colour = {"torchrec": "tab:blue", "plain": "tab:orange", "peer": "tab:gray"}
     ax.barh([n for n, _, _ in items], [v for _, v, _ in items], color=[colour.get(i, "k") for _, _, i in items])
-    g = report.get("goals") or {}
     if g.get("fastest_peer_samples_per_s"):
         best = g["fastest_peer_samples_per_s"]
         ax.axvline(best, color="r", ls=":", lw=1, label=f"fastest peer in this run ({best:,.0f})")
         ax.axvline(GOAL_PEER_RATIO * best, color="r", ls="--", lw=1,
                    label=f"goal: {GOAL_PEER_RATIO}x the fastest peer ({GOAL_PEER_RATIO * best:,.0f})")
         ax.legend(fontsize=7)
-    ax.set_xlabel("samples/s (all ranks)")
+        ax.set_xlim(0, 1.05 * max(GOAL_PEER_RATIO * best, max(v for _, v, _ in items)))
+    ax.set_xlabel("samples per CPU-second (--load-robust)" if metric == "samples_per_cpu_s"
+                  else "samples/s (all ranks)")
+    m = report["machine"]
     ax.set_title(f"{report['data']} throughput (blue TorchRec, orange plain PyTorch, grey public peers)\n"
-                 f"{machine_line(report['machine'])}", fontsize=8)
+                 f"{m.get('cpu_model')}, {m.get('cores')} cores, torch CPU capability {m.get('cpu_capability')}, "
+                 f"commit {str(m.get('commit'))[:10]}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
