@@ -124,18 +124,18 @@ def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
 @pytest.mark.slow
 def test_throughput_quick(tiny_sets, tmp_path):
     cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--data", "movielens", "--configs", "loader_1",
-           "tr_full_train_1", "tr_peer_train_1_prebuilt",
+           "tr_peer_train_1_prebuilt",
            "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path), *tiny_sets]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=170)
+    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "throughput_movielens_quick.json").read_text())
-    for name in ("loader_1", "tr_full_train_1", "tr_peer_train_1_prebuilt"):
+    for name in ("loader_1", "tr_peer_train_1_prebuilt"):
         r = report["configs"][name]
         assert "error" not in r, r
         assert r["samples_per_s"] > 0 and r["peak_rss_mb_per_process"][0] > 0
     assert report["configs"]["tr_peer_train_1_prebuilt"]["prebuilt"] is True
-    assert report["matmul_peak_gflops"] > 0 and report["flops"]["full"]["flops_per_sample"] > 0
-    assert 0 < report["configs"]["tr_full_train_1"]["flop_fraction_of_peak"] < 1
+    assert report["matmul_peak_gflops"] > 0 and report["flops"]["peer"]["flops_per_sample"] > 0
+    assert report["configs"]["tr_peer_train_1_prebuilt"]["flop_fraction_of_peak"] > 0
     m = report["machine"]  # every result names the machine it was measured on
     assert m["cpu_model"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cores"] >= 1
     assert m["cpu_capability"] in (tmp_path / "throughput_movielens_quick.md").read_text()
