@@ -62,20 +62,21 @@ def main(argv=None) -> int:
     from recsys.train.loop import Trainer
     from recsys.train.preflight import preflight
     from recsys.train.run_lock import lock_for_this_rank
-    from recsys.train.transfer import load_pretrained_state, transfer_into
+    from recsys.train.transfer import load_pretrained_state, pretrained_text_projection, transfer_into
 
     if not args.zero_shot:
         preflight(spec, int(os.environ.get("WORLD_SIZE", "1")))
-    hook = None
+    hook, projection = None, None
     if args.source is not None:
         ckpt = checkpoint.best_or_latest(args.source)
         old_spec, old_state = load_pretrained_state(ckpt)
         hook = lambda tr: transfer_into(tr.dmp, spec, old_spec, old_state)  # noqa: E731
+        projection = pretrained_text_projection(old_state)
     lock = lock_for_this_rank(resolve_path(spec, spec.train.output_dir))  # noqa: F841 (held until exit)
     attach_log_file(resolve_path(spec, spec.train.output_dir))
     ctx = init_distributed(args.device)
     try:
-        trainer = Trainer(spec, ctx, freeze=freeze, init_hook=hook)
+        trainer = Trainer(spec, ctx, freeze=freeze, init_hook=hook, text_projection=projection)
         if args.zero_shot:
             model = trainer.dmp
             model.eval()

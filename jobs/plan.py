@@ -2,7 +2,8 @@
 
     python jobs/plan.py --spec feature_specs/production_example.yaml --world-size 64 --device cuda --hbm-gb 80
 
-Row counts come from `num_buckets` in the spec, else from the prepared vocabularies (jobs/prepare_data.py).
+Row counts come from `num_buckets` in the spec, else from the prepared vocabularies (jobs/prepare_data.py); frozen
+text tables (text.mode llm) from the prepared text tables, else `text.tables[].num_rows`, at width text.reduce_dim.
 Output is markdown: one row per table, memory per rank (summarised), and the planner's step-time estimate.
 """
 from __future__ import annotations
@@ -87,6 +88,10 @@ def render(spec: Spec, result: PlanResult, top: int = 4) -> str:
     if len(ordered) > top + 1:
         lines.append(f"(fullest {top} ranks and the emptiest of {ws})")
     lines.append("")
+    if any(result.text_bytes):
+        holding = [b for b in result.text_bytes if b]
+        lines += [f"Frozen text tables (weights, {spec.text.dtype}): {_gib(sum(result.text_bytes))} GiB in all, on "
+                  f"{len(holding)} of {ws} ranks, at most {_gib(max(result.text_bytes))} GiB per rank.", ""]
     if result.perf_ms is not None:
         lines.append(f"Planner estimate: {result.perf_ms:.2f} ms per step for embedding fwd+bwd+comms on the "
                      "slowest rank (TorchRec cost model, not a measurement).")
@@ -108,8 +113,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     setup_logging(rank=0, level=os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
     spec = load_spec_from_args(args)
+    text_rows, text_dim = None, None
+    if spec.text.mode == "llm" and spec.used_text_tables():
+        from recsys.text.frozen import planned_text_dim, planned_text_rows
+
+        text_rows, text_dim = planned_text_rows(spec), planned_text_dim(spec)
     result = plan_for(spec, rows_for(spec), args.world_size, args.device, hbm_gb=args.hbm_gb, ddr_gb=args.ddr_gb,
-                      batch_size=args.batch_size, local_world_size=args.local_world_size)
+                      batch_size=args.batch_size, local_world_size=args.local_world_size, text_rows=text_rows,
+                      text_dim=text_dim)
     print(render(spec, result))
     return 0
 

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
+
+from recsys.data.features import sequence_keys
 
 
 @dataclass
@@ -21,6 +23,9 @@ class Batch(Pipelineable):
     labels:   [B] float32 in {0, 1}.
     domain:   [B] int64 index into spec.domains.
     row_id:   [B] int64 global row number in the split file (for predictions in file order and quarantine).
+    text_ids: KJT of the same text rows for the frozen text tables (mode llm): one key per scalar text feature and
+              per history position (`recsys.data.features.text_kjt_keys`), one value each. Built from `text` when
+              not given, so every producer of batches (loader, serving, benchmarks) feeds the same lookup path.
     """
 
     sparse: KeyedJaggedTensor
@@ -31,6 +36,11 @@ class Batch(Pipelineable):
     domain: torch.Tensor
     row_id: torch.Tensor
     user: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # user key for GAUC
+    text_ids: Optional[KeyedJaggedTensor] = None
+
+    def __post_init__(self) -> None:
+        if self.text_ids is None and self.text:
+            self.text_ids = text_rows_kjt(self.text)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
         mv = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
@@ -43,10 +53,13 @@ class Batch(Pipelineable):
             domain=mv(self.domain),
             row_id=mv(self.row_id),
             user=mv(self.user),
+            text_ids=self.text_ids.to(device=device, non_blocking=non_blocking) if self.text_ids is not None else None,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         self.sparse.record_stream(stream)
+        if self.text_ids is not None:
+            self.text_ids.record_stream(stream)
         for t in [self.dense, self.labels, self.domain, self.row_id, self.user, *self.text.values(),
                   *self.seq_lengths.values()]:
             t.record_stream(stream)
@@ -61,8 +74,24 @@ class Batch(Pipelineable):
             domain=self.domain.pin_memory(),
             row_id=self.row_id.pin_memory(),
             user=self.user.pin_memory(),
+            text_ids=self.text_ids.pin_memory() if self.text_ids is not None else None,
         )
 
     @property
     def size(self) -> int:
         return int(self.labels.shape[0])
+
+
+def text_rows_kjt(text: Dict[str, torch.Tensor]) -> KeyedJaggedTensor:
+    """Text rows ([B] per scalar feature, [B, L] per history) -> KJT with one single-valued key per feature or
+    history position (`recsys.data.features.sequence_keys`), key-major."""
+    keys, values = [], []
+    for name, rows in text.items():
+        if rows.dim() == 1:
+            keys.append(name)
+            values.append(rows)
+        else:
+            keys.extend(sequence_keys(name, rows.shape[1]))
+            values.append(rows.t().reshape(-1))
+    flat = torch.cat(values).long() if values else torch.empty(0, dtype=torch.long)
+    return KeyedJaggedTensor(keys=keys, values=flat, lengths=torch.ones_like(flat))

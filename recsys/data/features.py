@@ -49,6 +49,16 @@ def table_of_key(spec: Spec) -> Dict[str, str]:
     return out
 
 
+def text_kjt_keys(spec: Spec) -> List[str]:
+    """Keys of the text-row KJT (mode llm), in spec order: a scalar text feature is one key, a text history one key
+    per position. Each key holds exactly one row per sample (0 = no text / padding)."""
+    keys: List[str] = []
+    for f in spec.features:
+        if f.kind == "text":
+            keys.extend(sequence_keys(f.name, f.max_len) if f.sequence else [f.name])
+    return keys
+
+
 def active_domains(spec: Spec) -> List[str]:
     """Domains trained and evaluated: all, or only `model.single_domain`."""
     if spec.model.single_domain:

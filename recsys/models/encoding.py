@@ -6,7 +6,8 @@ Aspects per side (a side without features of an aspect simply lacks it):
             `pooling: mean` only the mean, pooled inside the EmbeddingBagCollection (one lookup output per sample).
 - `sparse`: sparse categorical and dense features of the side.
 - `text`:   frozen LLM vectors (or hashed-token embeddings in text mode `random`) of the side's texts; a text history
-            is pooled by attention on its cosine with the candidate's text and by its mean.
+            is pooled by attention on its cosine with the candidate's text and by its mean. The LLM vectors live in
+            frozen TorchRec tables (TextEmbeddingBagCollection), sharded by the planner like the id tables.
 Each aspect is projected to `model.dim`. Besides the aspects L0 emits a few scalar *interactions* (text cosines of
 candidate vs query and vs history, attention logits) that L2 feeds straight to its heads: they carry cold-start
 items, whose id embedding has never been trained.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -24,10 +25,13 @@ from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
-from recsys.data.features import sequence_keys, table_of_key
+from recsys.data.features import sequence_keys, table_of_key, text_kjt_keys
 from recsys.models.attention import target_attention
 from recsys.models.precision import dense_autocast
 from recsys.spec.config import Spec, TextFeature
+
+if TYPE_CHECKING:
+    from recsys.text.frozen import TextProjection
 
 SIDES = ("user", "query", "item")
 ASPECTS = ("id", "sparse", "text")
@@ -41,79 +45,106 @@ class Encoded:
     interactions: torch.Tensor  # [B, n_interactions]
 
 
-class TextBasis(nn.Module):
-    """One principal-component basis shared by every text table of the model.
+class TextEmbeddingBagCollection(EmbeddingBagCollection):
+    """The frozen text tables (mode llm): an EmbeddingBagCollection of its own type, so DistributedModelParallel
+    shards it with the frozen-text sharder (no optimiser state, fp16 all-to-all; recsys.train.sharding) while the
+    planner places its tables like any other. Weights come from `recsys.text.frozen`, never from training: the
+    encoder detaches its output, so no gradient reaches it."""
 
-    With `reduce_dim` k > 0 the LLM vectors are projected on their top-k principal components: the history attention
-    gathers [batch, 20, dim] text vectors every step, and 64 components instead of 384 make that gather and its
-    matmuls 6x cheaper while keeping the cosine structure. One basis for all tables keeps cosines between tables
-    (query vs item text) meaningful. It is fitted once on the pretraining tables and saved with the model
-    (persistent buffers), so a fine-tuning run whose tables gained new texts projects them with the *pretrained*
-    basis."""
 
-    def __init__(self, tables: Dict[str, np.ndarray], k: int):
+class TextProjectionBuffers(nn.Module):
+    """The projection the frozen text tables were written with (`recsys.text.frozen.TextProjection`), as
+    persistent buffers: checkpoints and bundles carry it, a fine-tune projects its new texts with it and serving
+    projects texts that arrive later. The model itself never applies it: the tables hold projected rows."""
+
+    def __init__(self, projection: "TextProjection"):
         super().__init__()
-        raw = torch.cat([torch.from_numpy(np.ascontiguousarray(t[1:], dtype=np.float32)) for t in tables.values()])
-        width = raw.shape[1]
-        k = min(k, raw.shape[0] - 1, width)
-        self.enabled = 0 < k < width
-        if self.enabled:
-            center = raw.mean(0)
-            _, _, vh = torch.linalg.svd(raw - center, full_matrices=False)
-            basis = vh[:k].T.contiguous()
-            basis = basis * torch.sign(basis[basis.abs().argmax(0), torch.arange(k)])  # fix SVD's sign freedom
-            self.register_buffer("center", center)
-            self.register_buffer("basis", basis)
-        self.dim = k if self.enabled else width
+        self.register_buffer("center", torch.from_numpy(np.array(projection.center, dtype=np.float32)))
+        basis = projection.basis if projection.basis is not None else np.zeros((projection.width, 0), np.float32)
+        self.register_buffer("basis", torch.from_numpy(np.array(basis, dtype=np.float32)))
 
-    def project(self, v: torch.Tensor) -> torch.Tensor:
-        return (v - self.center) @ self.basis if self.enabled else v
+    def to_projection(self) -> "TextProjection":
+        return projection_from_buffers(self.center, self.basis)
 
 
-class TextLookup(nn.Module):
-    """Text rows -> vectors.
+def projection_from_buffers(center: torch.Tensor, basis: torch.Tensor) -> "TextProjection":
+    """The TextProjection held by TextProjectionBuffers' tensors (a basis of width 0 = no projection)."""
+    from recsys.text.frozen import TextProjection
 
-    `llm`: precomputed frozen LLM vectors, optionally projected by a shared TextBasis. The raw matrix is a
-    non-persistent buffer rebuilt from the text cache (a checkpoint does not carry a copy of the LLM output). Rows
-    are unit-normalised, so cosine similarity is one batched dot product; row 0 (no text) stays zero.
-    `random`: trainable hashed-token embeddings mean-pooled per text (the paper's no-LLM ablation).
-    """
+    b = basis.detach().cpu().numpy()
+    return TextProjection(center=center.detach().cpu().numpy(), basis=b if b.shape[1] else None)
 
-    def __init__(self, mode: str, table: np.ndarray, random_buckets: int = 0, random_dim: int = 0,
-                 basis: Optional[TextBasis] = None):
+
+class TokenTextLookup(nn.Module):
+    """Text mode `random` (the paper's no-LLM ablation): text rows -> trainable hashed-token embeddings mean-pooled
+    per text, unit-normalised; row 0 (no text) stays zero."""
+
+    def __init__(self, token_ids: np.ndarray, random_buckets: int, random_dim: int):
         super().__init__()
-        self.mode = mode
-        if mode == "llm":
-            self.register_buffer("raw", torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32)),
-                                 persistent=False)
-            self.register_buffer("vectors", torch.empty(0), persistent=False)
-            self.dim = basis.dim if basis is not None else int(table.shape[1])
-            self.rebuild(basis)
-        else:  # random: `table` holds token ids [rows, T], 0 = padding
-            self.register_buffer("token_ids", torch.from_numpy(np.ascontiguousarray(table, dtype=np.int64)),
-                                 persistent=False)
-            self.tokens = nn.EmbeddingBag(random_buckets, random_dim, mode="mean", padding_idx=0)
-            nn.init.normal_(self.tokens.weight, std=0.05)
-            self.dim = random_dim
-
-    @torch.no_grad()
-    def rebuild(self, basis: Optional[TextBasis]) -> None:
-        """Recompute the lookup matrix from the raw vectors and the (possibly just loaded) basis."""
-        if self.mode != "llm":
-            return
-        v = basis.project(self.raw) if basis is not None else self.raw
-        v = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        v[0] = 0.0
-        self.vectors = v.contiguous()
+        self.register_buffer("token_ids", torch.from_numpy(np.ascontiguousarray(token_ids, dtype=np.int64)),
+                             persistent=False)
+        self.tokens = nn.EmbeddingBag(random_buckets, random_dim, mode="mean", padding_idx=0)
+        nn.init.normal_(self.tokens.weight, std=0.05)
+        self.dim = random_dim
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
-        if self.mode == "llm":
-            # index_select, not vectors[rows]: advanced indexing is 3x slower for a [2048, 20] history on CPU
-            return self.vectors.index_select(0, rows.reshape(-1)).view(rows.shape + (self.dim,))
         flat = rows.reshape(-1)
         out = self.tokens(self.token_ids[flat])
         out = nn.functional.normalize(out, dim=-1) * (flat.unsqueeze(1) > 0)  # row 0 (no text) stays zero
         return out.reshape(rows.shape + (self.dim,))  # no *-unpacking: the train pipeline fx-traces this
+
+
+class PooledLayout:
+    """How an EmbeddingBagCollection's pooled output [B, sum of widths] is cut into features, for the key order the
+    EBC actually returned: a sharded EBC orders its output by sharding type and rank, not by the table configs, so
+    the order is read at run time (and cached). Each key is a chunk; a sequence whose position keys sit side by side
+    in order is ONE chunk that a view turns into [B, L, D] (no stack copy forward, no split + cat backward); a
+    sequence whose positions are scattered stays per key and is stacked by `history`."""
+
+    def __init__(self, keys: List[str], positions: Dict[str, List[str]]):
+        self.keys = list(keys)  # every key the EBC must return
+        self.positions = positions  # sequence name -> its position keys, in order
+        self._cache: Dict[Tuple[str, ...], Tuple[List[str], List[int]]] = {}
+
+    def layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int]]:
+        cached = self._cache.get(tuple(keys))
+        if cached is not None:
+            return cached
+        missing = [k for k in self.keys if k not in keys]
+        if missing:
+            raise RuntimeError(f"the embedding output lacks key(s) {missing} (it has {keys})")
+        where = {k: i for i, k in enumerate(keys)}
+        contiguous = {seq for seq, pos in self.positions.items()
+                      if [where[k] for k in pos] == list(range(where[pos[0]], where[pos[0]] + len(pos)))}
+        first_of = {pos[0]: seq for seq, pos in self.positions.items() if seq in contiguous}
+        inside = {k for seq in contiguous for k in self.positions[seq][1:]}
+        names: List[str] = []
+        sizes: List[int] = []
+        for k, n in zip(keys, lengths):
+            if k in inside:
+                sizes[-1] += n
+            else:
+                names.append(first_of.get(k, k))
+                sizes.append(n)
+        self._cache[tuple(keys)] = (names, sizes)
+        return names, sizes
+
+    def split(self, pooled, detach: bool = False) -> Dict[str, torch.Tensor]:
+        """Feature (or whole contiguous sequence) name -> its pooled vectors."""
+        if is_fx_tracing():
+            # TorchRec's train pipeline fx-traces forward only to find the EBC's inputs (the traced graph is never
+            # run); the key order is not known to a Proxy, so trace the plain per-key path
+            d = pooled.to_dict()
+            return {k: d[k] for k in self.keys}
+        names, sizes = self.layout(pooled.keys(), pooled.length_per_key())
+        values = pooled.values().detach() if detach else pooled.values()
+        return dict(zip(names, torch.split(values, sizes, dim=1)))
+
+    def history(self, feats: Dict[str, torch.Tensor], name: str, max_len: int, dim: int) -> torch.Tensor:
+        """[B, L, D] history of sequence `name`: a view of its chunk when the positions are side by side."""
+        if name in feats:
+            return feats[name].view(-1, max_len, dim)
+        return torch.stack([feats[k] for k in self.positions[name]], dim=1)
 
 
 def weighted_sum(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -146,12 +177,15 @@ def _key(table_name: str) -> str:
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Cosine of text vectors, which TextLookup returns with unit norm (or zero for "no text")."""
+    """Cosine of text vectors, which text_vectors returns with unit norm (or zero for "no text")."""
     return (a * b).sum(-1)
 
 
 class UserQueryItemEncoder(nn.Module):
-    def __init__(self, spec: Spec, ebc: EmbeddingBagCollection, text_tables: Dict[str, np.ndarray]):
+    def __init__(self, spec: Spec, ebc: EmbeddingBagCollection, text_tables: Dict[str, np.ndarray],
+                 text_ebc: Optional[nn.Module] = None, text_projection: Optional["TextProjection"] = None):
+        """`text_tables`: mode llm, the frozen tables' rows [rows, dim] (`recsys.text.frozen`), read by `text_ebc`
+        (built by the caller from `recsys.models.tables.text_table_configs`); mode random, token ids per row."""
         super().__init__()
         self.spec = spec
         self.ebc = ebc
@@ -195,20 +229,24 @@ class UserQueryItemEncoder(nn.Module):
             elif f.kind == "text" and self.text_mode != "none":
                 self.text_feats[f.side].append(f)
 
-        # text lookups, one per text table used
+        # text: frozen embedding tables (llm) or trainable hashed tokens (random)
         self.text_lookup = nn.ModuleDict()
-        self.text_basis = (TextBasis(text_tables, spec.text.reduce_dim)
-                           if self.text_mode == "llm" and text_tables else None)
-        if self.text_mode != "none":
+        self.text_ebc = text_ebc if self.text_mode == "llm" else None
+        self.text_projection = (TextProjectionBuffers(text_projection)
+                                if self.text_mode == "llm" and text_projection is not None else None)
+        self.text_dim = 0
+        if self.text_mode == "llm" and text_tables:
+            self.text_dim = int(next(iter(text_tables.values())).shape[1])
+            text_features = [f for f in spec.features if f.kind == "text"]
+            self.text_layout = PooledLayout(text_kjt_keys(spec), {f.name: sequence_keys(f.name, f.max_len)
+                                                                  for f in text_features if f.sequence})
+        elif self.text_mode == "random":
             for name, table in text_tables.items():
-                self.text_lookup[_key(name)] = TextLookup(self.text_mode, table, spec.text.random_buckets,
-                                                          spec.text.random_dim, self.text_basis)
-            # a loaded checkpoint brings its own basis: re-project the tables with it
-            self.register_load_state_dict_post_hook(lambda module, _incompatible: module.refresh_text())
+                self.text_lookup[_key(name)] = TokenTextLookup(table, spec.text.random_buckets, spec.text.random_dim)
+            self.text_dim = spec.text.random_dim
+        if self.text_mode != "none":
             for side in SIDES:
-                w = 0
-                for f in self.text_feats[side]:
-                    w += self.text_lookup[_key(f.text_table)].dim * (2 if f.sequence else 1)
+                w = sum(self.text_dim * (2 if f.sequence else 1) for f in self.text_feats[side])
                 if w:
                     widths[(side, "text")] = w
 
@@ -241,63 +279,37 @@ class UserQueryItemEncoder(nn.Module):
         self.num_interactions = self._count_interactions()
 
     def _index_keys(self, spec: Spec) -> None:
-        """Static facts the pooled-output layout is derived from (see _layout)."""
+        """Static facts the pooled-output layout is derived from (see PooledLayout)."""
         self.key_table: Dict[str, str] = dict(table_of_key(spec))  # KJT key -> table
         self.positions: Dict[str, List[str]] = {f.name: sequence_keys(f.name, f.max_len) for f in self.sequences}
         self.chunk_table: Dict[str, str] = {**self.key_table, **{f.name: f.table for f in self.sequences}}
-        self._layouts: Dict[Tuple[str, ...], Tuple[List[str], List[int]]] = {}
-
-    def _layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int]]:
-        """How the EBC's pooled output [B, sum of widths] is cut, for the key order the EBC actually returned: a
-        sharded EBC orders its output by sharding type and rank, not by the table configs, so the order is read at
-        run time (and cached). Each id/sparse key is a chunk; a sequence whose positions sit side by side in order is
-        ONE chunk that a view turns into [B, L, D] (no stack copy forward, no split + cat backward); a sequence whose
-        positions are scattered stays per key and is stacked."""
-        cached = self._layouts.get(tuple(keys))
-        if cached is not None:
-            return cached
-        missing = [k for k in self.key_table if k not in keys]
-        if missing:
-            raise RuntimeError(f"the embedding output lacks key(s) {missing} (it has {keys})")
-        where = {k: i for i, k in enumerate(keys)}
-        contiguous = {seq for seq, pos in self.positions.items()
-                      if [where[k] for k in pos] == list(range(where[pos[0]], where[pos[0]] + len(pos)))}
-        first_of = {pos[0]: seq for seq, pos in self.positions.items() if seq in contiguous}
-        inside = {k for seq in contiguous for k in self.positions[seq][1:]}
-        names: List[str] = []
-        sizes: List[int] = []
-        for k, n in zip(keys, lengths):
-            if k in inside:
-                sizes[-1] += n
-            else:
-                names.append(first_of.get(k, k))
-                sizes.append(n)
-        self._layouts[tuple(keys)] = (names, sizes)
-        return names, sizes
+        self.id_layout = PooledLayout(list(self.key_table), self.positions)
 
     def _pooled_features(self, pooled) -> Dict[str, torch.Tensor]:
         """Feature (or whole sequence) name -> its pooled vectors; frozen tables' outputs detached."""
-        if is_fx_tracing():
-            # TorchRec's train pipeline fx-traces forward only to find the EBC's inputs (the traced graph is never
-            # run); the key order is not known to a Proxy, so trace the plain per-key path
-            d = pooled.to_dict()
-            feats = {k: d[k] for k in self.key_table}
-        else:
-            names, sizes = self._layout(pooled.keys(), pooled.length_per_key())
-            feats = dict(zip(names, torch.split(pooled.values(), sizes, dim=1)))
+        feats = self.id_layout.split(pooled)
         if self.frozen_tables:
             feats = {n: (v.detach() if self.chunk_table[n] in self.frozen_tables else v) for n, v in feats.items()}
         return feats
 
     def _history(self, feats: Dict[str, torch.Tensor], f) -> torch.Tensor:
-        """[B, L, D] history of sequence feature `f`: a view of its chunk when the positions are side by side."""
-        if f.name in feats:
-            return feats[f.name].view(-1, f.max_len, self.table_dim[f.table])
-        return torch.stack([feats[k] for k in self.positions[f.name]], dim=1)
+        return self.id_layout.history(feats, f.name, f.max_len, self.table_dim[f.table])
 
-    def refresh_text(self) -> None:
-        for lookup in self.text_lookup.values():
-            lookup.rebuild(self.text_basis)
+    def text_vectors(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """Text rows -> vectors, per text feature: [B, dim], or [B, L, dim] for a history; unit norm, zero for "no
+        text". Mode llm reads the frozen text tables through the text KJT (`batch.text_ids`), detached: nothing
+        trains them. The one place text vectors come from, so a caller that must supply vectors for texts the
+        tables lack (serving's cold texts) overrides this method."""
+        feats = [f for side in SIDES for f in self.text_feats[side]]
+        if self.text_mode != "llm":
+            return {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name]) for f in feats}
+        chunks = self.text_layout.split(self.text_ebc(batch.text_ids), detach=True)
+        out: Dict[str, torch.Tensor] = {}
+        for f in feats:
+            v = (self.text_layout.history(chunks, f.name, f.max_len, self.text_dim) if f.sequence
+                 else chunks[f.name])
+            out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
+        return out
 
     def freeze_tables(self, tables) -> None:
         self.frozen_tables = frozenset(tables)
@@ -353,8 +365,7 @@ class UserQueryItemEncoder(nn.Module):
             interactions.append((scores * mask).sum(1) / mask.sum(1).clamp_min(1))
 
         if self.text_mode != "none":
-            vectors = {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name])
-                       for side in SIDES for f in self.text_feats[side]}
+            vectors = self.text_vectors(batch)
             item_texts = [f.name for f in self.text_feats["item"] if not f.sequence]
             for side in SIDES:
                 for f in self.text_feats[side]:

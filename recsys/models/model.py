@@ -3,7 +3,7 @@ name starts with its level and fine-tuning can freeze by prefix."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -12,13 +12,16 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
-from recsys.models.encoding import SIDES, UserQueryItemEncoder
+from recsys.models.encoding import SIDES, TextEmbeddingBagCollection, UserQueryItemEncoder
 from recsys.models.fusion import AspectGatingFusion
 from recsys.models.precision import dense_autocast
 from recsys.models.regularizers import divergence
-from recsys.models.tables import embedding_bag_configs
+from recsys.models.tables import embedding_bag_configs, text_table_configs, text_table_name
 from recsys.models.towers import DomainHeads, build_tower
 from recsys.spec.config import Spec
+
+if TYPE_CHECKING:
+    from recsys.text.frozen import TextProjection
 
 
 class DomainAdaptiveMultiTask(nn.Module):
@@ -45,6 +48,14 @@ class DomainAdaptiveMultiTask(nn.Module):
         return logits, reg, z
 
 
+def load_text_weights(text_ebc: nn.Module, text_tables: Dict[str, np.ndarray]) -> None:
+    """Copy frozen text rows into an unsharded text EBC (a sharded one: recsys.train.frozen_text)."""
+    with torch.no_grad():
+        for name, rows in text_tables.items():
+            weight = text_ebc.embedding_bags[text_table_name(name)].weight
+            weight.copy_(torch.from_numpy(np.array(rows)).to(weight.device))
+
+
 @dataclass
 class ModelOutput:
     logits: torch.Tensor
@@ -55,15 +66,30 @@ class ModelOutput:
 class SRFoundationModel(nn.Module):
     def __init__(self, spec: Spec, table_rows: Dict[str, int], text_tables: Dict[str, np.ndarray],
                  device: Optional[torch.device] = None,
-                 ebc_factory: Optional[Callable[[List[EmbeddingBagConfig]], nn.Module]] = None):
-        """`ebc_factory` (configs -> module with the EmbeddingBagCollection interface: KJT in, KeyedTensor out)
+                 ebc_factory: Optional[Callable[[List[EmbeddingBagConfig]], nn.Module]] = None,
+                 text_projection: Optional["TextProjection"] = None):
+        """`text_tables`: mode llm, the frozen text tables' rows (`recsys.text.frozen.FrozenText.tables`), copied
+        into the text EBC unless it is on the meta device (then `fill_text_tables` fills the sharded copy);
+        `text_projection`: the projection they were written with, kept as buffers for checkpoints and bundles.
+        `ebc_factory` (configs -> module with the EmbeddingBagCollection interface: KJT in, KeyedTensor out)
         swaps TorchRec's EBC for another implementation, e.g. the plain-PyTorch reference of
         benchmarks/plain_reference.py; None keeps TorchRec's."""
         super().__init__()
+        device = device or torch.device("meta")
         configs = embedding_bag_configs(spec, table_rows)
-        ebc = (ebc_factory(configs) if ebc_factory is not None
-               else EmbeddingBagCollection(tables=configs, device=device or torch.device("meta")))
-        self.l0 = UserQueryItemEncoder(spec, ebc, text_tables)
+        ebc = ebc_factory(configs) if ebc_factory is not None else EmbeddingBagCollection(tables=configs, device=device)
+        text_ebc = None
+        if spec.text.mode == "llm" and text_tables:
+            dims = {int(t.shape[1]) for t in text_tables.values()}
+            if len(dims) != 1:
+                raise ValueError(f"frozen text tables of different widths {sorted(dims)}: one projection makes them")
+            text_configs = text_table_configs(spec, {n: int(t.shape[0]) for n, t in text_tables.items()},
+                                              dims.pop())
+            text_ebc = (ebc_factory(text_configs) if ebc_factory is not None
+                        else TextEmbeddingBagCollection(tables=text_configs, device=device))
+            if device.type != "meta":
+                load_text_weights(text_ebc, text_tables)
+        self.l0 = UserQueryItemEncoder(spec, ebc, text_tables, text_ebc, text_projection)
         sides = [s for s in SIDES if s in self.l0.aspect_names]
         self.l1 = AspectGatingFusion(spec.model.fusion, {s: self.l0.aspect_names[s] for s in sides},
                                      len(spec.domains), spec.model.dim)

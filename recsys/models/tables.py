@@ -3,13 +3,21 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_configs import DataType, EmbeddingBagConfig, PoolingType
 
-from recsys.data.features import kjt_keys, table_of_key
+from recsys.data.features import kjt_keys, table_of_key, text_kjt_keys
 from recsys.errors import SpecError
 from recsys.spec.config import Spec
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
+_TEXT_DATA_TYPE = {"fp32": DataType.FP32, "fp16": DataType.FP16}
+TEXT_TABLE_PREFIX = "text_"
+
+
+def text_table_name(text_table: str) -> str:
+    """Embedding-table name of a frozen text table: prefixed, because the planner's constraints and the plan are
+    keyed by table name across all embedding modules, and a text table may share its name with an id table."""
+    return TEXT_TABLE_PREFIX + text_table
 
 
 def table_rows(spec: Spec, vocab_rows: Dict[str, int]) -> Dict[str, int]:
@@ -59,3 +67,23 @@ def _normal_init(std: float):
         return torch.nn.init.normal_(weight, mean=0.0, std=std)
 
     return init
+
+
+def text_table_configs(spec: Spec, text_rows: Dict[str, int], dim: int) -> List[EmbeddingBagConfig]:
+    """One frozen EmbeddingBagConfig per text table some text feature reads (mode llm): `text_rows[name]` rows
+    (row 0 = no text) of the projected width `dim`, stored in `text.dtype`. Every key holds exactly one row
+    (histories have one key per position), so SUM pooling returns the row itself."""
+    keys = text_kjt_keys(spec)
+    by_name = {f.name: f for f in spec.features_of("text")}
+    declared = {t.name for t in spec.tables}
+    configs: List[EmbeddingBagConfig] = []
+    for name in spec.used_text_tables():
+        table = text_table_name(name)
+        if table in declared:
+            raise SpecError(f"tables.{table}: the name is taken by the frozen table of text table '{name}'; "
+                            f"rename the embedding table")
+        names = [k for k in keys if by_name[k.split("__pos")[0]].text_table == name]
+        configs.append(EmbeddingBagConfig(name=table, embedding_dim=dim, num_embeddings=text_rows[name],
+                                          feature_names=names, pooling=PoolingType.SUM,
+                                          data_type=_TEXT_DATA_TYPE[spec.text.dtype]))
+    return configs

@@ -196,6 +196,9 @@ class TextTableSpec(StrictModel):
     source: str
     key: str
     text: Optional[str] = None  # text column in the side table; defaults to `key` for source: rows
+    # expected number of texts: sizes the frozen text table for planning (jobs/plan.py) when the table is not
+    # prepared here; a prepared table always has its own row count
+    num_rows: Optional[int] = Field(default=None, gt=0)
 
 
 class EncoderSpec(StrictModel):
@@ -220,9 +223,13 @@ class TextSpec(StrictModel):
     encoder: EncoderSpec = Field(default_factory=EncoderSpec)
     cache_dir: str = "data_cache/text"
     tables: List[TextTableSpec] = Field(default_factory=list)
-    # project LLM vectors on their top-k principal components inside the model (0 = keep the encoder's width);
-    # see recsys.models.encoding.TextLookup for why
+    # project LLM vectors on their top-k principal components (0 = keep the encoder's width), once, when the frozen
+    # text tables are materialised (see recsys.text.frozen for why and how)
     reduce_dim: int = Field(default=64, ge=0)
+    # storage of the frozen text tables (mode llm): fp16 halves their memory and their all-to-all for a rounding of
+    # ~2.4e-4 per unit-vector component (cosines move by < 1e-3). int8 is not offered: TorchRec's training
+    # EmbeddingBagCollection (1.8) cannot shard fbgemm's int8 rows, which carry their scale and bias inline.
+    dtype: Literal["fp32", "fp16"] = "fp16"
     random_buckets: int = Field(default=100_000, gt=1)  # mode `random`: hashed text-token table size
     random_dim: int = Field(default=64, gt=0)
     random_max_tokens: int = Field(default=32, gt=0)
@@ -464,8 +471,11 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
         issues.append((("model", "single_domain"), f"unknown domain '{spec.model.single_domain}'; expected one of "
                        f"{_one_of(d.name for d in spec.domains)}"))
 
+    # frozen text tables (mode llm) are embedding tables too, named `text_<text table>` (recsys.models.tables)
+    constrainable = list(table_names) + ([f"text_{t.name}" for t in spec.text.tables] if spec.text.mode == "llm"
+                                         else [])
     for key in spec.train.sharding_constraints:
-        if key not in table_names:
+        if key not in constrainable:
             issues.append((("train", "sharding_constraints", key),
-                           f"unknown table '{key}'; expected one of {_one_of(table_names)}"))
+                           f"unknown table '{key}'; expected one of {_one_of(constrainable)}"))
     return issues

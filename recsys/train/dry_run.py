@@ -62,16 +62,21 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool 
     lines.append(f"train rows per domain: " + ", ".join(f"{k}={v:,}" for k, v in
                                                           sorted(train_rows_per_domain(spec).items())))
     rows = spec_table_rows(spec)
+    text_rows, text_dim = None, None
     if spec.text.mode != "none":
-        # mode llm reads cached vectors (built by jobs/encode_text.py), mode random the token ids
+        # mode llm reads the frozen text tables (projected from the vectors jobs/encode_text.py cached), mode random
+        # the token ids
         from recsys.models.build import text_tables_for
 
         try:
-            shapes = {n: tuple(a.shape) for n, a in text_tables_for(spec).items()}
+            text = text_tables_for(spec)
         except DataError as e:
             raise DataError(f"{e} (build text vectors with `{job_command(spec, 'encode_text.py')}`)")
-        lines.append("text tables: " + ", ".join(f"{n}={s}" for n, s in shapes.items()))
-    result = plan_for(spec, rows, world_size, device_type)
+        lines.append("text tables: " + ", ".join(f"{n}={tuple(a.shape)}" for n, a in text.items()))
+        if spec.text.mode == "llm" and text:
+            text_rows = {n: int(a.shape[0]) for n, a in text.items()}
+            text_dim = int(next(iter(text.values())).shape[1])
+    result = plan_for(spec, rows, world_size, device_type, text_rows=text_rows, text_dim=text_dim)
     lines.append(plan_table(result))
     if resume:
         lines.append(check_resume_target(spec, world_size))

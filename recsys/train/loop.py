@@ -25,7 +25,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.errors import NumericsError, RecsysError
 from recsys.logs import CONSOLE
-from recsys.models.build import build_model, spec_table_rows, text_tables_for
+from recsys.models.build import build_model, spec_table_rows, text_inputs_for
 from recsys.models.model import SRFoundationModel, TrainTask
 from recsys.models.precision import resolve_precision
 from recsys.spec.config import Spec
@@ -33,6 +33,7 @@ from recsys.spec.loader import dump_resolved, resolve_path, resolved_values, spe
 from recsys.train import checkpoint
 from recsys.train.dist import DistContext
 from recsys.train.evaluation import evaluate_split, json_safe
+from recsys.train.frozen_text import fill_text_tables, is_text_table_key
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
 from recsys.train.sharding import data_parallel_wrapper_for, plan_for, sharders_for
@@ -87,7 +88,9 @@ class RunState:
 
 class Trainer:
     def __init__(self, spec: Spec, ctx: DistContext, freeze: Sequence[str] = (),
-                 init_hook=None, for_training: bool = True):
+                 init_hook=None, for_training: bool = True, text_projection=None):
+        """`text_projection`: the projection of the frozen text tables (a fine-tune passes its pretrained model's,
+        `recsys.train.transfer.pretrained_text_projection`); None: the one fitted on this spec's tables."""
         self.spec, self.ctx = spec, ctx
         self.precision, why = resolve_precision(spec.train.precision, ctx.device.type)
         if ctx.is_main:
@@ -96,8 +99,8 @@ class Trainer:
         self.ckpt_root = self.out_dir / "checkpoints"
         seed_everything(spec.train.seed)
         self.rows = spec_table_rows(spec)
-        self.text_tables = text_tables_for(spec)
-        model = build_model(spec, torch.device("meta"), self.rows, self.text_tables)
+        self.text_tables, self.text_projection = text_inputs_for(spec, text_projection)
+        model = build_model(spec, torch.device("meta"), self.rows, self.text_tables, self.text_projection)
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
         frozen_tables |= {t.name for t in spec.tables if not t.trainable}
@@ -115,12 +118,15 @@ class Trainer:
             log.info("%s", plan_table(plan, self.precision), extra=CONSOLE)
         self.dmp = DistributedModelParallel(module=self.task, device=ctx.device, plan=plan.plan,
                                             sharders=sharders_for(ctx.device.type,
-                                                                  comm_precision=spec.train.embedding_comm),
+                                                                  comm_precision=spec.train.embedding_comm,
+                                                                  text_dtype=spec.text.dtype),
                                             data_parallel_wrapper=data_parallel_wrapper_for(ctx.world_size))
+        if spec.text.mode == "llm":
+            fill_text_tables(self.dmp, self.text_tables)  # each rank reads only its shards' rows
         if init_hook is not None:
             init_hook(self)
         dense = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
-        dense = {k: v for k, v in dense.items() if v.requires_grad}
+        dense = {k: v for k, v in dense.items() if v.requires_grad and not is_text_table_key(k)}
         # Tables the plan made data_parallel run TorchRec's dense kernel: their gradients are all-reduced by DDP
         # and no in-backward optimiser is attached, so without this they would silently train under the dense
         # layers' Adam. They get the spec's embedding optimiser and rate instead, stepped with the dense ones.

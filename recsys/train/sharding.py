@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -130,6 +130,45 @@ def _make_sharder_class():
     return RecsysEBCSharder
 
 
+# Frozen text tables (recsys.models.encoding.TextEmbeddingBagCollection): sharded, never replicated. TorchRec's
+# data_parallel kernel keeps fp32 trainable weights under DDP, i.e. a full trainable copy per rank; a frozen table
+# that fits everywhere would still cost every rank its whole size. Row-wise types only on GPU (as for id tables).
+TEXT_CPU_SHARDING_TYPES = ("table_wise", "column_wise")
+TEXT_CUDA_SHARDING_TYPES = ("table_wise", "row_wise", "table_row_wise", "column_wise")
+TEXT_CUDA_COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
+TEXT_CPU_COMPUTE_KERNELS = ("fused",)
+
+
+def frozen_fused_params() -> Dict[str, Any]:
+    """The fused kernel needs an optimiser; plain SGD keeps no per-row state, and the encoder detaches the tables'
+    output, so its backward (and this optimiser) never runs: the rows stay as written."""
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType
+
+    return {"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": 0.0}
+
+
+def _make_text_sharder_class():
+    from recsys.models.encoding import TextEmbeddingBagCollection
+
+    class FrozenTextSharder(_make_sharder_class()):
+        """Shards TextEmbeddingBagCollection (its own module type, so DistributedModelParallel picks this sharder
+        for it): table-/column-wise (+ row-wise on GPU) with the fused kernels, which hold fp16 rows."""
+
+        @property
+        def module_type(self):
+            return TextEmbeddingBagCollection
+
+        def sharding_types(self, compute_device_type: str) -> List[str]:
+            allowed = TEXT_CPU_SHARDING_TYPES if compute_device_type == "cpu" else TEXT_CUDA_SHARDING_TYPES
+            return [t for t in super().sharding_types(compute_device_type) if t in allowed]
+
+        def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
+            allowed = TEXT_CPU_COMPUTE_KERNELS if compute_device_type == "cpu" else TEXT_CUDA_COMPUTE_KERNELS
+            return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in allowed]
+
+    return FrozenTextSharder
+
+
 def qcomm_registry_for(comm_precision: str, device_type: str) -> Optional[Dict[str, Any]]:
     """TorchRec's quantized-comms codecs for the pooled-embedding all-to-all (`train.embedding_comm`), or None for
     fp32. Forward and backward use the same precision; gloo (CPU) has no bf16 codec, so bf16 becomes fp16 there."""
@@ -146,12 +185,16 @@ def qcomm_registry_for(comm_precision: str, device_type: str) -> Optional[Dict[s
 
 
 def sharders_for(device_type: str, fused_params: Optional[Dict[str, Any]] = None,
-                 comm_precision: str = "fp32") -> List[Any]:
-    """`[EmbeddingBagCollectionSharder]` with the fused optimiser and the all-to-all precision; on CPU only
-    table/column-wise and DP."""
+                 comm_precision: str = "fp32", text_dtype: str = "fp32") -> List[Any]:
+    """The id-table sharder (fused optimiser, all-to-all precision; on CPU only table/column-wise and DP) and the
+    frozen-text sharder. Text rows stored in fp16 cross ranks in fp16: exact (they are fp16 already), half the
+    bytes."""
     _check_device(device_type)
+    text_comm = "fp16" if text_dtype == "fp16" and comm_precision == "fp32" else comm_precision
     return [_make_sharder_class()(fused_params=dict(fused_params) if fused_params else None,
-                                  qcomm_codecs_registry=qcomm_registry_for(comm_precision, device_type))]
+                                  qcomm_codecs_registry=qcomm_registry_for(comm_precision, device_type)),
+            _make_text_sharder_class()(fused_params=frozen_fused_params(),
+                                       qcomm_codecs_registry=qcomm_registry_for(text_comm, device_type))]
 
 
 # -------------------------------------------------------------------------------------------------- constraints
@@ -194,6 +237,10 @@ def constraints_from_spec(spec: Spec, device_type: str, world_size: Optional[int
     _check_device(device_type)
     read_tables = set(table_of_key(spec).values())
     declared = {t.name for t in spec.tables}
+    if spec.text.mode == "llm":
+        from recsys.models.tables import text_table_name
+
+        declared |= {text_table_name(t.name) for t in spec.text.tables}
     for name in spec.train.sharding_constraints:
         if name not in declared:
             raise SpecError(f"train.sharding_constraints.{name}: no such table (tables: {sorted(declared)})")
@@ -201,9 +248,12 @@ def constraints_from_spec(spec: Spec, device_type: str, world_size: Optional[int
     if world_size == 1 and ONE_RANK_TABLE_WISE:
         if spec.train.sharding_constraints:
             log.info("one rank: every table table_wise (train.sharding_constraints place tables across ranks)")
-        return {t.name: ParameterConstraints(sharding_types=["table_wise"],
-                                             pooling_factors=_pooling_factors(spec, t.name))
-                for t in spec.tables if t.name in read_tables}
+        one = {t.name: ParameterConstraints(sharding_types=["table_wise"],
+                                            pooling_factors=_pooling_factors(spec, t.name))
+               for t in spec.tables if t.name in read_tables}
+        one.update({name: ParameterConstraints(sharding_types=["table_wise"], pooling_factors=c.pooling_factors)
+                    for name, c in _text_constraints(spec, device_type).items()})
+        return one
     for table in spec.tables:
         if table.name not in read_tables:
             continue
@@ -221,6 +271,32 @@ def constraints_from_spec(spec: Spec, device_type: str, world_size: Optional[int
                 types = types or list(CPU_SHARDING_TYPES)
         out[table.name] = ParameterConstraints(sharding_types=types,
                                                pooling_factors=_pooling_factors(spec, table.name))
+    out.update(_text_constraints(spec, device_type))
+    return out
+
+
+def _text_constraints(spec: Spec, device_type: str) -> Dict[str, Any]:
+    """Frozen text tables: the text sharder's types, narrowed by `train.sharding_constraints.text_<name>`; one
+    row per key (each key is one text or one history position)."""
+    from torchrec.distributed.planner.types import ParameterConstraints
+
+    if spec.text.mode != "llm":
+        return {}
+    from recsys.data.features import text_kjt_keys
+    from recsys.models.tables import text_table_name
+
+    allowed = TEXT_CPU_SHARDING_TYPES if device_type == "cpu" else TEXT_CUDA_SHARDING_TYPES
+    by_name = {f.name: f for f in spec.features_of("text")}
+    out: Dict[str, Any] = {}
+    for name in spec.used_text_tables():
+        table = text_table_name(name)
+        wanted = spec.train.sharding_constraints.get(table)
+        types = [t for t in dict.fromkeys(wanted) if t in allowed] if wanted else list(allowed)
+        if wanted and len(types) < len(set(wanted)):
+            log.warning("train.sharding_constraints.%s: frozen text tables on %s take %s only; using %s", table,
+                        device_type, "/".join(allowed), "/".join(types or allowed))
+        n_keys = sum(1 for k in text_kjt_keys(spec) if by_name[k.split("__pos")[0]].text_table == name)
+        out[table] = ParameterConstraints(sharding_types=types or list(allowed), pooling_factors=[1.0] * n_keys)
     return out
 
 
@@ -307,6 +383,7 @@ class PlanResult:
     ddr_cap_bytes: int
     perf_ms: Optional[float] = None  # planner's estimate of the slowest rank's fwd+bwd embedding time per step
     memory_from_planner: bool = field(default=False)
+    text_bytes: List[int] = field(default_factory=list)  # per rank: weights of the frozen text tables' shards
 
 
 def build_meta_ebc(spec: Spec, rows: Dict[str, int]) -> nn.Module:
@@ -314,6 +391,19 @@ def build_meta_ebc(spec: Spec, rows: Dict[str, int]) -> nn.Module:
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
     return EmbeddingBagCollection(tables=embedding_bag_configs(spec, rows), device=torch.device("meta"))
+
+
+def build_meta_tables(spec: Spec, rows: Dict[str, int], text_rows: Dict[str, int], text_dim: int) -> nn.Module:
+    """Every embedding module of the spec on the meta device: the id tables (`ebc`) and the frozen text tables
+    (`text_ebc`, `text_rows` rows of width `text_dim` each), as the model holds them."""
+    from recsys.models.encoding import TextEmbeddingBagCollection
+    from recsys.models.tables import text_table_configs
+
+    tables = nn.Module()
+    tables.ebc = build_meta_ebc(spec, rows)
+    tables.text_ebc = TextEmbeddingBagCollection(tables=text_table_configs(spec, text_rows, text_dim),
+                                                 device=torch.device("meta"))
+    return tables
 
 
 def _capturing_stats():
@@ -338,8 +428,29 @@ def _shard_rank(placement: Any) -> int:
     return int(str(placement).split("/")[0].split(":")[1])  # "rank:3/cuda:3"
 
 
-def _summarise(plan: Any, spec: Spec, rows: Dict[str, int], world_size: int) -> List[TableShardSummary]:
-    dims = {t.name: t.dim for t in spec.tables}
+def _table_facts(module: nn.Module, spec: Spec) -> Dict[str, Tuple[int, int, int]]:
+    """Embedding-table name -> (rows, dim, bytes with optimiser state), from every EBC config in `module`: frozen
+    text tables count their storage dtype and no optimiser state."""
+    from torchrec.modules.embedding_modules import EmbeddingBagCollection
+
+    from recsys.models.encoding import TextEmbeddingBagCollection
+
+    out: Dict[str, Tuple[int, int, int]] = {}
+    for m in module.modules():
+        if not isinstance(m, EmbeddingBagCollection):
+            continue
+        frozen = isinstance(m, TextEmbeddingBagCollection)
+        for c in m.embedding_bag_configs():
+            size = (c.num_embeddings * c.embedding_dim * _DATA_TYPE_BYTES[c.data_type.name] if frozen
+                    else table_bytes(c.num_embeddings, c.embedding_dim, spec.train.embedding_optimizer))
+            out[c.name] = (c.num_embeddings, c.embedding_dim, size)
+    return out
+
+
+_DATA_TYPE_BYTES = {"FP32": 4, "FP16": 2, "BF16": 2, "INT8": 1}
+
+
+def _summarise(plan: Any, facts: Dict[str, Tuple[int, int, int]], world_size: int) -> List[TableShardSummary]:
     out: List[TableShardSummary] = []
     for module_plan in plan.plan.values():
         for name, ps in module_plan.items():
@@ -349,25 +460,37 @@ def _summarise(plan: Any, spec: Spec, rows: Dict[str, int], world_size: int) -> 
                 ranks = sorted({_shard_rank(s.placement) for s in ps.sharding_spec.shards})
             else:
                 ranks = sorted(set(ps.ranks or []))
+            n_rows, dim, size = facts[name]
             out.append(TableShardSummary(name=name, sharding_type=ps.sharding_type, compute_kernel=ps.compute_kernel,
-                                         ranks=ranks, rows=rows[name], dim=dims[name],
-                                         bytes=table_bytes(rows[name], dims[name], spec.train.embedding_optimizer)))
+                                         ranks=ranks, rows=n_rows, dim=dim, bytes=size))
     return out
 
 
-def _memory_from_weights(plan: Any, world_size: int) -> List[RankMemory]:
+def _memory_from_weights(plan: Any, world_size: int, facts: Dict[str, Tuple[int, int, int]]) -> List[RankMemory]:
     """Weights per rank from the shard metadata (ranks that did not plan have no planner estimate)."""
     per_rank = [0] * world_size
     for module_plan in plan.plan.values():
-        for ps in module_plan.values():
+        for name, ps in module_plan.items():
             if ps.sharding_spec is None:
                 continue
+            n_rows, dim, size = facts[name]
+            per_element = size / (n_rows * dim)  # weights and optimiser state, spread over the elements
             for s in ps.sharding_spec.shards:
                 n = 1
                 for d in s.shard_sizes:
                     n *= d
-                per_rank[_shard_rank(s.placement)] += n * FP32_BYTES
+                per_rank[_shard_rank(s.placement)] += int(n * per_element)
     return [RankMemory(r, b, 0) for r, b in enumerate(per_rank)]
+
+
+def _only_tables(plan: Any, keep) -> Any:
+    """A shallow view of `plan` with only the tables `keep(name)` accepts (for per-rank sums)."""
+    class _View:
+        pass
+
+    view = _View()
+    view.plan = {path: {n: ps for n, ps in module_plan.items() if keep(n)} for path, module_plan in plan.plan.items()}
+    return view
 
 
 def plan_for(
@@ -381,12 +504,15 @@ def plan_for(
     pg: Optional[Any] = None,
     module: Optional[nn.Module] = None,
     local_world_size: Optional[int] = None,
+    text_rows: Optional[Dict[str, int]] = None,
+    text_dim: Optional[int] = None,
 ) -> PlanResult:
     """Shard the spec's tables over `world_size` ranks.
 
     `rows`: table -> row count (`recsys.models.tables.table_rows`). `batch_size`: per-rank batch (default: the
     spec's global batch / world size). `module`: the model to plan (its EBCs on meta or real devices); default a
-    bare meta EBC built from the spec, whose plan is keyed by the empty module path. With `pg` the plan is made on
+    bare meta EBC built from the spec, whose plan is keyed by the empty module path, or with `text_rows` (text
+    table -> rows) and `text_dim` the id and frozen text tables together (`build_meta_tables`). With `pg` the plan is made on
     rank 0 and broadcast (every rank must call); ranks per host then default to $LOCAL_WORLD_SIZE.
     Raises SpecError when the tables cannot be placed."""
     from torchrec.distributed.planner import EmbeddingShardingPlanner
@@ -405,8 +531,13 @@ def plan_for(
                                        storage_reservation=FixedPercentageStorageReservation(RESERVED_FRACTION),
                                        constraints=constraints_from_spec(spec, device_type, world_size), stats=stats,
                                        debug=False)
-    target = module if module is not None else build_meta_ebc(spec, rows)
-    sharders = sharders_for(device_type, fused_params_for(spec))
+    if module is not None:
+        target = module
+    elif text_rows and spec.text.mode == "llm":
+        target = build_meta_tables(spec, rows, text_rows, text_dim or spec.text.reduce_dim)
+    else:
+        target = build_meta_ebc(spec, rows)
+    sharders = sharders_for(device_type, fused_params_for(spec), text_dtype=spec.text.dtype)
     try:
         plan = planner.plan(target, sharders) if pg is None else planner.collective_plan(target, sharders, pg)
     except PlannerError as err:
@@ -419,7 +550,8 @@ def plan_for(
                         f"{why or first_line}") from None
 
     dev0 = topology.devices[0].storage
-    result = PlanResult(plan=plan, tables=_summarise(plan, spec, rows, world_size), ranks=[],
+    facts = _table_facts(target, spec)
+    result = PlanResult(plan=plan, tables=_summarise(plan, facts, world_size), ranks=[],
                         world_size=world_size, device_type=device_type, hbm_cap_bytes=int(dev0.hbm),
                         ddr_cap_bytes=int(dev0.ddr))
     if stats.best_plan is not None:
@@ -434,5 +566,10 @@ def plan_for(
         result.perf_ms = max(perf) if any(perf) else None
         result.memory_from_planner = True
     else:
-        result.ranks = _memory_from_weights(plan, world_size)
+        result.ranks = _memory_from_weights(plan, world_size, facts)
+    from recsys.models.tables import TEXT_TABLE_PREFIX
+
+    text_plan = _only_tables(plan, lambda name: name.startswith(TEXT_TABLE_PREFIX) and name not in
+                             {t.name for t in spec.tables})
+    result.text_bytes = [r.hbm_bytes for r in _memory_from_weights(text_plan, world_size, facts)]
     return result

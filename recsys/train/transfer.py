@@ -8,6 +8,9 @@ model is then filled from it:
   blocks of rows per domain: rows are matched by domain *name*, so a spec may add, drop or reorder domains. A new
   domain starts from the mean of the pretrained domains of the same kind (search or rec), else of all domains —
   a sensible zero-shot start rather than noise;
+- the frozen text tables are not copied: the new model's were written from the text cache for the new spec's texts
+  (which may be more than the pretraining's) in the *pretrained* projection (`pretrained_text_projection`, passed
+  to the Trainer), so a text keeps the vector the pretrained layers learnt on;
 - anything else keeps its fresh initialisation and is reported.
 Sharded embedding tables receive, on each rank, exactly the slice of rows/columns that rank holds.
 """
@@ -27,6 +30,7 @@ from recsys.models.model import TrainTask
 from recsys.spec.config import Spec
 from recsys.spec.loader import load_spec
 from recsys.train import checkpoint, safe_dcp
+from recsys.train.frozen_text import is_text_table_key
 
 log = logging.getLogger("recsys.train.transfer")
 
@@ -63,6 +67,16 @@ def load_pretrained_state(ckpt: Path) -> Tuple[Spec, Dict[str, torch.Tensor]]:
     return old_spec, state["model"]
 
 
+def pretrained_text_projection(old_state: Dict[str, torch.Tensor]):
+    """The text projection a pretrained model's frozen tables were written with (None: no LLM text)."""
+    from recsys.models.encoding import projection_from_buffers
+
+    center, basis = old_state.get("model.l0.text_projection.center"), old_state.get("model.l0.text_projection.basis")
+    if center is None or basis is None:
+        return None
+    return projection_from_buffers(center, basis)
+
+
 def _domain_map(old: Spec, new: Spec) -> List[List[int]]:
     """For each new domain, the old domain rows to average (one row when the domain existed before)."""
     old_names = [d.name for d in old.domains]
@@ -92,8 +106,11 @@ def transfer_into(dmp: torch.nn.Module, new_spec: Spec, old_spec: Spec, old_stat
     mapping = _domain_map(old_spec, new_spec)
     nsp = new_spec.model.num_specific_experts
     new_state = dmp.state_dict()
-    report = {"copied": [], "domain_remapped": [], "fresh": []}
+    report = {"copied": [], "domain_remapped": [], "fresh": [], "text_tables": []}
     for key, target in new_state.items():
+        if is_text_table_key(key):
+            report["text_tables"].append(key)
+            continue
         src = old_state.get(key)
         m = _PLE_SPECIFIC.match(key)
         if m and n_old != n_new:  # PLE: expert i belongs to domain i // nsp

@@ -125,7 +125,7 @@ def test_model_output_does_not_depend_on_the_embedding_key_order(tiny_spec, orde
         model.l0.ebc = _reordered(real, order)
         got = model(batch).logits
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
-    names = model.l0._layouts[tuple(order(real(batch.sparse).keys()))][0]
+    names = model.l0.id_layout._cache[tuple(order(real(batch.sparse).keys()))][0]
     seq = next(f.name for f in spec.features if f.kind == "sequence")
     assert (seq in names) == (order is _seq_moved_to_front)  # the view path is the one taken when it can be
 
