@@ -80,14 +80,16 @@ def measure(spec, ctx, batch: int, steps: int, warmup: int) -> dict:
     from torchrec.optim.optimizers import in_backward_optimizer_filter
 
     from recsys.models.model import SRFoundationModel, TrainTask
+    from recsys.train.frozen_text import fill_text_tables, is_text_table_key
     from recsys.train.sharding import plan_for, sharders_for
 
     rng = np.random.default_rng(0)
     text = {}
-    for name, n in TEXT_ROWS.items():
-        v = rng.standard_normal((n, 384)).astype(np.float32)
+    for name, n in TEXT_ROWS.items():  # frozen text tables as recsys.text.frozen writes them: projected, unit rows
+        v = rng.standard_normal((n, spec.text.reduce_dim or 384)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
         v[0] = 0
-        text[name] = v
+        text[name] = v.astype(np.float16 if spec.text.dtype == "fp16" else np.float32)
     model = SRFoundationModel(spec, ROWS, text if spec.text.mode == "llm" else {}, device=torch.device("meta"))
     task = TrainTask(model, spec)
     apply_optimizer_in_backward(rowwise_adagrad.RowWiseAdagrad, list(model.l0.ebc.parameters()),
@@ -95,8 +97,10 @@ def measure(spec, ctx, batch: int, steps: int, warmup: int) -> dict:
     plan = plan_for(spec, ROWS, ctx.world_size, ctx.device.type, pg=dist.group.WORLD, module=task,
                     batch_size=batch)
     dmp = DistributedModelParallel(module=task, device=ctx.device, plan=plan.plan,
-                                   sharders=sharders_for(ctx.device.type))
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+                                   sharders=sharders_for(ctx.device.type, text_dtype=spec.text.dtype))
+    if spec.text.mode == "llm":
+        fill_text_tables(dmp, text)
+    dense = {k: v for k, v in in_backward_optimizer_filter(dmp.named_parameters()) if not is_text_table_key(k)}
     opt = CombinedOptimizer([dmp.fused_optimizer,
                              KeyedOptimizerWrapper(dense, lambda ps: torch.optim.Adam(ps, lr=spec.train.lr))])
     batches = synthetic_batches(spec, batch, min(steps + warmup, 16), seed=ctx.rank, device=ctx.device)

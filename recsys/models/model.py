@@ -87,7 +87,7 @@ class SRFoundationModel(nn.Module):
                                               dims.pop())
             text_ebc = (ebc_factory(text_configs) if ebc_factory is not None
                         else TextEmbeddingBagCollection(tables=text_configs, device=device))
-            if device.type != "meta":
+            if any(p.device.type != "meta" for p in text_ebc.parameters()):
                 load_text_weights(text_ebc, text_tables)
         self.l0 = UserQueryItemEncoder(spec, ebc, text_tables, text_ebc, text_projection)
         sides = [s for s in SIDES if s in self.l0.aspect_names]

@@ -19,6 +19,7 @@ PROD = ROOT / "feature_specs" / "production_example.yaml"
 AMAZON = ROOT / "feature_specs" / "amazon_sr.yaml"
 # amazon_sr sizes its tables from prepared vocabularies; these stand in for them (the plan only needs shapes).
 AMAZON_ROWS = {"user": 120_000, "item": 60_000, "brand": 4_000, "category": 1_500, "query": 20_000}
+AMAZON_TEXT = {"text_items", "text_queries", "text_item_queries"}  # its frozen text tables (text.mode llm)
 HUGE = ("user", "item", "query")
 
 
@@ -29,7 +30,10 @@ def prod_spec():
 
 @pytest.fixture(scope="module")
 def prod_plan_64(prod_spec):
-    return plan_for(prod_spec, table_rows(prod_spec, {}), world_size=64, device_type="cuda", hbm_gb=80)
+    from recsys.text.frozen import planned_text_rows
+
+    return plan_for(prod_spec, table_rows(prod_spec, {}), world_size=64, device_type="cuda", hbm_gb=80,
+                    text_rows=planned_text_rows(prod_spec), text_dim=prod_spec.text.reduce_dim)
 
 
 # ----------------------------------------------------------------------------------------------- production / 64
@@ -42,7 +46,7 @@ def test_production_spec_has_production_sized_tables(prod_spec):
 
 def test_every_table_is_placed_on_64_gpus(prod_spec, prod_plan_64):
     placed = {t.name for t in prod_plan_64.tables}
-    assert placed == {t.name for t in prod_spec.tables}
+    assert placed == {t.name for t in prod_spec.tables} | {"text_items", "text_queries"}
     for t in prod_plan_64.tables:
         assert t.ranks and all(0 <= r < 64 for r in t.ranks), t
 
@@ -55,6 +59,19 @@ def test_huge_tables_are_row_sharded_over_several_ranks(prod_plan_64):
     assert len(by_name["user"].ranks) >= 8
 
 
+def test_production_text_tables_are_sharded_fp16(prod_spec, prod_plan_64):
+    """LLM text at production size: 200M item and 50M query texts, 64-wide fp16, split over several ranks each, so
+    no rank holds a whole text table."""
+    by_name = {t.name: t for t in prod_plan_64.tables}
+    items = by_name["text_items"]
+    assert (items.rows, items.dim) == (200_000_001, 64) and items.bytes == items.rows * 64 * 2
+    assert items.sharding_type in ROW_WISE_TYPES + ("column_wise",) and len(items.ranks) > 1
+    assert len(by_name["text_queries"].ranks) > 1
+    total = items.bytes + by_name["text_queries"].bytes
+    assert sum(prod_plan_64.text_bytes) == total
+    assert max(prod_plan_64.text_bytes) < items.bytes  # nobody holds even the item texts whole
+
+
 def test_memory_per_rank_within_hbm(prod_plan_64):
     assert prod_plan_64.memory_from_planner
     assert prod_plan_64.hbm_cap_bytes == 80 * GIB
@@ -62,7 +79,7 @@ def test_memory_per_rank_within_hbm(prod_plan_64):
     for r in prod_plan_64.ranks:
         assert r.hbm_bytes <= 80 * GIB * HEADROOM, r
     # what the ranks hold adds up to at least the weights of all tables
-    weights = sum(t.rows * t.dim * 4 for t in prod_plan_64.tables)
+    weights = sum(t.rows * t.dim * (2 if t.name.startswith("text_") else 4) for t in prod_plan_64.tables)
     assert sum(r.hbm_bytes + r.ddr_bytes for r in prod_plan_64.ranks) >= weights
     assert prod_plan_64.perf_ms is not None and prod_plan_64.perf_ms > 0
 
@@ -107,7 +124,9 @@ def test_cpu_constraints_never_row_wise(caplog):
     spec = _with_constraints(AMAZON, '{"user": ["row_wise"], "item": ["table_row_wise", "column_wise"]}')
     with caplog.at_level(logging.WARNING, logger="recsys.train.sharding"):
         cons = constraints_from_spec(spec, "cpu")
-    assert set(cons) == set(AMAZON_ROWS)
+    assert set(cons) == set(AMAZON_ROWS) | AMAZON_TEXT
+    for name in AMAZON_TEXT:  # frozen text tables: sharded, never replicated
+        assert set(cons.pop(name).sharding_types) == {"table_wise", "column_wise"}
     for name, c in cons.items():
         assert c.sharding_types and not set(c.sharding_types) & set(ROW_WISE_TYPES), (name, c.sharding_types)
         assert set(c.sharding_types) <= set(CPU_SHARDING_TYPES)
@@ -177,6 +196,7 @@ def test_plan_cli_prints_markdown(capsys):
     assert job.main(["--spec", str(PROD), "--world-size", "64", "--device", "cuda", "--hbm-gb", "80"]) == 0
     out = capsys.readouterr().out
     assert "| user | 1,000,000,000 | 128 |" in out and "### Memory per rank" in out and "ms per step" in out
+    assert "| text_items | 200,000,001 | 64 |" in out and "Frozen text tables (weights, fp16)" in out
     assert job.rank_ranges([0, 1, 2, 3, 7], 64) == "0-3,7" and job.rank_ranges(list(range(4)), 4) == "all 4"
 
 
