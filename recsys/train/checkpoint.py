@@ -247,14 +247,6 @@ def resolve(path: Path) -> Path:
     raise CheckpointError(f"{path}: no complete checkpoint found")
 
 
-def refresh_derived(model: torch.nn.Module) -> None:
-    """Recompute state derived from loaded buffers (text tables projected with a loaded basis). Explicit, since
-    DistributedModelParallel's load path need not run every submodule's load hooks."""
-    for m in model.modules():
-        if hasattr(m, "refresh_text"):
-            m.refresh_text()
-
-
 def best_or_latest(path: Path) -> Path:
     """A run folder's best checkpoint (by valid metric, from train_summary.json), else `resolve(path)`.
 
@@ -328,7 +320,6 @@ def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) 
         first = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{folder}: does not match this model ({first[:300]})") from None
     model.load_state_dict(state["model"])
-    refresh_derived(model)
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     return manifest

@@ -135,7 +135,6 @@ def transfer_into(dmp: torch.nn.Module, new_spec: Spec, old_spec: Spec, old_stat
             report["copied"].append(key)
         _copy_into(target, src)
     dmp.load_state_dict(new_state)
-    checkpoint.refresh_derived(dmp)
     if report["fresh"]:
         log.info("fresh parameters (not in the checkpoint): %s", report["fresh"])
     log.info("transfer: %d copied, %d remapped by domain, %d fresh", len(report["copied"]),
