@@ -99,3 +99,10 @@ def describe() -> str:
     if torch.cuda.is_available():
         text += f"; GPU {torch.cuda.get_device_name(0)}"
     return text
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> FrozenSet[str]:
+    """Every ISA flag /proc/cpuinfo lists (x86 `flags`, aarch64 `Features`); empty where it does not exist. The
+    int8 text encoder's speed depends on avx2 / avx512bw / avx512_vnni / avx_vnni / amx_int8."""
+    return frozenset(_proc_cpuinfo()[1])

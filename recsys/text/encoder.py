@@ -106,7 +106,7 @@ class TextEncoder:
                 identity = model_identity(self.model_dir)
             path = backends.export_onnx(load_model, identity, Path(derived_root))
             if self.backend == "onnx-int8":
-                path = backends.quantize_onnx(path)
+                path = backends.quantize_onnx(path, self.config.get("intermediate_size"))
             threads = torch.get_num_threads() if self.device == "cpu" else None
             self._run = backends.onnx_runner(path, self.device, threads)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

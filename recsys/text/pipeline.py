@@ -13,7 +13,7 @@ from recsys.errors import DataError, SpecError
 from recsys.spec.config import Spec, TextTableSpec
 from recsys.text import paths
 from recsys.text.cache import CacheKey, VectorCache, text_hashes
-from recsys.text.backends import resolve_backend
+from recsys.text.backends import backend_identity
 from recsys.text.model_source import hidden_size, model_identity, resolve_model_dir
 from recsys.text.random_tokens import token_id_matrix
 from recsys.spec.loader import job_command
@@ -55,7 +55,7 @@ def cache_key(spec: Spec, folder: Optional[Path] = None) -> CacheKey:
     folder = folder if folder is not None else model_dir(spec)
     identity = model_identity(folder, paths.cache_root(spec) / IDENTITY_MEMO)
     return CacheKey(model_identity=identity, pooling=enc.pooling, max_length=enc.max_length,
-                    normalize=enc.normalize, backend=resolve_backend(enc.backend))
+                    normalize=enc.normalize, backend=backend_identity(enc.backend))
 
 
 def _texts_to_encode(table: TextTable) -> Tuple[List[str], np.ndarray, np.ndarray]:
