@@ -5,6 +5,12 @@ its users.
     python benchmarks/coldstart.py --data amazon_sr            # held-out domain sci_rec
     python benchmarks/coldstart.py --data movielens            # held-out domain ml_drama
     python benchmarks/coldstart.py --data movielens --quick    # minutes, smoke test
+    python benchmarks/coldstart.py --data movielens_new_users  # the held-out domain's users are new users
+
+`movielens_new_users`: pretraining sees only the users with bucket(user_id, 10) >= 5, the held-out domain is
+fine-tuned on users with bucket(user_id, 10) < 1 -- every fine-tuning user is one pretraining never saw, so their
+table rows were never updated. With --freeze l0,l1 those rows train anyway (jobs/finetune.py's default); the row
+"untrained rows frozen too" (--freeze-untrained-rows) is the old behaviour, which leaves them random.
 
 Steps (each a real job run as a subprocess, results cached under benchmarks/runs/coldstart/<data>/):
   pretrain   all domains but the held-out one (its rows are ignored via data.ignore_domains)
@@ -33,6 +39,9 @@ SETUPS = {
                       few_shot="user_bucket < 10", pre_epochs=2, ft_epochs=6, ft_batch=1024),
     "movielens": dict(spec="feature_specs/movielens.yaml", held_out="ml_drama", kind="rec",
                       few_shot="user_bucket < 10", pre_epochs=4, ft_epochs=8, ft_batch=256),
+    "movielens_new_users": dict(spec="feature_specs/movielens.yaml", held_out="ml_drama", kind="rec",
+                                pre_filter="bucket(user_id, 10) >= 5", few_shot="bucket(user_id, 10) < 1",
+                                pre_epochs=4, ft_epochs=8, ft_batch=256),
 }
 
 
@@ -79,11 +88,15 @@ def main() -> int:
     pre_dir = base / "pretrain"
     pre_sets = common + [domains_override(spec, held), f"data.ignore_domains=[{held}]",
                          f"train.epochs={1 if args.quick else cfg['pre_epochs']}", f"train.output_dir={pre_dir}"]
+    if cfg.get("pre_filter"):
+        pre_sets.append(f"data.row_filter={cfg['pre_filter']}")
     few = [f"model.single_domain={held}", f"data.row_filter={cfg['few_shot']}",
            f"train.epochs={2 if args.quick else cfg['ft_epochs']}", f"train.batch_size={cfg['ft_batch']}"]
     variants = {
         "(a) zero-shot": (["--from", str(pre_dir), "--zero-shot", "--freeze", "none"], [f"model.single_domain={held}"]),
         "(b) fine-tune, freeze l0,l1": (["--from", str(pre_dir), "--freeze", "l0,l1"], few),
+        "(b) fine-tune, freeze l0,l1, untrained rows frozen too": (["--from", str(pre_dir), "--freeze", "l0,l1",
+                                                                    "--freeze-untrained-rows"], few),
         "(b) fine-tune, freeze l0": (["--from", str(pre_dir), "--freeze", "l0"], few),
         "(b) fine-tune, freeze none": (["--from", str(pre_dir), "--freeze", "none"], few),
         "(c) scratch, few-shot": (["--freeze", "none"], few),

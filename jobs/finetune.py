@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     add_spec_args(p)
     p.add_argument("--from", dest="source", type=Path, help="pretrained run folder or checkpoint (omit: scratch)")
     p.add_argument("--freeze", default="l0,l1", help="comma-separated level prefixes, or 'none' (default l0,l1)")
+    p.add_argument("--freeze-untrained-rows", action="store_true",
+                   help="freeze table rows that pretraining never updated too (default: they train, so users or "
+                        "items seen only in the new domain do not keep their random initialisation)")
     p.add_argument("--split", default="test", help="split evaluated after training")
     p.add_argument("--zero-shot", action="store_true", help="evaluate the transferred model without training")
     p.add_argument("--out", type=Path, help="metrics JSON")
@@ -72,11 +75,18 @@ def main(argv=None) -> int:
         old_spec, old_state = load_pretrained_state(ckpt)
         hook = lambda tr: transfer_into(tr.dmp, spec, old_spec, old_state)  # noqa: E731
         projection = pretrained_text_projection(old_state)
+    fresh = None
+    if args.source is not None and freeze and not args.zero_shot and not args.freeze_untrained_rows:
+        from recsys.models.build import spec_table_rows
+        from recsys.train.transfer import rows_pretraining_updated
+
+        fresh = {t: ~seen for t, seen in rows_pretraining_updated(old_spec, spec_table_rows(spec)).items()}
     lock = lock_for_this_rank(resolve_path(spec, spec.train.output_dir))  # noqa: F841 (held until exit)
     attach_log_file(resolve_path(spec, spec.train.output_dir))
     ctx = init_distributed(args.device)
     try:
-        trainer = Trainer(spec, ctx, freeze=freeze, init_hook=hook, text_projection=projection)
+        trainer = Trainer(spec, ctx, freeze=freeze, init_hook=hook, text_projection=projection,
+                          fresh_rows=fresh)
         if args.zero_shot:
             model = trainer.dmp
             model.eval()

@@ -84,7 +84,6 @@ def test_torch_loggers_are_routed(restore_logging, tmp_path, capsys, monkeypatch
 def test_pretrain_console_is_short(tiny_overrides, tmp_path, child_env):
     """A whole (tiny) training run: plan table, one line per epoch, the final table -- and the rest in the log."""
     out = tmp_path / "run"
-    # one rank: the planner makes the small genre table data_parallel, whose kernel raises the fbgemm warning
     args = [sys.executable, str(REPO / "jobs" / "pretrain.py"), "--spec", str(REPO / "feature_specs" /
             "movielens.yaml"), *sum((["--set", o] for o in tiny_overrides(f"train.output_dir={out}",
                                                                           "train.epochs=2", "train.max_steps=3")), [])]
@@ -93,7 +92,7 @@ def test_pretrain_console_is_short(tiny_overrides, tmp_path, child_env):
     console = res.stdout + res.stderr
     lines = [ln for ln in console.splitlines() if ln.strip()]
     assert len(lines) < 30, console
-    assert "sharding plan for 1 cpu rank(s)" in console and "data_parallel" in console
+    assert "sharding plan for 1 cpu rank(s)" in console and "table_wise" in console
     assert sum(ln.startswith("epoch ") and "valid mean_domain_auc" in ln for ln in lines) == 2, console
     assert "| overall |" in console and "best epoch" in console
     for noise in ("torchrec", "FutureWarning", "Successfully loaded", "autograd kernel"):

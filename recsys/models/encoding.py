@@ -192,6 +192,7 @@ class UserQueryItemEncoder(nn.Module):
         # Frozen tables (fine-tuning): their pooled outputs are detached, so no gradient reaches the fused
         # embedding kernels and their in-backward optimiser never steps: the rows stay bit-identical.
         self.frozen_tables: frozenset = frozenset()
+        self.fresh_rows: Dict[str, torch.Tensor] = {}
         dim = spec.model.dim
         table_dim = {t.name: t.dim for t in spec.tables}
         self.table_dim = table_dim
@@ -285,12 +286,33 @@ class UserQueryItemEncoder(nn.Module):
         self.chunk_table: Dict[str, str] = {**self.key_table, **{f.name: f.table for f in self.sequences}}
         self.id_layout = PooledLayout(list(self.key_table), self.positions)
 
-    def _pooled_features(self, pooled) -> Dict[str, torch.Tensor]:
-        """Feature (or whole sequence) name -> its pooled vectors; frozen tables' outputs detached."""
+    def _pooled_features(self, pooled, kjt=None) -> Dict[str, torch.Tensor]:
+        """Feature (or whole sequence) name -> its pooled vectors; frozen tables' outputs detached, except the
+        bags made only of rows pretraining never updated (see freeze_tables)."""
         feats = self.id_layout.split(pooled)
         if self.frozen_tables:
-            feats = {n: (v.detach() if self.chunk_table[n] in self.frozen_tables else v) for n, v in feats.items()}
+            feats = {n: (self._freeze_chunk(n, v, kjt) if self.chunk_table[n] in self.frozen_tables else v)
+                     for n, v in feats.items()}
         return feats
+
+    def _freeze_chunk(self, name: str, v: torch.Tensor, kjt) -> torch.Tensor:
+        """A frozen table's chunk: detached, but bags whose rows are all fresh (never updated in pretraining) keep
+        their gradient, so those rows train while every pretrained row stays exactly as it was."""
+        fresh = self.fresh_rows.get(self.chunk_table[name])
+        if fresh is None or kjt is None or is_fx_tracing():
+            return v.detach()
+        if fresh.device != v.device:
+            fresh = self.fresh_rows[self.chunk_table[name]] = fresh.to(v.device)
+        keys = self.positions.get(name, [name])
+        masks = []
+        for k in keys:
+            jt = kjt[k]
+            values, lengths = jt.values(), jt.lengths()
+            bag = torch.repeat_interleave(torch.arange(lengths.numel(), device=v.device), lengths)
+            stale = torch.zeros(lengths.numel(), device=v.device).index_add_(0, bag, (~fresh[values]).float())
+            masks.append((stale == 0) & (lengths > 0))
+        mask = torch.stack(masks, dim=1).repeat_interleave(v.shape[1] // len(keys), dim=1)  # [B, width]
+        return torch.where(mask, v, v.detach())
 
     def _history(self, feats: Dict[str, torch.Tensor], f) -> torch.Tensor:
         return self.id_layout.history(feats, f.name, f.max_len, self.table_dim[f.table])
@@ -311,8 +333,13 @@ class UserQueryItemEncoder(nn.Module):
             out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
         return out
 
-    def freeze_tables(self, tables) -> None:
+    def freeze_tables(self, tables, fresh_rows: Optional[Dict[str, torch.Tensor]] = None) -> None:
+        """Freeze whole tables by detaching their outputs. `fresh_rows` (table -> bool per row) names rows that
+        pretraining never updated (e.g. users who appear only in a new domain): bags made only of such rows keep
+        their gradient, so a fine-tune with `--freeze l0` still learns them instead of serving random rows."""
         self.frozen_tables = frozenset(tables)
+        self.fresh_rows = {t: torch.as_tensor(m, dtype=torch.bool) for t, m in (fresh_rows or {}).items()
+                           if t in self.frozen_tables}
 
     # ------------------------------------------------------------------------------------------------------------
     def _count_interactions(self) -> int:
@@ -327,7 +354,7 @@ class UserQueryItemEncoder(nn.Module):
         return n
 
     def forward(self, batch: Batch) -> Encoded:
-        feats = self._pooled_features(self.ebc(batch.sparse))  # the EBC gives a KeyedTensor, one vector per key
+        feats = self._pooled_features(self.ebc(batch.sparse), batch.sparse)  # a KeyedTensor, one vector per key
         parts: Dict[Tuple[str, str], List[torch.Tensor]] = {}
         interactions: List[torch.Tensor] = []
 

@@ -88,9 +88,11 @@ class RunState:
 
 class Trainer:
     def __init__(self, spec: Spec, ctx: DistContext, freeze: Sequence[str] = (),
-                 init_hook=None, for_training: bool = True, text_projection=None):
+                 init_hook=None, for_training: bool = True, text_projection=None,
+                 fresh_rows: Optional[Dict[str, np.ndarray]] = None):
         """`text_projection`: the projection of the frozen text tables (a fine-tune passes its pretrained model's,
-        `recsys.train.transfer.pretrained_text_projection`); None: the one fitted on this spec's tables."""
+        `recsys.train.transfer.pretrained_text_projection`); None: the one fitted on this spec's tables.
+        `fresh_rows`: table -> rows pretraining never updated, which stay trainable under `freeze`."""
         self.spec, self.ctx = spec, ctx
         self.precision, why = resolve_precision(spec.train.precision, ctx.device.type)
         if ctx.is_main:
@@ -104,7 +106,7 @@ class Trainer:
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
         frozen_tables |= {t.name for t in spec.tables if not t.trainable}
-        model.l0.freeze_tables(frozen_tables)
+        model.l0.freeze_tables(frozen_tables, fresh_rows)
         for p in model.l0.ebc.parameters():  # tables freeze by detaching their outputs (see freeze_tables)
             p.requires_grad_(True)
         self.task = TrainTask(model, spec)

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -75,6 +76,25 @@ def pretrained_text_projection(old_state: Dict[str, torch.Tensor]):
     if center is None or basis is None:
         return None
     return projection_from_buffers(center, basis)
+
+
+def rows_pretraining_updated(old_spec: Spec, rows: Dict[str, int]) -> Dict[str, np.ndarray]:
+    """Table -> bool per row: looked up by at least one training row of the pretraining (its domains, held-out
+    domains, row filter and prepared data). A row no training row looks up never got a gradient, so it still
+    holds its random initialisation; freezing it would serve noise (see EmbeddingEncoder.freeze_tables)."""
+    from recsys.data.features import table_of_key
+    from recsys.data.loader import BatchLoader
+
+    seen = {t: np.zeros(n, dtype=bool) for t, n in rows.items()}
+    key_table = table_of_key(old_spec)
+    loader = BatchLoader(old_spec, "train", batch_size=65536, shuffle=False, eval_mode=True)
+    for batch in loader:
+        for key, jt in batch.sparse.to_dict().items():
+            table = key_table.get(key)
+            if table in seen:
+                v = jt.values().numpy()
+                seen[table][v[v < len(seen[table])]] = True
+    return seen
 
 
 def _domain_map(old: Spec, new: Spec) -> List[List[int]]:

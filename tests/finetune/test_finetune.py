@@ -72,9 +72,18 @@ def test_frozen_levels_are_bit_identical(runs):
     old_names, new_names = [d.name for d in old_spec.domains], [d.name for d in new_spec.domains]
     frozen = [k for k in new if k.startswith(("model.l0.", "model.l1."))]
     assert any(".embedding_bags." in k for k in frozen) and any(k.startswith("model.l1.") for k in frozen)
+    from recsys.train.transfer import rows_pretraining_updated
+
+    rows = {k.split(".")[-2]: v.shape[0] for k, v in old.items() if ".embedding_bags." in k}
+    seen = rows_pretraining_updated(old_spec, rows)
+    fresh_changed = 0
     for k in frozen:
         a, b = old[k], new[k]
-        if a.shape == b.shape:
+        if ".embedding_bags." in k:  # rows pretraining updated are frozen; rows it never looked up may train
+            s = torch.from_numpy(seen[k.split(".")[-2]])
+            assert torch.equal(a[s], b[s]), k
+            fresh_changed += int((a[~s] != b[~s]).any(dim=1).sum())
+        elif a.shape == b.shape:
             assert torch.equal(a, b), k
         else:  # per-domain rows (domain embeddings of the gates): the pretrained domains keep theirs exactly
             assert a.shape[0] == len(old_names) and b.shape[0] == len(new_names), k
@@ -83,6 +92,8 @@ def test_frozen_levels_are_bit_identical(runs):
     trained = [k for k in new if k.startswith("model.l2.") and new[k].shape == old[k].shape
                and not torch.equal(new[k], old[k])]
     assert trained, "L2 did not change: the fine-tuning did not train"
+    # users/items of the held-out domain that pretraining never looked up were trained, not left random
+    assert fresh_changed > 0
 
 
 @pytest.mark.slow
