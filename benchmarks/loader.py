@@ -1,8 +1,11 @@
 #!/usr/bin/env python
 """Loader throughput: rows/s of `BatchLoader` over a train split, for 1 and 2 loader instances (simulated ranks,
-each a separate process so they compete for the CPU like real ranks), with and without the prefetch thread.
+each a separate process so they compete for the CPU like real ranks), side by side with the loader of an earlier
+commit (`--baseline`, default the last one before the torchdata.nodes pipeline), each with and without background
+loading (baseline: its prefetch thread; current: one ParallelMapper thread + a Prefetcher), runs interleaved.
 
-    python benchmarks/loader.py [--specs movielens amazon_sr] [--batch-size 4096]
+    python benchmarks/loader.py [--specs movielens amazon_sr] [--batch-size 4096] [--repeat 3]
+    python benchmarks/loader.py --quick     # movielens only, one repeat (smoke test, under a minute)
 
 Writes benchmarks/results/loader.json and prints a markdown table. Prepares the specs first if needed (not timed).
 Loader construction (schema check, cached validity index) is timed separately from iteration.
@@ -31,12 +34,38 @@ def _spec(name: str):
     return load_spec(REPO / "feature_specs" / f"{name}.yaml", sets)
 
 
-def _run(name: str, batch_size: int, rank: int, world: int, prefetch: bool, q) -> None:
-    from recsys.data.loader import BatchLoader
+BASELINE = "85c6487"  # the loader before the torchdata.nodes pipeline
 
+
+def _baseline_module(rev: str):
+    """recsys/data/loader.py as of `rev`, imported under another name (it uses the same recsys.data helpers)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    src = subprocess.run(["git", "show", f"{rev}:recsys/data/loader.py"], cwd=REPO, capture_output=True,
+                         text=True, check=True).stdout
+    path = Path(tempfile.mkdtemp()) / f"loader_{rev}.py"
+    path.write_text(src)
+    spec = importlib.util.spec_from_file_location(f"loader_{rev}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _run(name: str, batch_size: int, rank: int, world: int, impl: str, background: bool, q) -> None:
     spec = _spec(name)
+    if impl == "current":
+        from recsys.data.loader import BatchLoader
+
+        make = lambda: BatchLoader(spec, "train", batch_size // world, rank=rank, world_size=world, seed=0,  # noqa
+                                   prefetch=background, workers=1 if background else 0)
+    else:
+        BatchLoader = _baseline_module(impl).BatchLoader  # noqa: N806
+        make = lambda: BatchLoader(spec, "train", batch_size // world, rank=rank, world_size=world, seed=0,  # noqa
+                                   prefetch=background)
     t0 = time.perf_counter()
-    loader = BatchLoader(spec, "train", batch_size // world, rank=rank, world_size=world, seed=0, prefetch=prefetch)
+    loader = make()
     t1 = time.perf_counter()
     rows = 0
     for b in loader:
@@ -45,17 +74,17 @@ def _run(name: str, batch_size: int, rank: int, world: int, prefetch: bool, q) -
     q.put({"rank": rank, "rows": rows, "init_s": t1 - t0, "iter_s": t2 - t1})
 
 
-def measure(name: str, batch_size: int, world: int, prefetch: bool) -> dict:
+def measure(name: str, batch_size: int, world: int, impl: str, background: bool) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    procs = [ctx.Process(target=_run, args=(name, batch_size, r, world, prefetch, q)) for r in range(world)]
+    procs = [ctx.Process(target=_run, args=(name, batch_size, r, world, impl, background, q)) for r in range(world)]
     for p in procs:
         p.start()
     res = [q.get() for _ in procs]
     for p in procs:
         p.join()
     per = [r["rows"] / r["iter_s"] for r in res]
-    return {"spec": name, "instances": world, "prefetch": prefetch, "batch_size": batch_size,
+    return {"spec": name, "instances": world, "impl": impl, "background": background, "batch_size": batch_size,
             "rows": sum(r["rows"] for r in res), "rows_per_s_per_instance": min(per),
             "rows_per_s_total": sum(r["rows"] for r in res) / max(r["iter_s"] for r in res),
             "init_s": max(r["init_s"] for r in res)}
@@ -65,9 +94,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--specs", nargs="+", default=["movielens", "amazon_sr"])
     ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--baseline", default=BASELINE, help=f"git revision of the loader compared (default {BASELINE})")
+    ap.add_argument("--repeat", type=int, default=3, help="interleaved repeats; the median is reported")
+    ap.add_argument("--quick", action="store_true", help="movielens, 1 repeat")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "loader.json")
     args = ap.parse_args()
+    if args.quick:
+        args.specs, args.repeat = ["movielens"], 1
+        args.out = args.out.with_name(args.out.stem + "_quick.json")
     from recsys.data.prepare import prepare
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import common  # noqa: E402
+    import torch
 
     results = []
     for name in args.specs:
@@ -75,20 +114,33 @@ def main() -> int:
             print(f"skip amazon_sr: {SHARED / 'bench' / 'amazon-sr'} not found")
             continue
         prepare(_spec(name))
-        measure(name, args.batch_size, 1, True)  # warm-up: builds the validity index, fills the page cache
+        measure(name, args.batch_size, 1, "current", False)  # warm-up: validity index, page cache
         for world in (1, 2):
-            for prefetch in (False, True):
-                results.append(measure(name, args.batch_size, world, prefetch))
-    meta = {"machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
-            "python": platform.python_version()}
+            for background in (False, True):
+                runs = {impl: [] for impl in (args.baseline, "current")}
+                for _ in range(args.repeat):  # interleaved, so load changes hit both alike
+                    for impl in runs:
+                        runs[impl].append(measure(name, args.batch_size, world, impl, background))
+                for impl, rs in runs.items():
+                    rs.sort(key=lambda r: r["rows_per_s_total"])
+                    med = dict(rs[len(rs) // 2], all_rows_per_s_total=[r["rows_per_s_total"] for r in rs])
+                    results.append(med)
+    meta = dict(common.machine(), baseline=args.baseline, repeat=args.repeat,
+                capability=torch.backends.cpu.get_cpu_capability())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"| spec | instances | prefetch | rows/s per instance | rows/s total | init s |")
-    print("|---|---|---|---|---|---|")
+    lines = ["| spec | instances | loader | background | rows/s per instance | rows/s total | init s |",
+             "|---|---|---|---|---|---|---|"]
     for r in results:
-        print(f"| {r['spec']} | {r['instances']} | {r['prefetch']} | {r['rows_per_s_per_instance']:,.0f} | "
-              f"{r['rows_per_s_total']:,.0f} | {r['init_s']:.2f} |")
-    print(f"\n{meta['cpus']} CPUs; batch {args.batch_size} global (each instance batch/instances); -> {args.out}")
+        impl = "torchdata.nodes (current)" if r["impl"] == "current" else f"before ({r['impl']})"
+        lines.append(f"| {r['spec']} | {r['instances']} | {impl} | {r['background']} | "
+                     f"{r['rows_per_s_per_instance']:,.0f} | {r['rows_per_s_total']:,.0f} | {r['init_s']:.2f} |")
+    lines.append(f"\n{meta['cpu_model']} ({meta['capability']}), {meta['nproc']} CPUs, commit {meta['commit']}, "
+                 f"load {meta['load_avg_1min']:.1f}; batch {args.batch_size} global (each instance "
+                 f"batch/instances); median of {args.repeat} interleaved runs")
+    table = "\n".join(lines)
+    print(table)
+    args.out.with_suffix(".md").write_text(table + "\n")
     return 0
 
 

@@ -36,8 +36,6 @@ import math
 import operator
 import re
 import os
-import queue
-import threading
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -58,7 +56,8 @@ log = logging.getLogger("recsys.data.loader")
 
 _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge, "==": operator.eq,
         "!=": operator.ne}
-MAP_BLOCK = 65536  # rows mapped per vectorised call
+MAP_BLOCK = 65536  # rows mapped per vectorised call (a block is whole batches of about this many rows)
+PREFETCH_BATCHES = 2  # batches the Prefetcher keeps ready ahead of the consumer
 CACHE_BYTES = 512 << 20  # decoded row groups kept in memory (at least one is always kept)
 
 
@@ -129,12 +128,14 @@ class _RowGroupReader:
 class BatchLoader:
     def __init__(self, spec: Spec, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, with_row_filter: bool = True,
-                 eval_mode: Optional[bool] = None, prefetch: bool = False):
+                 eval_mode: Optional[bool] = None, prefetch: bool = False, workers: int = 0,
+                 pin_memory: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.spec, self.split, self.batch_size = spec, split, int(batch_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
+        self.workers, self.pin_memory = int(workers), bool(pin_memory)
         self.eval_mode = (split != "train") if eval_mode is None else eval_mode
         self.path = paths.split_path(spec, split)
         self.columns = list(schema.row_columns(spec, split, with_row_filter))
@@ -287,88 +288,78 @@ class BatchLoader:
             out["row_id"] = np.where(rows < 0, -1, out["row_id"])
         return out
 
-    def _generate(self, start_batch: int, worker: int, num_workers: int) -> Iterator[Tuple[int, Arrays]]:
-        """(batch index, arrays) of this worker from `start_batch` on. Rows are mapped in blocks of up to
-        MAP_BLOCK sequence positions (few large vectorised calls), then cut into batches; a batch that spans
-        two blocks or windows is completed from a carried tail."""
-        B, R = self.batch_size, self.rows_per_rank
-        total = len(self)
-        limit = total * B if self.drop_last else R  # positions past the last yielded batch are never read
-        carry_pos = np.zeros(0, dtype=np.int64)
-        carry: Optional[Arrays] = None
-        seq_pos = 0
-        for w in self._windows():
-            w_lo, w_hi = seq_pos, seq_pos + len(w)
-            seq_pos = w_hi
-            pos = np.arange(max(w_lo, start_batch * B), min(w_hi, limit), dtype=np.int64)
-            if num_workers > 1:
-                pos = pos[(pos // B) % num_workers == worker]
-            for s in range(0, len(pos), MAP_BLOCK):
-                p = pos[s:s + MAP_BLOCK]
-                arr = self._read_rows(w[p - w_lo])
-                if carry is not None:
-                    arr = {k: np.concatenate([carry[k], arr[k]]) for k in arr}
-                    p = np.concatenate([carry_pos, p])
-                covered = w_hi if s + MAP_BLOCK >= len(pos) else int(p[-1]) + 1  # positions read so far
-                bids = p // B
-                edges = np.flatnonzero(np.diff(bids)) + 1
-                starts = np.concatenate([[0], edges])
-                ends = np.concatenate([edges, [len(p)]])
-                carry, carry_pos = None, np.zeros(0, dtype=np.int64)
-                for a, e in zip(starts, ends):
-                    b = int(bids[a])
-                    if min((b + 1) * B, R) <= covered:
-                        yield b, {k: v[a:e] for k, v in arr.items()}
-                    else:  # incomplete: its remaining rows come with the next block/window
-                        carry, carry_pos = {k: v[a:] for k, v in arr.items()}, p[a:]
-                        break
+    def _order(self) -> np.ndarray:
+        """This rank's global rows (negative = eval padding) in yield order: batch b is rows [b*B, (b+1)*B)."""
+        windows = self._windows()
+        return np.concatenate(windows) if windows else np.zeros(0, dtype=np.int64)
+
+    def _blocks(self, start_batch: int) -> Iterator[Tuple[int, int, np.ndarray]]:
+        """Work items (first batch, batches to skip, rows): runs of whole batches of about MAP_BLOCK rows, so each
+        is mapped by ONE vectorised call however small the batch; a resume starts inside the block holding
+        `start_batch` and skips its earlier batches."""
+        B, total = self.batch_size, len(self)
+        limit = total * B if self.drop_last else self.rows_per_rank  # rows past the last batch are never read
+        order = self._order()[:limit]
+        per_block = max(1, MAP_BLOCK // B)
+        first = start_batch - start_batch % per_block
+        for b0 in range(first, total, per_block):
+            yield b0, max(0, start_batch - b0), order[b0 * B: (b0 + per_block) * B]
+
+    def _map_block(self, item: Tuple[int, int, np.ndarray]) -> List[Tuple[int, Batch]]:
+        """Read and map one block (Arrow/numpy, mostly without the GIL), cut it into (batch index, Batch)."""
+        b0, skip, rows = item
+        arrays = self._read_rows(rows)
+        B = self.batch_size
+        dropout = not self.eval_mode and any(t.id_dropout > 0 for t in self.spec.tables)
+        out = []
+        for i in range(skip, -(-len(rows) // B)):
+            b = b0 + i
+            part = {k: v[i * B:(i + 1) * B] for k, v in arrays.items()}
+            if dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
+                part = drop_ids(self.spec, part, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
+            out.append((b, assemble(self.spec, self.mapper.keys, part)))
+        return out
+
+    def _pipeline(self, start_batch: int) -> "tn.BaseNode":
+        """torchdata.nodes graph of one epoch from `start_batch`: blocks -> mapped on `workers` threads (in order)
+        -> batches -> pinned (CUDA) -> prefetched. The order is fixed by _blocks, so the result is the same
+        sequence whatever the thread count, and a batch count is an exact resume point."""
+        import torchdata.nodes as tn
+
+        node: tn.BaseNode = tn.IterableWrapper(self._blocks(start_batch))
+        if self.workers > 0:
+            node = tn.ParallelMapper(node, self._map_block, num_workers=self.workers, in_order=True, method="thread")
+        else:
+            node = tn.Mapper(node, self._map_block)
+        node = tn.Unbatcher(node)
+        if self.pin_memory:
+            node = tn.PinMemory(node)
+        if self.prefetch:
+            node = tn.Prefetcher(node, prefetch_factor=PREFETCH_BATCHES)
+        return node
 
     def __iter__(self) -> Iterator[Batch]:
-        info = torch.utils.data.get_worker_info()
-        worker, nw = (info.id, info.num_workers) if info is not None else (0, 1)
-        start = self.batches_yielded
-        gen = self._generate(start, worker, nw)
-        it = _prefetch(gen) if self.prefetch else gen
-        keys = self.mapper.keys
-        dropout = not self.eval_mode and any(t.id_dropout > 0 for t in self.spec.tables)
-        for b, arrays in it:
-            self.batches_yielded = b + 1
-            if dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
-                arrays = drop_ids(self.spec, arrays, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
-            yield assemble(self.spec, keys, arrays)
+        import torchdata.nodes as tn
+
+        loader = tn.Loader(self._pipeline(self.batches_yielded), restart_on_stop_iteration=False)
+        try:
+            for b, batch in loader:
+                self.batches_yielded = b + 1
+                yield batch
+        finally:
+            _shutdown(loader)
         self.batches_yielded = 0  # epoch finished: the next iteration starts it again (call set_epoch)
 
 
-def _prefetch(gen: Iterator, depth: int = 2) -> Iterator:
-    """Run `gen` in a background thread (arrow/numpy release the GIL) so reading overlaps the consumer."""
-    q: "queue.Queue" = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def run() -> None:
-        try:
-            for item in gen:
-                if stop.is_set():
-                    return
-                q.put(item)
-            q.put(done)
-        except BaseException as e:  # re-raised in the consumer
-            q.put(e)
-
-    th = threading.Thread(target=run, daemon=True)
-    th.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        while th.is_alive():
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                th.join(timeout=0.01)
+def _shutdown(loader) -> None:
+    """Stop the pipeline's background threads now (a consumer may stop early, e.g. at train.max_steps); torchdata
+    would only stop them when the nodes are garbage collected. Each node keeps its running iterator in `_it`."""
+    node = getattr(loader, "root", None)
+    while node is not None:
+        it, depth = getattr(node, "_it", None), 0
+        while it is not None and depth < 4:
+            stop = getattr(it, "_shutdown", None)
+            if callable(stop):
+                stop()
+            it, depth = getattr(it, "_it", None), depth + 1
+        node = getattr(node, "source", None)

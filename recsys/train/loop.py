@@ -159,9 +159,13 @@ class Trainer:
     def _loader(self, split: str, epoch: int):
         from recsys.data.loader import BatchLoader
 
+        workers = self.spec.train.loader_workers
+        if workers is None:  # auto (see TrainSpec.loader_workers)
+            workers = 1 if self.ctx.device.type == "cuda" else 0
         loader = BatchLoader(self.spec, split, batch_size=self.spec.train.batch_size // self.ctx.world_size,
                              rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.spec.train.seed,
-                             shuffle=self.spec.train.shuffle)
+                             shuffle=self.spec.train.shuffle, workers=workers, prefetch=workers > 0,
+                             pin_memory=self.ctx.device.type == "cuda")
         loader.set_epoch(epoch)
         return loader
 
