@@ -269,6 +269,9 @@ class TrainSpec(StrictModel):
     keep_checkpoints: int = Field(default=2, gt=0)
     max_steps: Optional[int] = Field(default=None, gt=0)  # cap per epoch (smoke tests)
     log_every_steps: int = Field(default=50, gt=0)
+    # per-domain AUC / NE of the last this-many training samples (all ranks), to TensorBoard every log_every_steps
+    # (torchrec.metrics; see recsys/train/live_metrics.py); 0 = off
+    live_metrics_window: int = Field(default=65536, ge=0)
     # which valid number picks the best epoch: the mean of the domains' AUCs weighs a small domain like a large one
     # (overall AUC is dominated by the largest domain and hides a small domain that overfits)
     select_metric: Literal["mean_domain_auc", "overall_auc"] = "mean_domain_auc"

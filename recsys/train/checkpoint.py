@@ -183,7 +183,8 @@ def set_aside_newer(root: Path, chosen: Path) -> List[Path]:
 # Spec keys a resume may change without being asked: how often to log/save/keep, how far to train, where files
 # live (a moved run folder or data folder). Anything else continues the run with other settings than it started.
 RESUME_MAY_CHANGE = ("description", "train.epochs", "train.log_every_steps", "train.checkpoint_every_steps",
-                     "train.keep_checkpoints", "train.loader_workers", "train.eval_batch_size", "data.raw_dir",
+                     "train.keep_checkpoints", "train.loader_workers", "train.live_metrics_window",
+                     "train.eval_batch_size", "data.raw_dir",
                      "data.prepared_dir", "text.cache_dir", "train.output_dir", "text.encoder.batch_size",
                      "text.encoder.device")
 

@@ -144,6 +144,12 @@ class Trainer:
         # what the finite-gradient guard checks before a step: every gradient the step applies
         self.stepped_params: Dict[str, torch.Tensor] = {**dense, **dp_tables}
         self.state = RunState()
+        self.live = None
+        if for_training and spec.train.live_metrics_window > 0:
+            from recsys.train.live_metrics import LiveMetrics
+
+            self.live = LiveMetrics(spec, spec.train.batch_size // ctx.world_size, ctx.world_size, ctx.rank,
+                                    ctx.device, dist.group.WORLD if dist.is_initialized() else None)
         self.writer = None
         if ctx.is_main and for_training:
             from torch.utils.tensorboard import SummaryWriter
@@ -338,6 +344,8 @@ class Trainer:
                 log.error("RECSYS_TEST_CRASH_AT_STEP=%d: exiting hard (testing hook)", crash_at)
                 os._exit(1)
             seen += int(labels.shape[0])
+            if self.live is not None:
+                self.live.update(logits, labels, domain)
             loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach()
             steps += 1
             if not torch.isfinite(loss):
@@ -345,6 +353,8 @@ class Trainer:
             if bar is not None:
                 bar.update(1)
             if self.state.global_step % every == 0:
+                if self.live is not None:  # collective: every rank computes at the same step
+                    self._log_live(self.live.compute())
                 rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)
                 self._log_step(float(loss), float(reg), domain, rate, logits, labels)
                 if bar is not None:
@@ -381,6 +391,12 @@ class Trainer:
                 if torch.isfinite(w[di]).all():
                     for ai, a in enumerate(aspects):
                         self.writer.add_scalar(f"gates/{dname}/{side}_{a}", float(w[di, ai]), step)
+
+    def _log_live(self, values: Dict[str, float]) -> None:
+        if self.writer is None:
+            return
+        for name, v in values.items():  # <domain>/auc, <domain>/ne over the last live_metrics_window samples
+            self.writer.add_scalar(f"train_window/{name}", v, self.state.global_step)
 
     def _log_eval(self, metrics: Dict[str, Any], epoch: int) -> None:
         if self.writer is None:
