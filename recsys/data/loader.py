@@ -19,12 +19,12 @@ shuffle); the concatenated kept rows form the global stream of N rows. Rank r ta
 Within a rank, rows are shuffled inside windows of `train.shuffle_buffer_row_groups` chunks, then cut into
 batches, so all ranks yield the same number of batches. The sequence is a pure function of
 (seed, epoch, rank, world_size), which makes `state_dict` (epoch + batches yielded) an exact resume point.
-Inside torch DataLoader workers, worker w of n yields the rank's batches b with b % n == w, so the round-robin
-DataLoader order equals the single-process order.
-
-`prefetch=True` maps batches in a background thread. benchmarks/loader.py measured it slower for one bare
-loader (0.93M vs 1.10M rows/s on amazon-sr, 2 CPUs) and faster with 2 competing instances (0.86M vs 0.69M rows/s
-total), so it is off by default; a consumer that releases the GIL (training) is where it can pay off.
+The pipeline (torchdata.nodes, see `_pipeline`): work items are blocks of whole batches (about MAP_BLOCK rows,
+one vectorised Arrow/numpy mapping each) -> `ParallelMapper` on `workers` threads, in order -> `Unbatcher` ->
+`PinMemory` (CUDA) -> `Prefetcher`. The batch sequence does not depend on the thread count, so the batch count in
+`state_dict` stays the exact resume point. The training loop uses `train.loader_workers` (auto: 1 thread on CUDA,
+where the step leaves the CPU free; 0 on CPU, where the step's own threads use every core). benchmarks/loader.py
+compares this loader with the one before it, side by side.
 """
 from __future__ import annotations
 
