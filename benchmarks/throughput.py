@@ -179,13 +179,12 @@ def worker(cfg: Dict[str, Any]) -> None:
         from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
         from recsys.train.loop import Trainer
-        from recsys.train.numerics import FiniteGradGuard
 
         trainer = Trainer(spec, ctx, for_training=False)
         dmp = trainer.dmp
         if task_kind == "train":
             dmp.train()
-            guard = FiniteGradGuard(trainer.optimizer, trainer.stepped_params)
+            guard = trainer.finite_grad_guard()  # what training steps (deferred, no host sync, on CUDA)
             pipeline = TrainPipelineSparseDist(dmp, guard, ctx.device, execute_all_batches=True)
 
             def step() -> int:

@@ -44,7 +44,9 @@ class DomainAdaptiveMultiTask(nn.Module):
         parts = [fused[s] for s in self.sides] + [fused[s] * fused["item"] for s in self.crosses] + [interactions]
         h, z = self.tower(torch.cat(parts, dim=1), domain)
         logits = self.heads(h, interactions, domain)
-        reg = divergence(self.regularizer, z, domain, self.num_domains) if self.training else logits.new_zeros(())
+        # over the global batch (one collective when distributed), so 1 and N ranks train the same objective
+        reg = (divergence(self.regularizer, z, domain, self.num_domains, across_ranks=True) if self.training
+               else logits.new_zeros(()))
         return logits, reg, z
 
 
@@ -109,7 +111,8 @@ class TrainTask(nn.Module):
     (loss, (loss, logits, labels, domain, regularizer)).
 
     The loss is the sample-weighted BCE (weight = the domain's loss_weight) averaged over the local batch, plus
-    reg_weight x divergence. Averaging per sample (not per domain) keeps 1 and N ranks on the same objective."""
+    reg_weight x divergence. Averaging per sample (not per domain) keeps 1 and N ranks on the same objective; the
+    divergence is computed over the global batch for the same reason (recsys/models/regularizers.py)."""
 
     def __init__(self, model: SRFoundationModel, spec: Spec):
         super().__init__()

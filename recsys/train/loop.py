@@ -206,6 +206,14 @@ class Trainer:
     def _table_shapes(self) -> Dict[str, List[int]]:
         return checkpoint.table_shapes(self.spec, self.rows)
 
+    def finite_grad_guard(self) -> FiniteGradGuard:
+        """The optimiser the pipeline steps: refuses non-finite dense gradients. On CUDA the check is deferred (no
+        host sync per step; the fused Adam skips a bad step on the device) unless a data-parallel table's
+        unfused optimiser would still step."""
+        fused = [self.dense_optimizer._optimizer]
+        defer = self.ctx.device.type == "cuda" and self.table_optimizer is None
+        return FiniteGradGuard(self.optimizer, self.stepped_params, defer=defer, device_skippable=fused)
+
     def save(self, protect_best: bool = True) -> Path:
         protect = (self.out_dir / self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) \
             else None
@@ -312,7 +320,7 @@ class Trainer:
         it = _take(iter(loader), total - skip)
         self.dmp.train()
         # The pipeline steps a guard that refuses non-finite dense gradients (the sparse step runs in backward).
-        guard = FiniteGradGuard(self.optimizer, self.stepped_params)
+        guard = self.finite_grad_guard()
         pipeline = TrainPipelineSparseDist(self.dmp, guard, ctx.device, execute_all_batches=True)
         bar = None
         if ctx.is_main:
@@ -325,19 +333,15 @@ class Trainer:
         every = spec.train.log_every_steps
         ckpt_every = spec.train.checkpoint_every_steps
         crash_at = _test_crash_step()
+        recent: List[Any] = [None, None]  # the batches of the previous and the current step (deferred errors)
         while True:
+            recent = [recent[1], pipeline.batches[0] if pipeline.batches else None]
             try:
                 loss, logits, labels, domain, reg = pipeline.progress(it)
             except StopIteration:
                 break
             except NumericsError as e:  # from the guard: the step counters still name the previous step
-                batch = pipeline.batches[0] if pipeline.batches else None
-                raise NumericsError(
-                    f"{e} at epoch {epoch} step {self.state.step_in_epoch + 1} (global "
-                    f"{self.state.global_step + 1}, rank {ctx.rank}); "
-                    f"{describe_batch(batch, [d.name for d in spec.domains])}. The dense step was refused and the "
-                    f"last good checkpoint in {self.ckpt_root} is kept intact; lower train.lr / "
-                    f"train.embedding_lr or check the data.") from None
+                self._raise_numerics(e, epoch, recent)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
             if crash_at is not None and self.state.global_step == crash_at:
@@ -348,7 +352,8 @@ class Trainer:
                 self.live.update(logits, labels, domain)
             loss_sum = loss.detach().double() if loss_sum is None else loss_sum + loss.detach()
             steps += 1
-            if not torch.isfinite(loss):
+            # deferred guard (CUDA): the loss is read on the host only where logging reads it anyway
+            if (not guard.defer or self.state.global_step % every == 0) and not torch.isfinite(loss):
                 raise NumericsError(_nan_report(self.state, logits, labels, domain, spec))
             if bar is not None:
                 bar.update(1)
@@ -360,7 +365,9 @@ class Trainer:
                 if bar is not None:
                     bar.set_postfix(loss=f"{float(loss):.4f}", samples_s=f"{rate:,.0f}")
             if ckpt_every and self.state.global_step % ckpt_every == 0:
+                self._flush_guard(guard, epoch, recent)  # never checkpoint right after a skipped bad step
                 self.save()
+        self._flush_guard(guard, epoch, recent)
         pipeline.detach()  # restore the modules' own forwards so evaluation can call the model directly
         if bar is not None:
             bar.close()
@@ -368,6 +375,23 @@ class Trainer:
         self.epoch_loss = float(loss_sum) / steps if steps else None  # this rank's mean batch loss
         if self.writer is not None:
             self.writer.add_scalar("train/samples_per_s_epoch", self.epoch_rate, self.state.global_step)
+
+    def _flush_guard(self, guard: FiniteGradGuard, epoch: int, recent: List[Any]) -> None:
+        try:
+            guard.flush()
+        except NumericsError as e:  # about the step just counted: steps_ago=1 against the next one
+            self._raise_numerics(e, epoch, [recent[1], None])
+
+    def _raise_numerics(self, e: NumericsError, epoch: int, recent: List[Any]) -> None:
+        """Re-raise the guard's error naming the step and the batch it belongs to (a deferred one is a step late)."""
+        ago = getattr(e, "steps_ago", 0)
+        batch = recent[1 - ago] if ago <= 1 else None
+        raise NumericsError(
+            f"{e} at epoch {epoch} step {self.state.step_in_epoch + 1 - ago} (global "
+            f"{self.state.global_step + 1 - ago}, rank {self.ctx.rank}); "
+            f"{describe_batch(batch, [d.name for d in self.spec.domains])}. The dense step was refused and the "
+            f"last good checkpoint in {self.ckpt_root} is kept intact; lower train.lr / "
+            f"train.embedding_lr or check the data.") from None
 
     # -------------------------------------------------------------------------------------------------- logging
     def _log_step(self, loss: float, reg: float, domain: torch.Tensor, rate: float, logits: torch.Tensor,

@@ -4,6 +4,17 @@ The sparse (embedding) optimiser is fused into the backward pass, so only the de
 `FiniteGradGuard` wraps the optimiser that `TrainPipelineSparseDist` calls and checks every dense gradient before
 delegating `step()`. Dense gradients are all-reduced across ranks before the step, so every rank sees the same
 non-finite gradient and raises in the same step (no rank is left waiting in a collective).
+
+The check itself is one fused pass on the device (`torch._amp_foreach_non_finite_check_and_unscale_`, the kernel
+AMP's GradScaler uses: per element, so finite gradients never raise a false alarm) writing a 0/1 flag. What happens
+with the flag depends on `defer`:
+- `defer=False` (CPU, or an optimiser that cannot skip on the device): the flag is read on the host before the step
+  and a non-finite gradient raises before anything is stepped. On CPU this read costs nothing.
+- `defer=True` (CUDA): the flag is handed to the fused optimisers as `found_inf`, so their kernels skip the update
+  (and Adam's step count) on the device, without the host waiting; the flag is copied to pinned host memory behind
+  a CUDA event and read at the next `zero_grad()` (when the event has long completed, and the bad step's gradients
+  are still there to name the parameter) or at `flush()`, which the loop calls before every checkpoint and at the
+  end of an epoch. The error then says `steps_ago=1`. No weight is ever stepped on a non-finite gradient.
 """
 from __future__ import annotations
 
@@ -17,39 +28,120 @@ from recsys.errors import NumericsError
 log = logging.getLogger("recsys.train.numerics")
 
 
-class FiniteGradGuard:
-    """Duck-typed optimiser (zero_grad/step/state_dict/param_groups) that raises `NumericsError` instead of
-    stepping when a watched gradient is NaN or Inf. The wrapped optimiser is left untouched, so the weights
-    stay as they were after the last good step (except embedding rows, updated in backward)."""
+class DeferredNumericsError(NumericsError):
+    """A non-finite gradient found `steps_ago` steps after the step it belongs to (that step was skipped)."""
 
-    def __init__(self, optimizer: Any, params: Dict[str, torch.Tensor]):
+    def __init__(self, message: str, steps_ago: int):
+        super().__init__(message)
+        self.steps_ago = steps_ago
+
+
+class _HostFlag:
+    """A device scalar readable on the host later without a stream-wide sync (pinned copy + event on CUDA)."""
+
+    def __init__(self, flag: torch.Tensor):
+        if flag.is_cuda:
+            self.host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = flag, None
+
+    def is_set(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()  # waits for this step's check only, not for work queued after it
+        return bool(self.host)
+
+
+class FiniteGradGuard:
+    """Duck-typed optimiser (zero_grad/step/state_dict/param_groups) that never steps on a NaN or Inf gradient of
+    a watched parameter and raises `NumericsError` naming it. The wrapped optimiser's state stays as it was after
+    the last good step (except embedding rows, updated in backward).
+
+    `device_skippable`: the torch optimisers that can skip a step on the device (fused ones read `found_inf`);
+    `defer=True` requires every watched parameter to be stepped by one of them."""
+
+    def __init__(self, optimizer: Any, params: Dict[str, torch.Tensor], defer: bool = False,
+                 device_skippable: Sequence[torch.optim.Optimizer] = ()):
         self.optimizer = optimizer
         self.params = params
+        self.defer = defer
+        self.device_skippable = list(device_skippable)
+        self._pending: Optional[_HostFlag] = None
+        if defer:
+            covered = {id(p) for o in self.device_skippable for g in o.param_groups for p in g["params"]}
+            unfused = [o for o in self.device_skippable if not o.defaults.get("fused")]
+            missing = [n for n, p in params.items() if id(p) not in covered]
+            if unfused or missing:
+                raise ValueError("defer=True needs fused optimisers stepping every watched parameter; not covered: "
+                                 f"{missing[:3]}, not fused: {[type(o).__name__ for o in unfused]}")
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.optimizer.zero_grad(set_to_none=set_to_none)
+    def _grads(self) -> List[torch.Tensor]:
+        return [p.grad for p in self.params.values() if p.grad is not None]
 
-    def first_bad(self) -> Optional[str]:
-        """Name of the first parameter whose gradient is not finite, else None. One reduction over all gradients
-        first, so the common (all finite) case costs one pass per gradient, no temporaries and one host sync: a sum
-        is NaN or Inf when any element is (or, rarely, when finite gradients overflow float32, a false alarm the
-        per-parameter check below then clears). Only a non-finite total checks parameter by parameter."""
-        grads = [p.grad for p in self.params.values() if p.grad is not None]
+    def _flag(self) -> Optional[torch.Tensor]:
+        """0/1 float scalar on the gradients' device, set when any watched gradient has a NaN or Inf."""
+        grads = self._grads()
         if not grads:
             return None
-        total = torch.stack([g.detach().sum(dtype=torch.float32) for g in grads]).sum()
-        if torch.isfinite(total):
+        found = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+        one = torch.ones((), dtype=torch.float32, device=grads[0].device)
+        # grouped by device and dtype, as the fused kernel requires; x1.0 leaves the gradients untouched
+        groups: Dict[Any, List[torch.Tensor]] = {}
+        for g in grads:
+            groups.setdefault((g.device, g.dtype), []).append(g.detach())
+        for (device, _), gs in groups.items():
+            if device != found.device:
+                f = torch.zeros((), dtype=torch.float32, device=device)
+                torch._amp_foreach_non_finite_check_and_unscale_(gs, f, one.to(device))
+                found = torch.maximum(found, f.to(found.device))
+            else:
+                torch._amp_foreach_non_finite_check_and_unscale_(gs, found, one)
+        return found
+
+    def first_bad(self) -> Optional[str]:
+        """Name of the first parameter whose gradient is not finite, else None (reads the flag on the host)."""
+        flag = self._flag()
+        if flag is None or not bool(flag):
             return None
         for name, p in self.params.items():
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 return name
         return None
 
+    def _raise_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and pending.is_set():
+            bad = next((n for n, p in self.params.items()
+                        if p.grad is not None and not torch.isfinite(p.grad).all()), "unknown")
+            raise DeferredNumericsError(f"non-finite gradient in parameter {bad} (that step was skipped)", 1)
+
+    def flush(self) -> None:
+        """Raise now if the last step's gradients were non-finite (deferred mode; a no-op otherwise)."""
+        self._raise_pending()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self._raise_pending()  # before the gradients that name the bad parameter are cleared
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
     def step(self, closure=None) -> None:
-        bad = self.first_bad()
-        if bad is not None:
-            raise NumericsError(f"non-finite gradient in parameter {bad}")
-        self.optimizer.step()
+        if not self.defer:
+            bad = self.first_bad()
+            if bad is not None:
+                raise NumericsError(f"non-finite gradient in parameter {bad}")
+            self.optimizer.step()
+            return
+        flag = self._flag()
+        for opt in self.device_skippable:
+            opt.found_inf = flag  # the fused kernels skip the update when it is 1
+        try:
+            self.optimizer.step()
+        finally:
+            for opt in self.device_skippable:
+                opt.found_inf = None
+        if flag is not None:
+            self._pending = _HostFlag(flag)
 
     def __getattr__(self, name: str) -> Any:  # state_dict, param_groups, ... of the wrapped optimiser
         return getattr(self.optimizer, name)

@@ -62,3 +62,39 @@ def test_overflowing_training_stops_with_step_and_batch(ml_prepared, tmp_path):
     assert [p.name for p in ckpts] == ["step_000000001"]
     manifest = checkpoint.verify(ckpts[0])
     assert manifest["global_step"] == 1
+
+
+def test_deferred_guard_skips_a_bad_step_on_the_device_and_reports_it_one_step_late():
+    """defer=True (what CUDA uses; run here on CPU): the fused Adam skips the bad step through `found_inf` without
+    the host reading the flag; the error comes at the next zero_grad (or flush), naming the parameter."""
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([a, b], lr=0.1, fused=True)
+    guard = FiniteGradGuard(adam, {"tower.a": a, "tower.b": b}, defer=True, device_skippable=[adam])
+    guard.zero_grad()
+    a.grad, b.grad = torch.ones(3), torch.ones(2)
+    guard.step()  # a good step moves the weights
+    after_good = (a.detach().clone(), b.detach().clone(), adam.state[a]["step"].clone())
+    assert not torch.equal(after_good[0], torch.ones(3))
+    a.grad, b.grad = torch.ones(3), torch.tensor([1.0, float("nan")])
+    guard.step()  # no exception yet: nothing read on the host
+    assert torch.equal(a, after_good[0]) and torch.equal(b, after_good[1])  # skipped on the device
+    assert torch.equal(adam.state[a]["step"], after_good[2])  # Adam's step count rolled back too
+    with pytest.raises(NumericsError, match="parameter tower.b") as info:
+        guard.zero_grad()
+    assert info.value.steps_ago == 1
+    guard.flush()  # reported once
+
+
+def test_deferred_guard_flush_reports_the_last_step_and_refuses_unfusable_optimisers():
+    a = torch.nn.Parameter(torch.ones(2))
+    adam = torch.optim.Adam([a], lr=0.1, fused=True)
+    guard = FiniteGradGuard(adam, {"a": a}, defer=True, device_skippable=[adam])
+    a.grad = torch.tensor([float("inf"), 0.0])
+    guard.step()
+    with pytest.raises(NumericsError, match="parameter a"):
+        guard.flush()
+    with pytest.raises(ValueError, match="not fused"):
+        FiniteGradGuard(torch.optim.SGD([a], lr=0.1), {"a": a}, defer=True,
+                        device_skippable=[torch.optim.SGD([a], lr=0.1)])
+    with pytest.raises(ValueError, match="not covered"):
+        FiniteGradGuard(adam, {"a": a, "b": torch.nn.Parameter(torch.ones(1))}, defer=True, device_skippable=[adam])
