@@ -74,7 +74,7 @@ def _series(res: subprocess.CompletedProcess, key: str) -> list:
 # `mmd`: each rank contributes its first ceil(256 / W) samples per domain, all of them at this batch size, so the
 # gathered samples are the 1-rank ones; but its bandwidth is the median of ~30k pairwise distances whose last bits
 # differ between the two layouts (differently blocked products), so a near-tie can pick the neighbouring distance
-# (measured: 1.5e-4 relative on one step's MMD). 1e-3 still sits 10x below what a per-rank MMD moves.
+# (measured: 1.5e-4 relative on one step's MMD). 1e-3 sits far below what a per-rank MMD moves (~40%).
 VARIANTS = [("sharded", [], 1e-5),
             ("mmd", ["model.regularizer=mmd"], 1e-3),
             ("replicated_item", ["train.sharding_constraints.item=[data_parallel]"], 1e-5),
@@ -90,7 +90,8 @@ def test_one_and_two_ranks_follow_the_same_losses(tiny_spec, tiny_overrides, tmp
     from recsys.models.model import TrainTask
 
     # The regulariser on (JS unless the variant says MMD), weighted so that it moves the loss well above the
-    # tolerance: a per-rank regulariser (each rank's half batch) differs from the global one by ~1e-2 relative.
+    # tolerance: a per-rank regulariser (the mean over ranks of each half batch's) differs from the global one by
+    # 40-90% relative on a random 256-row batch.
     extra = ["model.regularizer=js", "model.reg_weight=1.0", "train.batch_size=256", *overrides]
     spec = tiny_spec(*extra)
     torch.manual_seed(0)
