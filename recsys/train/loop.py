@@ -208,11 +208,11 @@ class Trainer:
 
     def finite_grad_guard(self) -> FiniteGradGuard:
         """The optimiser the pipeline steps: refuses non-finite dense gradients. On CUDA the check is deferred (no
-        host sync per step; the fused Adam skips a bad step on the device) unless a data-parallel table's
-        unfused optimiser would still step."""
-        fused = [self.dense_optimizer._optimizer]
-        defer = self.ctx.device.type == "cuda" and self.table_optimizer is None
-        return FiniteGradGuard(self.optimizer, self.stepped_params, defer=defer, device_skippable=fused)
+        host sync per step): the fused Adam skips a bad step on the device, and the data-parallel tables' optimiser
+        (small tables, by the planner's choice) is undone there."""
+        tables = [self.table_optimizer._optimizer] if self.table_optimizer else []
+        return FiniteGradGuard(self.optimizer, self.stepped_params, defer=self.ctx.device.type == "cuda",
+                               device_skippable=[self.dense_optimizer._optimizer], restorable=tables)
 
     def save(self, protect_best: bool = True) -> Path:
         protect = (self.out_dir / self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) \

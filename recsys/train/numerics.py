@@ -14,7 +14,10 @@ with the flag depends on `defer`:
   (and Adam's step count) on the device, without the host waiting; the flag is copied to pinned host memory behind
   a CUDA event and read at the next `zero_grad()` (when the event has long completed, and the bad step's gradients
   are still there to name the parameter) or at `flush()`, which the loop calls before every checkpoint and at the
-  end of an epoch. The error then says `steps_ago=1`. No weight is ever stepped on a non-finite gradient.
+  end of an epoch. The error then says `steps_ago=1`. Optimisers that cannot read `found_inf` (the row-wise
+  optimiser of small data-parallel tables) are `restorable`: their parameters and state tensors are copied before
+  the step and put back on the device where the flag is set (`torch.where`, no host read). No weight is ever
+  stepped on a non-finite gradient.
 """
 from __future__ import annotations
 
@@ -60,17 +63,21 @@ class FiniteGradGuard:
     the last good step (except embedding rows, updated in backward).
 
     `device_skippable`: the torch optimisers that can skip a step on the device (fused ones read `found_inf`);
+    `restorable`: other optimisers, undone on the device after a bad step (keep them small: one copy per step);
     `defer=True` requires every watched parameter to be stepped by one of them."""
 
     def __init__(self, optimizer: Any, params: Dict[str, torch.Tensor], defer: bool = False,
-                 device_skippable: Sequence[torch.optim.Optimizer] = ()):
+                 device_skippable: Sequence[torch.optim.Optimizer] = (),
+                 restorable: Sequence[torch.optim.Optimizer] = ()):
         self.optimizer = optimizer
         self.params = params
         self.defer = defer
         self.device_skippable = list(device_skippable)
+        self.restorable = list(restorable)
         self._pending: Optional[_HostFlag] = None
         if defer:
-            covered = {id(p) for o in self.device_skippable for g in o.param_groups for p in g["params"]}
+            covered = {id(p) for o in [*self.device_skippable, *self.restorable] for g in o.param_groups
+                       for p in g["params"]}
             unfused = [o for o in self.device_skippable if not o.defaults.get("fused")]
             missing = [n for n, p in params.items() if id(p) not in covered]
             if unfused or missing:
@@ -133,6 +140,7 @@ class FiniteGradGuard:
             self.optimizer.step()
             return
         flag = self._flag()
+        saved = self._snapshot() if flag is not None else []
         for opt in self.device_skippable:
             opt.found_inf = flag  # the fused kernels skip the update when it is 1
         try:
@@ -141,7 +149,22 @@ class FiniteGradGuard:
             for opt in self.device_skippable:
                 opt.found_inf = None
         if flag is not None:
+            bad = flag.bool()
+            with torch.no_grad():
+                for t, old in saved:  # undo the unfused optimisers' step where the flag is set
+                    t.copy_(torch.where(bad, old, t))
             self._pending = _HostFlag(flag)
+
+    def _snapshot(self) -> List[Any]:
+        """(tensor, copy) of every parameter and state tensor of the restorable optimisers."""
+        out = []
+        with torch.no_grad():
+            for opt in self.restorable:
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        tensors = [p, *(v for v in opt.state.get(p, {}).values() if torch.is_tensor(v))]
+                        out.extend((t, t.detach().clone()) for t in tensors)
+        return out
 
     def __getattr__(self, name: str) -> Any:  # state_dict, param_groups, ... of the wrapped optimiser
         return getattr(self.optimizer, name)

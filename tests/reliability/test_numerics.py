@@ -98,3 +98,24 @@ def test_deferred_guard_flush_reports_the_last_step_and_refuses_unfusable_optimi
                         device_skippable=[torch.optim.SGD([a], lr=0.1)])
     with pytest.raises(ValueError, match="not covered"):
         FiniteGradGuard(adam, {"a": a, "b": torch.nn.Parameter(torch.ones(1))}, defer=True, device_skippable=[adam])
+
+
+def test_deferred_guard_undoes_an_unfused_optimiser_on_the_device():
+    """`restorable` optimisers (no found_inf: e.g. a data-parallel table's row-wise optimiser) are put back, weights
+    and state, after a bad step, still without reading the flag on the host."""
+    dense, table = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(4, 2))
+    adam = torch.optim.Adam([dense], lr=0.1, fused=True)
+    sgd = torch.optim.SGD([table], lr=0.1, momentum=0.9)
+    both = type("Both", (), {"step": lambda self: (adam.step(), sgd.step()),
+                             "zero_grad": lambda self, set_to_none=True: None})()
+    guard = FiniteGradGuard(both, {"dense": dense, "table": table}, defer=True, device_skippable=[adam],
+                            restorable=[sgd])
+    dense.grad, table.grad = torch.ones(3), torch.ones(4, 2)
+    guard.step()
+    good = (dense.detach().clone(), table.detach().clone(), sgd.state[table]["momentum_buffer"].clone())
+    dense.grad, table.grad = torch.ones(3), torch.full((4, 2), float("nan"))
+    guard.step()
+    assert torch.equal(dense, good[0]) and torch.equal(table, good[1])
+    assert torch.equal(sgd.state[table]["momentum_buffer"], good[2])
+    with pytest.raises(NumericsError, match="parameter table"):
+        guard.flush()
