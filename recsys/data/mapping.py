@@ -6,9 +6,8 @@ concatenated and sliced generically); `check(table)` finds bad rows. `assemble` 
 """
 from __future__ import annotations
 
-import json
 import logging
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -21,7 +20,6 @@ from recsys.data import arrowops, paths, schema
 from recsys.data.batch import Batch
 from recsys.data.features import is_bucketized, kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
-from recsys.errors import DataError
 from recsys.spec.config import Spec
 
 log = logging.getLogger("recsys.data.mapping")
@@ -40,30 +38,23 @@ def _is_list(t: pa.DataType) -> bool:
 
 
 class FeatureMapper:
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, schema=None, side_tables: Optional[Dict[str, pa.Table]] = None):
+        """`schema`: the ResolvedSchema to map with (default: the one prepare wrote for `spec`); `side_tables`:
+        side-table name -> table (default: read from the data folder), e.g. a serving bundle's catalogue."""
+        from recsys.data.resolved import schema_for
+
         self.spec = spec
+        self.schema = schema if schema is not None else schema_for(spec)
         self.keys = kjt_keys(spec)
         self._hashers: Dict[str, object] = {}  # one function object per hash table (memo key of arrowops)
-        self.vocab: Dict[str, pa.Array] = {}
-        for t in spec.tables:
-            if t.index == "vocab" and t.name not in spec.bucket_tables():
-                p = paths.vocab_path(spec, t.name)
-                if not p.exists():
-                    raise DataError(f"{p}: vocabulary missing; run jobs/prepare_data.py --spec <spec> first")
-                self.vocab[t.name] = pq.read_table(p, columns=["key"])["key"].combine_chunks()
-        self.text_keys: Dict[str, pa.Array] = {}
-        for tt in spec.text.tables:
-            if any(f.kind == "text" and f.text_table == tt.name for f in spec.features):
-                p = paths.text_table_path(spec, tt.name)
-                if not p.exists():
-                    raise DataError(f"{p}: text table missing; run jobs/prepare_data.py --spec <spec> first")
-                self.text_keys[tt.name] = pq.read_table(p, columns=["key"])["key"].combine_chunks()
-        sp = paths.stats_path(spec)
-        if spec.features_of("dense") and not sp.exists():
-            raise DataError(f"{sp}: stats missing; run jobs/prepare_data.py --spec <spec> first")
-        self.dense_stats = json.loads(sp.read_text())["dense"] if sp.exists() else {}
+        self.vocab: Dict[str, pa.Array] = {t.name: self.schema.vocab[t.name] for t in spec.tables
+                                           if t.index == "vocab" and t.name not in spec.bucket_tables()}
+        self.text_keys: Dict[str, pa.Array] = {
+            tt.name: self.schema.text_keys(tt.name) for tt in spec.text.tables
+            if any(f.kind == "text" and f.text_table == tt.name for f in spec.features)}
+        self.dense_stats = self.schema.dense_stats
         self.domain_values = pa.array([d.match_value for d in spec.domains], pa.string())
-        self._load_side_features()
+        self._load_side_features(side_tables)
 
     # -- ids -> rows ---------------------------------------------------------------------------------------
     def rows(self, table: str, arr) -> np.ndarray:
@@ -93,40 +84,57 @@ class FeatureMapper:
         return r[present], present.astype(np.int64)
 
     # -- side tables: precompute per side row, one extra last row = "no match" ------------------------------
-    def _load_side_features(self) -> None:
+    def _load_side_features(self, given: Optional[Dict[str, pa.Table]]) -> None:
         self.side_keys: Dict[str, pa.Array] = {}
         self.side_arrays: Dict[str, np.ndarray] = {}
         self.side_filled: Dict[str, int] = {}  # "<side table>.<column>" -> values filled (missing / non-finite)
         for st in self.spec.data.side_tables:
-            feats = [f for f in self.spec.features if getattr(f, "source", None) == st.name]
-            if not feats:
+            if not self.side_features(st.name):
                 continue
-            p = paths.side_table_path(self.spec, st.name)
-            schema.check_file(p, schema.side_columns(self.spec, st.name))
-            tab = pq.read_table(p, columns=list(schema.side_columns(self.spec, st.name)))
+            if given is not None:
+                tab, where = given[st.name], f"catalogue {st.name}"
+            else:
+                p = where = paths.side_table_path(self.spec, st.name)
+                schema.check_file(p, schema.side_columns(self.spec, st.name))
+                tab = pq.read_table(p, columns=list(schema.side_columns(self.spec, st.name)))
             self.side_keys[st.name] = arrowops.as_strings(tab[st.key].combine_chunks())
-            for f in feats:
-                col = tab[f.column]
-                if f.kind == "dense" and f.bucketized:
-                    v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
-                    self.side_arrays[f.name] = np.append(bucket_rows(v, f.boundaries), 0)[:, None]
-                elif f.kind == "dense":
-                    v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+            # + one last row for "no match": zero rows, and a dense feature's train mean
+            for name, arr in self.side_feature_arrays(st.name, tab).items():
+                self.side_arrays[name] = np.concatenate([arr, np.zeros((1,) + arr.shape[1:], arr.dtype)])
+            for f in self.side_features(st.name):
+                if f.kind == "dense" and not f.bucketized:
                     mean = self.dense_stats.get(f.name, {}).get("mean", 0.0)
-                    bad = ~np.isfinite(v)
-                    if bad.any():  # side values are content: filled, never quarantined, but counted and said
-                        self.side_filled[f"{st.name}.{f.column}"] = int(bad.sum())
-                        log.warning("%s: %d of %d values of column %r are missing, NaN or infinite; filled with "
-                                    "the train mean %.4g", p, int(bad.sum()), len(v), f.column, mean)
-                    v = np.where(bad, mean, v)
-                    self.side_arrays[f.name] = self._transform(f, np.append(v, mean)).astype(np.float32)
-                elif f.kind == "id":
-                    self.side_arrays[f.name] = np.append(self.rows(f.table, col), 0)
-                else:
-                    flat, lens = self._jagged(f, col)
-                    padded, kept = arrowops.pad(flat, lens, f.max_values, keep_last=False)
-                    self.side_arrays[f.name] = np.vstack([padded, np.zeros((1, f.max_values), np.int64)])
-                    self.side_arrays[f.name + "#len"] = np.append(kept, 0)
+                    self.side_arrays[f.name][-1] = self._transform(f, np.array([mean]))[0]
+                    bad = int((~np.isfinite(pc.cast(tab[f.column], pa.float64()).to_numpy(zero_copy_only=False))).sum())
+                    if bad:  # side values are content: filled, never quarantined, but counted and said
+                        self.side_filled[f"{st.name}.{f.column}"] = bad
+                        log.warning("%s: %d of %d values of column %r are missing, NaN or infinite; filled with the "
+                                    "train mean %.4g", where, bad, tab.num_rows, f.column, mean)
+
+    def side_features(self, side_table: str) -> list:
+        return [f for f in self.spec.features if getattr(f, "source", None) == side_table]
+
+    def side_feature_arrays(self, side_table: str, tab: pa.Table) -> Arrays:
+        """Mapped arrays of the features read from a side table, one row per row of `tab` (side-table columns):
+        dense values (missing -> the train mean), id rows, padded sparse rows and their lengths (`name#len`)."""
+        out: Arrays = {}
+        for f in self.side_features(side_table):
+            col = tab[f.column]
+            if f.kind == "dense" and f.bucketized:  # one row per value (0 = missing), as map() reads it
+                v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+                out[f.name] = bucket_rows(v, f.boundaries)[:, None]
+            elif f.kind == "dense":
+                v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+                mean = self.dense_stats.get(f.name, {}).get("mean", 0.0)
+                v = np.where(np.isfinite(v), v, mean)  # side values are content: fill, never quarantine
+                out[f.name] = self._transform(f, v).astype(np.float32)
+            elif f.kind == "id":
+                out[f.name] = self.rows(f.table, col)
+            else:
+                flat, lens = self._jagged(f, col)
+                padded, kept = arrowops.pad(flat, lens, f.max_values, keep_last=False)
+                out[f.name], out[f.name + "#len"] = padded, kept
+        return out
 
     def _transform(self, f, v: np.ndarray) -> np.ndarray:
         if f.transform == "log1p":

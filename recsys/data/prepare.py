@@ -260,5 +260,8 @@ def prepare(spec: Spec, force: bool = False) -> dict:
 
     # a declared domain without training rows is a spec error (a typo in `value`, a wrong domain column)
     check_domains_have_rows(spec, {d: e["rows"] for d, e in stats["splits"]["train"]["domains"].items()})
+    from recsys.data.resolved import write_schema
+
+    log.info("resolved schema -> %s", write_schema(spec, stats))
     log.info("prepare done in %.1fs", time.time() - t0, extra=CONSOLE)
     return stats

@@ -37,9 +37,10 @@ def text_tables_for(spec: Spec) -> Dict[str, np.ndarray]:
 
 
 def spec_table_rows(spec: Spec) -> Dict[str, int]:
-    from recsys.data.prepare import table_num_rows
+    """Rows per table from the resolved schema prepare wrote for `spec` (never from the prepared files)."""
+    from recsys.data.resolved import schema_for
 
-    return table_rows(spec, table_num_rows(spec))
+    return table_rows(spec, schema_for(spec).table_rows)
 
 
 def build_model(spec: Spec, device: Optional[torch.device] = None, rows: Optional[Dict[str, int]] = None,

@@ -87,6 +87,18 @@ class TokenTextLookup(nn.Module):
         nn.init.normal_(self.tokens.weight, std=0.05)
         self.dim = random_dim
 
+    @torch.no_grad()
+    def set_rows(self, rows: torch.Tensor, values: np.ndarray, basis: Optional[TextBasis]) -> None:
+        """Serving seam: overwrite existing `rows` with new texts met at serve time (raw LLM vectors in mode llm,
+        hashed token ids in mode random), derived exactly as `rebuild` derives the table's own rows."""
+        if self.mode == "llm":
+            raw = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32))
+            self.raw[rows] = raw
+            v = basis.project(raw) if basis is not None else raw
+            self.vectors[rows] = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        else:
+            self.token_ids[rows] = torch.as_tensor(np.ascontiguousarray(values, dtype=np.int64))
+
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
         out = self.tokens(self.token_ids[flat])
@@ -332,6 +344,10 @@ class UserQueryItemEncoder(nn.Module):
                  else chunks[f.name])
             out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
         return out
+
+    def set_text_rows(self, table: str, rows: torch.Tensor, values: np.ndarray) -> None:
+        """Serving seam (recsys/serving/cold_text.py): write serve-time texts into rows of text table `table`."""
+        self.text_lookup[_key(table)].set_rows(rows, values, self.text_basis)
 
     def freeze_tables(self, tables, fresh_rows: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Freeze whole tables by detaching their outputs. `fresh_rows` (table -> bool per row) names rows that

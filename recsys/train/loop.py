@@ -24,8 +24,10 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys.errors import NumericsError, RecsysError
+from recsys.data.resolved import check_checkpoint_schema, schema_for
 from recsys.logs import CONSOLE
 from recsys.models.build import build_model, spec_table_rows, text_inputs_for
+from recsys.provenance import code_commit
 from recsys.models.model import SRFoundationModel, TrainTask
 from recsys.models.precision import resolve_precision
 from recsys.spec.config import Spec
@@ -194,6 +196,8 @@ class Trainer:
             "history": self.state.history,
             "spec_hash": spec_hash(self.spec),
             "spec": resolved_values(self.spec),  # what --resume compares and fine-tuning rebuilds the model from
+            "spec_fingerprint": spec_hash(self.spec, paths=False),
+            "schema_sha256": schema_for(self.spec).sha256,  # what the tables and ids meant when trained
             "world_size": self.ctx.world_size,
             "batch_size": self.spec.train.batch_size,
             "seed": self.spec.train.seed,
@@ -201,6 +205,7 @@ class Trainer:
             "rng": per_rank,  # one entry per rank: torch / numpy / python RNG states
             "torch_rng": torch.get_rng_state().tolist(),
             "recsys_version": __import__("recsys").__version__,
+            "commit": code_commit(),
         }
 
     def _table_shapes(self) -> Dict[str, List[int]]:
@@ -483,6 +488,7 @@ def _nan_report(state: RunState, logits, labels, domain, spec: Spec) -> str:
 def load_for_inference(spec: Spec, ctx: DistContext, path: Path):
     """A sharded model holding a checkpoint's weights (the run's best one when given a run folder)."""
     chosen = checkpoint.best_or_latest(Path(path))
+    check_checkpoint_schema(schema_for(spec), checkpoint.verify(chosen).get("schema_sha256"), str(chosen))
     trainer = Trainer(spec, ctx, for_training=False)
     checkpoint.load(chosen, trainer.dmp)
     trainer.dmp.eval()
