@@ -36,6 +36,8 @@ $PIP --no-deps -e .
 $PIP "transformers>=5,<6" tensorboard "torchdata==0.11.0" "pyarrow>=15" "pydantic>=2.5,<3" pyyaml numpy matplotlib pytest pytest-timeout tokenizers safetensors huggingface_hub
 # ONNX Runtime for the onnx / onnx-int8 text encoder backends (docs/text_encoding.md); onnx for the export.
 $PIP "onnx==1.23.2" "onnxruntime==1.31.1"
+# Serving: the HTTP stack of jobs/serve.py (uvloop + httptools are uvicorn's fast loop and parser), orjson, httpx (tests)
+$PIP "fastapi==0.163.2" "uvicorn==0.54.0" "uvloop==0.23.0" "httptools==0.9.0" "orjson==3.13.0" "httpx==0.28.1"
 # Benchmark-only extra (benchmarks/text_encode.py compares against it); pulls no torch of its own.
 if [ "${RECSYS_BENCH_EXTRAS:-0}" = "1" ]; then
   $PIP sentence-transformers

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job end to end on the embedded MovieLens default: install -> prepare data -> encode text with the
-# frozen LLM -> torchrun pretraining -> evaluate on test (per-domain AUC table). Ranks: one per GPU, on CPU one per
+# frozen LLM -> torchrun pretraining -> evaluate on test (per-domain AUC table) ->
+# export a serving bundle and rank one request with it. Ranks: one per GPU, on CPU one per
 # 8 cores (recsys.train.dist.recommended_ranks; set NPROC to override).
 # Re-running it is cheap: every step skips work already done (the pretraining resumes its finished run).
 set -euo pipefail
@@ -16,3 +17,5 @@ $PY jobs/prepare_data.py --spec "$SPEC"
 $PY jobs/encode_text.py --spec "$SPEC"
 .venv/bin/torchrun --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume
 $PY jobs/evaluate.py --spec "$SPEC" --checkpoint "$RUN" --split test --out "$RUN/test_metrics.json"
+$PY jobs/export.py --spec "$SPEC" --checkpoint "$RUN" --out bundles/movielens --force
+$PY jobs/rank.py --bundle bundles/movielens --request docs/examples/movielens_request.json

@@ -1,7 +1,7 @@
 """Vectorised arrow -> numpy helpers shared by prepare and the loader (no per-row Python)."""
 from __future__ import annotations
 
-from typing import Tuple, Union
+from typing import Optional, Tuple, Union
 
 import collections
 
@@ -50,9 +50,49 @@ def _per_dictionary(dictionary: pa.Array, held: tuple, fn) -> np.ndarray:
     return out
 
 
-def lookup(arr: ArrayLike, keys: pa.Array, missing: int = -1) -> np.ndarray:
-    """int64 position of every value in `keys` (string array), `missing` when absent or null. Dictionary-encoded
-    chunks are looked up once per distinct value."""
+class KeyIndex:
+    """Keys (a string array) with a hash index built once, for lookups of a few distinct values (serving).
+
+    `pc.index_in` hashes its whole value set on every call: a 60k-key vocabulary costs milliseconds per call, far
+    more than the ids of a request (whose context repeats once per candidate). Up to SMALL values are
+    dictionary-encoded (vectorised) and only their distinct values go through a dict built on first use; larger
+    lookups (the loader's row groups) keep using `pc.index_in` on the array."""
+
+    SMALL = 1 << 17
+
+    def __init__(self, keys: pa.Array):
+        self.array = keys
+        self._pos: Optional[dict] = None
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def positions(self, values: ArrayLike, missing: int) -> np.ndarray:
+        if self._pos is None:
+            self._pos = {k: i for i, k in enumerate(self.array.to_pylist())}
+        enc = pc.dictionary_encode(as_strings(values))
+        chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
+        get = self._pos.get
+        parts = []
+        for ch in chunks:
+            uniq = ch.dictionary.to_pylist()
+            pos = np.fromiter((get(v, missing) for v in uniq), dtype=np.int64, count=len(uniq))
+            idx = ch.indices.to_numpy(zero_copy_only=False) if ch.null_count == 0 else \
+                pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False)
+            out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
+            if ch.null_count:
+                out[idx < 0] = missing
+            parts.append(out)
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def lookup(arr: ArrayLike, keys: Union[pa.Array, KeyIndex], missing: int = -1) -> np.ndarray:
+    """int64 position of every value in `keys` (string array or KeyIndex), `missing` when absent or null.
+    Dictionary-encoded chunks are looked up once per distinct value."""
+    if isinstance(keys, KeyIndex):
+        if len(arr) <= KeyIndex.SMALL and not pa.types.is_dictionary(arr.type):
+            return keys.positions(arr, missing)
+        keys = keys.array
     parts = []
     for ch in _chunks(arr):
         if pa.types.is_dictionary(ch.type):

@@ -47,10 +47,12 @@ class FeatureMapper:
         self.schema = schema if schema is not None else schema_for(spec)
         self.keys = kjt_keys(spec)
         self._hashers: Dict[str, object] = {}  # one function object per hash table (memo key of arrowops)
-        self.vocab: Dict[str, pa.Array] = {t.name: self.schema.vocab[t.name] for t in spec.tables
-                                           if t.index == "vocab" and t.name not in spec.bucket_tables()}
-        self.text_keys: Dict[str, pa.Array] = {
-            tt.name: self.schema.text_keys(tt.name) for tt in spec.text.tables
+        # keys with a hash index built once (arrowops.KeyIndex): a request's few ids are looked up by dict
+        self.vocab: Dict[str, arrowops.KeyIndex] = {t.name: arrowops.KeyIndex(self.schema.vocab[t.name])
+                                                    for t in spec.tables
+                                                    if t.index == "vocab" and t.name not in spec.bucket_tables()}
+        self.text_keys: Dict[str, arrowops.KeyIndex] = {
+            tt.name: arrowops.KeyIndex(self.schema.text_keys(tt.name)) for tt in spec.text.tables
             if any(f.kind == "text" and f.text_table == tt.name for f in spec.features)}
         self.dense_stats = self.schema.dense_stats
         self.domain_values = pa.array([d.match_value for d in spec.domains], pa.string())
@@ -85,7 +87,7 @@ class FeatureMapper:
 
     # -- side tables: precompute per side row, one extra last row = "no match" ------------------------------
     def _load_side_features(self, given: Optional[Dict[str, pa.Table]]) -> None:
-        self.side_keys: Dict[str, pa.Array] = {}
+        self.side_keys: Dict[str, arrowops.KeyIndex] = {}
         self.side_arrays: Dict[str, np.ndarray] = {}
         self.side_filled: Dict[str, int] = {}  # "<side table>.<column>" -> values filled (missing / non-finite)
         for st in self.spec.data.side_tables:
@@ -97,7 +99,7 @@ class FeatureMapper:
                 p = where = paths.side_table_path(self.spec, st.name)
                 schema.check_file(p, schema.side_columns(self.spec, st.name))
                 tab = pq.read_table(p, columns=list(schema.side_columns(self.spec, st.name)))
-            self.side_keys[st.name] = arrowops.as_strings(tab[st.key].combine_chunks())
+            self.side_keys[st.name] = arrowops.KeyIndex(arrowops.as_strings(tab[st.key].combine_chunks()))
             # + one last row for "no match": zero rows, and a dense feature's train mean
             for name, arr in self.side_feature_arrays(st.name, tab).items():
                 self.side_arrays[name] = np.concatenate([arr, np.zeros((1,) + arr.shape[1:], arr.dtype)])

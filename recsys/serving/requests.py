@@ -8,7 +8,7 @@ missing or mistyped field is reported with its path (`candidates.3.item_id`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Literal, Optional, Tuple, Type, Union
+from typing import Annotated, Any, Dict, List, Literal, Optional, Tuple, Type, Union
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
@@ -58,7 +58,8 @@ def request_columns(spec: Spec) -> RequestColumns:
                           required_context=(d.user_column,), side_text=side_text)
 
 
-_TYPES = {"id": (Id, None), "list": (List[Id], None), "number": (float, None),
+Number = Annotated[float, Field(allow_inf_nan=False)]
+_TYPES = {"id": (Id, None), "list": (List[Id], None), "number": (Number, None),
           "sparse": (Union[Id, List[Id]], None)}
 
 
