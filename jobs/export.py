@@ -30,7 +30,7 @@ def main(argv=None) -> int:
                    help="embedding tables in TorchRec's int8/fp16 layout (dense layers stay fp32)")
     p.add_argument("--force", action="store_true", help="replace a non-empty --out")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
     from recsys.serving.export import export_bundle
 

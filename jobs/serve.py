@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from recsys.cli import run_main, setup_logging  # noqa: E402
+from recsys.logs import CONSOLE  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -33,19 +34,22 @@ def main(argv=None) -> int:
     p.add_argument("--max-batch-rows", type=int, default=DEFAULT_MAX_BATCH_ROWS, help="candidates per model call")
     p.add_argument("--threads", type=int, default=0, help="torch threads per worker (default: cores / workers)")
     p.add_argument("--no-access-log", action="store_true")
+    p.add_argument("--verbose", action="store_true", help="show uvicorn's and the libraries' log lines")
     args = p.parse_args(argv)
-    setup_logging()
+    setup_logging(verbose=args.verbose)
     import logging
 
     import uvicorn
 
     from recsys.serving.bundle import verify
+    from recsys.serving.server import setup_access_log
 
     if args.workers < 1:
         raise SystemExit("error: --workers must be >= 1")
     verify(args.bundle)  # a bad bundle fails here, with one line, before any worker starts
-    if args.no_access_log:
-        logging.getLogger("recsys.serving.access").setLevel(logging.WARNING)
+    setup_access_log(enabled=not args.no_access_log)
+    logging.getLogger("recsys.serving").info("listening on http://%s:%d (%d worker(s))", args.host, args.port,
+                                             args.workers, extra=CONSOLE)
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     common = dict(host=args.host, port=args.port, access_log=False, log_config=None, timeout_graceful_shutdown=30)
     if args.workers == 1:
@@ -57,7 +61,8 @@ def main(argv=None) -> int:
         uvicorn.run(app, **common)
     else:
         os.environ.update(RECSYS_BUNDLE=str(args.bundle.resolve()), RECSYS_MAX_CANDIDATES=str(args.max_candidates),
-                          RECSYS_MAX_BODY=str(args.max_body_bytes), RECSYS_THREADS=str(threads))
+                          RECSYS_MAX_BODY=str(args.max_body_bytes), RECSYS_THREADS=str(threads),
+                          RECSYS_ACCESS_LOG="0" if args.no_access_log else "1")
         uvicorn.run("recsys.serving.server:app_from_env", factory=True, workers=args.workers, **common)
     return 0
 

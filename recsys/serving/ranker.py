@@ -25,6 +25,7 @@ import torch
 from recsys.data import arrowops
 from recsys.data.mapping import Arrays, FeatureMapper, assemble
 from recsys.errors import RecsysError
+from recsys.logs import CONSOLE
 from recsys.serving.bundle import Bundle, load_bundle
 from recsys.serving.cold_text import ColdTextCache
 from recsys.serving.quantize import quantize_tables
@@ -62,6 +63,8 @@ def build_scoring_model(bundle: Bundle, spare_text_rows: int = 0) -> Tuple[torch
     if missing or unexpected:
         raise RecsysError(f"{bundle.folder}: weights do not fit the bundle's spec (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
+    if bundle.quantize == "none":  # same fp32 weights in the fused inference kernel (see quantize_tables)
+        model.l0.ebc = quantize_tables(model.l0.ebc, "fp32")
     model.l0.refresh_text()
     model.eval()
     return model, base_rows
@@ -99,7 +102,7 @@ class Ranker:
         self._dense_pos = {f.name: i for i, f in enumerate(f for f in spec.features_of("dense") if not f.bucketized)}
         self.item_key = next(iter(self.columns.candidate))
         log.info("bundle %s loaded in %.1fs (%s, quantize %s)", bundle.folder, time.perf_counter() - t0, spec.name,
-                 bundle.quantize)
+                 bundle.quantize, extra=CONSOLE)
 
     @classmethod
     def load(cls, folder: Path, **kwargs) -> "Ranker":

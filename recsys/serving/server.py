@@ -8,7 +8,7 @@ Micro-batching without waiting: one scorer thread takes every request queued whe
 one call (up to `max_batch_rows` candidates), so a lone request is scored at once and requests arriving during a
 model call share the next one. The request body is parsed and validated in one step by pydantic-core
 (`model_validate_json`) and answers are serialised with orjson. A bad request gets a 4xx whose `field` names the
-offending field; the server keeps serving. One JSON access-log line per request (logger `recsys.serving.access`).
+offending field; the server keeps serving. One JSON access-log line per request on stdout (logger `recsys.serving.access`).
 On SIGTERM/SIGINT uvicorn stops accepting, finishes in-flight requests, then the scorer thread is stopped.
 """
 from __future__ import annotations
@@ -28,10 +28,24 @@ from fastapi.responses import Response
 from pydantic import ValidationError
 
 from recsys.errors import RecsysError
+from recsys.logs import CONSOLE
 from recsys.serving.ranker import Ranker, RequestError
 
 log = logging.getLogger("recsys.serving.server")
 access = logging.getLogger("recsys.serving.access")
+
+
+def setup_access_log(stream=None, enabled: bool = True) -> None:
+    """Access records as bare JSON lines on stdout (one per request), apart from the job's console and log file."""
+    import sys
+
+    for h in list(access.handlers):
+        access.removeHandler(h)
+    access.propagate = False
+    access.setLevel(logging.INFO if enabled else logging.WARNING)
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
 
 DEFAULT_MAX_BODY = 1 << 20  # bytes
 DEFAULT_MAX_BATCH_ROWS = 8192  # candidates per model call
@@ -144,13 +158,14 @@ def create_app(ranker: Ranker, max_body_bytes: int = DEFAULT_MAX_BODY,
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         state["batcher"] = MicroBatcher(ranker.rank, lambda r: len(r.candidates), max_batch_rows)
-        log.info("serving %s (%d domains), pid %d", ranker.spec.name, len(ranker.spec.domains), os.getpid())
+        log.info("serving %s (%d domains), pid %d", ranker.spec.name, len(ranker.spec.domains), os.getpid(),
+                 extra=CONSOLE)
         try:
             yield
         finally:
             state["batcher"].close()
-            log.info("scorer stopped after %d model calls for %d requests", state["batcher"].calls,
-                     state["batcher"].items)
+            log.info("shut down: scorer stopped after %d model calls for %d requests", state["batcher"].calls,
+                     state["batcher"].items, extra=CONSOLE)
 
     app = FastAPI(title=f"recsys ranking: {ranker.spec.name}", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -210,6 +225,7 @@ def create_app(ranker: Ranker, max_body_bytes: int = DEFAULT_MAX_BODY,
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N` (each worker process loads the bundle named by $RECSYS_BUNDLE)."""
+    setup_access_log(enabled=os.environ.get("RECSYS_ACCESS_LOG", "1") == "1")
     ranker = Ranker.load(os.environ["RECSYS_BUNDLE"],
                          max_candidates=int(os.environ.get("RECSYS_MAX_CANDIDATES", "1000")),
                          threads=int(os.environ.get("RECSYS_THREADS", "0")) or None)

@@ -127,8 +127,7 @@ def test_access_log_and_graceful_shutdown(server, rows):
     server["proc"].send_signal(signal.SIGTERM)
     assert server["proc"].wait(60) == 0
     log = server["log"].read_text()
-    lines = [json.loads(ln.split("recsys.serving.access: ", 1)[1]) for ln in log.splitlines()
-             if "recsys.serving.access: " in ln]
+    lines = [json.loads(ln) for ln in log.splitlines() if ln.startswith("{")]  # access log: JSON lines
     assert any(r["path"] == "/rank" and r["status"] == 200 and r["candidates"] == 20 for r in lines)
     assert any(r["status"] == 422 for r in lines) and all("ms" in r for r in lines)
-    assert "Application shutdown complete" in log and "Traceback" not in log
+    assert "shut down: scorer stopped" in log and "Traceback" not in log
