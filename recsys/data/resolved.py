@@ -72,8 +72,10 @@ class ResolvedSchema:
 
     @property
     def sha256(self) -> str:
-        """Hash of schema.json, which names every file's sha256: one hash for the whole schema."""
-        return sha256_file(self.folder / SCHEMA_FILE)
+        """One hash for what the schema means: table rows, dense statistics and every file's sha256 (not which spec
+        fingerprint or name it was filed under, so a code change that renames the folder keeps the hash)."""
+        content = {k: self.info[k] for k in ("tables", "dense", "files")}
+        return hashlib.sha256(json.dumps(content, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
     def text_keys(self, name: str) -> pa.Array:
         return self.text_tables[name]["key"].combine_chunks()

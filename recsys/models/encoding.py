@@ -88,16 +88,9 @@ class TokenTextLookup(nn.Module):
         self.dim = random_dim
 
     @torch.no_grad()
-    def set_rows(self, rows: torch.Tensor, values: np.ndarray, basis: Optional[TextBasis]) -> None:
-        """Serving seam: overwrite existing `rows` with new texts met at serve time (raw LLM vectors in mode llm,
-        hashed token ids in mode random), derived exactly as `rebuild` derives the table's own rows."""
-        if self.mode == "llm":
-            raw = torch.as_tensor(np.ascontiguousarray(values, dtype=np.float32))
-            self.raw[rows] = raw
-            v = basis.project(raw) if basis is not None else raw
-            self.vectors[rows] = v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        else:
-            self.token_ids[rows] = torch.as_tensor(np.ascontiguousarray(values, dtype=np.int64))
+    def set_rows(self, rows: torch.Tensor, token_ids: np.ndarray) -> None:
+        """Serving seam: hashed token ids of texts met at serve time into existing rows."""
+        self.token_ids[rows] = torch.as_tensor(np.ascontiguousarray(token_ids, dtype=np.int64))
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
@@ -345,9 +338,20 @@ class UserQueryItemEncoder(nn.Module):
             out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
         return out
 
+    @torch.no_grad()
     def set_text_rows(self, table: str, rows: torch.Tensor, values: np.ndarray) -> None:
-        """Serving seam (recsys/serving/cold_text.py): write serve-time texts into rows of text table `table`."""
-        self.text_lookup[_key(table)].set_rows(rows, values, self.text_basis)
+        """Serving seam (recsys/serving/cold_text.py): texts met at serve time into existing rows of text table
+        `table`: raw encoder vectors (mode llm; projected here exactly as the frozen tables were) or hashed token
+        ids (mode random)."""
+        if self.text_mode != "llm":
+            self.text_lookup[_key(table)].set_rows(rows, values)
+            return
+        from recsys.models.tables import text_table_name
+        from recsys.text.frozen import project_vectors
+
+        weight = self.text_ebc.embedding_bags[text_table_name(table)].weight
+        projected = project_vectors(values, self.text_projection.to_projection())
+        weight[rows] = torch.from_numpy(projected).to(weight.dtype)
 
     def freeze_tables(self, tables, fresh_rows: Optional[Dict[str, torch.Tensor]] = None) -> None:
         """Freeze whole tables by detaching their outputs. `fresh_rows` (table -> bool per row) names rows that

@@ -30,18 +30,32 @@ log = logging.getLogger("recsys.serving.export")
 
 def load_checkpoint_unsharded(spec: Spec, checkpoint_path: Path):
     """(SRFoundationModel on CPU holding the checkpoint's weights, checkpoint folder, its manifest)."""
-    from recsys.models.build import build_model, spec_table_rows, text_tables_for
+    from recsys.models.build import build_model, spec_table_rows
     from recsys.models.model import TrainTask
     from recsys.train import checkpoint
 
     chosen = checkpoint.best_or_latest(Path(checkpoint_path))
     manifest = checkpoint.verify(chosen)
     check_checkpoint_schema(schema_for(spec), manifest.get("schema_sha256"), str(chosen))
-    text = text_tables_for(spec)
-    task = TrainTask(build_model(spec, torch.device("cpu"), spec_table_rows(spec), text), spec)
+    task = TrainTask(build_model(spec, torch.device("cpu"), spec_table_rows(spec)), spec)
     checkpoint.load(chosen, task)
     task.eval()
-    return task.model, chosen, manifest, text
+    return task.model, chosen, manifest
+
+
+def split_text_tables(spec: Spec, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The text tables the model reads, taken out of `state`: mode llm, the frozen (projected) rows held by the
+    text EBC; mode random, the hashed token ids (a non-persistent buffer, read for the spec)."""
+    if spec.text.mode == "llm":
+        from recsys.models.tables import text_table_name
+
+        return {name: state.pop(f"l0.text_ebc.embedding_bags.{text_table_name(name)}.weight")
+                for name in spec.used_text_tables()}
+    if spec.text.mode == "random":
+        from recsys.models.build import text_tables_for
+
+        return {k: torch.from_numpy(v) for k, v in text_tables_for(spec).items()}
+    return {}
 
 
 def catalogue_columns(spec: Spec, side_table: str):
@@ -62,10 +76,11 @@ def export_bundle(spec: Spec, checkpoint_path: Path, out: Path, quantize: str = 
     if out.exists() and any(out.iterdir()) and not force:
         raise RecsysError(f"--out {out}: exists and is not empty (use --force to replace it)")
     t0 = time.perf_counter()
-    model, chosen, ck_manifest, text = load_checkpoint_unsharded(spec, checkpoint_path)
+    model, chosen, ck_manifest = load_checkpoint_unsharded(spec, checkpoint_path)
     float_bytes = table_bytes(model.state_dict())
     model.l0.ebc = quantize_tables(model.l0.ebc, quantize)
-    state = model.state_dict()
+    state = dict(model.state_dict())
+    text = split_text_tables(spec, state)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -83,7 +98,7 @@ def export_bundle(spec: Spec, checkpoint_path: Path, out: Path, quantize: str = 
             pq.write_table(pq.read_table(p, columns=catalogue_columns(spec, st.name)),
                            tmp / B.CATALOGUE_DIR / f"{st.name}.parquet", compression="zstd")
     if text:
-        B.save_tensors(tmp / B.TEXT_FILE, {k: torch.from_numpy(v) for k, v in text.items()})
+        B.save_tensors(tmp / B.TEXT_FILE, text)
     B.save_tensors(tmp / B.WEIGHTS_FILE, state)
     manifest = {
         "format": B.FORMAT, "name": spec.name, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -57,15 +57,22 @@ def build_scoring_model(bundle: Bundle, spare_text_rows: int = 0) -> Tuple[torch
         base_rows[name] = arr.shape[0]
         text[name] = np.concatenate([arr, np.zeros((spare_text_rows,) + arr.shape[1:], arr.dtype)]) \
             if spare_text_rows else arr
-    model = SRFoundationModel(spec, table_rows(spec, bundle.schema.table_rows), text, device=torch.device("cpu"))
+    projection = None
+    if "l0.text_projection.center" in bundle.weights:
+        from recsys.models.encoding import projection_from_buffers
+
+        projection = projection_from_buffers(bundle.weights["l0.text_projection.center"],
+                                             bundle.weights["l0.text_projection.basis"])
+    model = SRFoundationModel(spec, table_rows(spec, bundle.schema.table_rows), text, device=torch.device("cpu"),
+                              text_projection=projection)
     model.l0.ebc = quantize_tables(model.l0.ebc, bundle.quantize)
     missing, unexpected = model.load_state_dict(bundle.weights, strict=False)
+    missing = [k for k in missing if not k.startswith("l0.text_ebc.")]  # the text tables came from text.safetensors
     if missing or unexpected:
         raise RecsysError(f"{bundle.folder}: weights do not fit the bundle's spec (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
     if bundle.quantize == "none":  # same fp32 weights in the fused inference kernel (see quantize_tables)
         model.l0.ebc = quantize_tables(model.l0.ebc, "fp32")
-    model.l0.refresh_text()
     model.eval()
     return model, base_rows
 
