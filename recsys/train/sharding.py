@@ -130,13 +130,16 @@ def _make_sharder_class():
     return RecsysEBCSharder
 
 
-# Frozen text tables (recsys.models.encoding.TextEmbeddingBagCollection): sharded, never replicated. TorchRec's
-# data_parallel kernel keeps fp32 trainable weights under DDP, i.e. a full trainable copy per rank; a frozen table
-# that fits everywhere would still cost every rank its whole size. Row-wise types only on GPU (as for id tables).
+# Frozen text tables (recsys.models.encoding.TextEmbeddingBagCollection): sharded unless the spec asks otherwise.
+# The planner is offered only the sharded types; `data_parallel` (a full copy per rank, TorchRec's dense kernel, no
+# all-to-all) is used only where `train.sharding_constraints.text_<name>` names it: worth it for a small table read
+# many times per sample on few ranks (amazon-sr's 21k-row item texts, 41 lookups per sample), never at scale.
+# Row-wise types only on GPU (as for id tables).
 TEXT_CPU_SHARDING_TYPES = ("table_wise", "column_wise")
 TEXT_CUDA_SHARDING_TYPES = ("table_wise", "row_wise", "table_row_wise", "column_wise")
-TEXT_CUDA_COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm")
-TEXT_CPU_COMPUTE_KERNELS = ("fused",)
+TEXT_REPLICATED = "data_parallel"
+TEXT_CUDA_COMPUTE_KERNELS = ("fused", "fused_uvm_caching", "fused_uvm", "dense")
+TEXT_CPU_COMPUTE_KERNELS = ("fused", "dense")  # dense: the data_parallel kernel
 
 
 def frozen_fused_params() -> Dict[str, Any]:
@@ -160,7 +163,7 @@ def _make_text_sharder_class():
 
         def sharding_types(self, compute_device_type: str) -> List[str]:
             allowed = TEXT_CPU_SHARDING_TYPES if compute_device_type == "cpu" else TEXT_CUDA_SHARDING_TYPES
-            return [t for t in super().sharding_types(compute_device_type) if t in allowed]
+            return [t for t in super().sharding_types(compute_device_type) if t in allowed + (TEXT_REPLICATED,)]
 
         def compute_kernels(self, sharding_type: str, compute_device_type: str) -> List[str]:
             allowed = TEXT_CPU_COMPUTE_KERNELS if compute_device_type == "cpu" else TEXT_CUDA_COMPUTE_KERNELS
@@ -285,18 +288,19 @@ def _text_constraints(spec: Spec, device_type: str) -> Dict[str, Any]:
     from recsys.data.features import text_kjt_keys
     from recsys.models.tables import text_table_name
 
-    allowed = TEXT_CPU_SHARDING_TYPES if device_type == "cpu" else TEXT_CUDA_SHARDING_TYPES
+    sharded = TEXT_CPU_SHARDING_TYPES if device_type == "cpu" else TEXT_CUDA_SHARDING_TYPES
+    allowed = sharded + (TEXT_REPLICATED,)
     by_name = {f.name: f for f in spec.features_of("text")}
     out: Dict[str, Any] = {}
     for name in spec.used_text_tables():
         table = text_table_name(name)
         wanted = spec.train.sharding_constraints.get(table)
-        types = [t for t in dict.fromkeys(wanted) if t in allowed] if wanted else list(allowed)
+        types = [t for t in dict.fromkeys(wanted) if t in allowed] if wanted else list(sharded)
         if wanted and len(types) < len(set(wanted)):
             log.warning("train.sharding_constraints.%s: frozen text tables on %s take %s only; using %s", table,
-                        device_type, "/".join(allowed), "/".join(types or allowed))
+                        device_type, "/".join(allowed), "/".join(types or sharded))
         n_keys = sum(1 for k in text_kjt_keys(spec) if by_name[k.split("__pos")[0]].text_table == name)
-        out[table] = ParameterConstraints(sharding_types=types or list(allowed), pooling_factors=[1.0] * n_keys)
+        out[table] = ParameterConstraints(sharding_types=types or list(sharded), pooling_factors=[1.0] * n_keys)
     return out
 
 

@@ -63,6 +63,9 @@ changed = 0
 for key, value in trainer.dmp.state_dict().items():
     if ".text_ebc." in key:
         rows = trainer.text_tables[key.split(".")[-2][len("text_"):]]
+        if not hasattr(value, "local_shards"):  # replicated (data_parallel): the whole table
+            changed += int((value.numpy() != rows).sum())
+            continue
         for shard in value.local_shards():
             (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             changed += int((shard.tensor.numpy() != rows[r0:r0 + nr, c0:c0 + nc]).sum())
@@ -87,9 +90,16 @@ def _run(cmd, env):
     return out, changed
 
 
+# (placement asked for the movie texts, what the 2-rank plan must show): split by columns over both ranks, or
+# replicated on request (TorchRec's data_parallel kernel under DDP, whose gradient never comes: the output is detached)
+PLACEMENTS = [("column_wise", ["column_wise", [0, 1]]), ("data_parallel", ["data_parallel", [0, 1]])]
+
+
 @pytest.mark.multirank
 @pytest.mark.slow
-def test_sharded_text_table_matches_one_rank_and_stays_frozen(tiny_overrides, tiny_bert, tmp_path, child_env):
+@pytest.mark.parametrize("placement,planned", PLACEMENTS, ids=[p[0] for p in PLACEMENTS])
+def test_sharded_text_table_matches_one_rank_and_stays_frozen(tiny_overrides, tiny_bert, tmp_path, child_env,
+                                                              placement, planned):
     from recsys.models.build import build_model
     from recsys.models.model import TrainTask
     from recsys.spec.loader import load_spec
@@ -97,7 +107,7 @@ def test_sharded_text_table_matches_one_rank_and_stays_frozen(tiny_overrides, ti
 
     overrides = tiny_overrides("text.mode=llm", f"text.encoder.model={tiny_bert}", f"text.cache_dir={tmp_path}/cache",
                                "text.encoder.device=cpu", "text.reduce_dim=16", "model.regularizer=none",
-                               "train.sharding_constraints.text_movies=[column_wise]")
+                               f"train.sharding_constraints.text_movies=[{placement}]")
     spec = load_spec(REPO / "feature_specs" / "movielens.yaml", overrides)
     encode_text_tables(spec, progress=False)
     torch.manual_seed(0)
@@ -109,7 +119,7 @@ def test_sharded_text_table_matches_one_rank_and_stays_frozen(tiny_overrides, ti
     one, changed_one = _run([sys.executable, *args], child_env)
     two, changed_two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              *args], child_env)
-    assert two["plan"]["text_movies"] == ["column_wise", [0, 1]]  # really split: half of every row per rank
+    assert two["plan"]["text_movies"] == planned  # column_wise: really split, half of every row per rank
     assert one["plan"]["text_movies"][1] == [0]
     # the lookups are copies of stored fp16 rows: exactly equal, whatever the sharding
     for name in one["vectors"]:
