@@ -50,8 +50,9 @@ def encoder_reference(spec: Spec) -> Optional[Dict[str, Any]]:
     return ref
 
 
-def load_referenced_encoder(ref: Dict[str, Any], device: str = "cpu"):
-    """The TextEncoder a bundle names, after its content matched the recorded identity."""
+def load_referenced_encoder(ref: Dict[str, Any], enc_spec, device: str = "cpu"):
+    """The TextEncoder a bundle names (`enc_spec`: its spec's text.encoder section: pooling, length, backend), after
+    its content matched the recorded identity."""
     from recsys.text.encoder import load_encoder
     from recsys.text.model_source import PACKAGE_PREFIX, model_identity, resolve_model_dir
 
@@ -64,5 +65,4 @@ def load_referenced_encoder(ref: Dict[str, Any], device: str = "cpu"):
         raise RecsysError(f"text encoder {folder}: content {got[:12]} differs from the bundle's {ref['identity'][:12]}"
                           f"; install {where}")
     log.info("text encoder for new texts: %s (%s)", folder, got[:12])
-    return load_encoder(folder, ref["pooling"], ref["max_length"], batch_size=64, normalize=ref["normalize"],
-                        device=device)
+    return load_encoder(folder, enc_spec, device=device, derived_root=root / "derived", identity=got)

@@ -97,7 +97,7 @@ class Ranker:
         def make_encoder():
             from recsys.serving.encoder_ref import load_referenced_encoder
 
-            return load_referenced_encoder(encoder_ref)
+            return load_referenced_encoder(encoder_ref, spec.text.encoder)
 
         self.cold_text = ColdTextCache(spec, self.model, base_rows, cold_text_capacity,
                                        make_encoder if encoder_ref else None)
