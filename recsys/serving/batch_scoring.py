@@ -17,7 +17,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.data import schema as row_schema
-from recsys.data.loader import _prefetch  # reading overlapped with scoring
 from recsys.errors import DataError
 from recsys.serving.ranker import Ranker, sigmoid
 
@@ -76,3 +75,41 @@ def score_file(ranker: Ranker, src: Path, out: Path, block_rows: int = 65536, ke
     os.replace(tmp, out)
     secs = time.perf_counter() - t0
     return {"rows": n, "scored": scored, "seconds": secs, "rows_per_s": n / secs if secs else 0.0}
+
+
+def _prefetch(it, depth: int = 2):
+    """Read the next record batches in a thread while the current one is scored (arrow releases the GIL)."""
+    import queue
+    import threading
+
+    q: "queue.Queue" = queue.Queue(maxsize=depth)
+    end = object()
+    stop = threading.Event()
+
+    def run() -> None:
+        try:
+            for x in it:
+                if stop.is_set():
+                    return
+                q.put(x)
+            q.put(end)
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the consumer
+            q.put(e)
+
+    th = threading.Thread(target=run, daemon=True)
+    th.start()
+    try:
+        while True:
+            x = q.get()
+            if x is end:
+                return
+            if isinstance(x, BaseException):
+                raise x
+            yield x
+    finally:
+        stop.set()
+        while th.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                th.join(timeout=0.01)
