@@ -128,7 +128,10 @@ def setup_logging(rank: Optional[int] = None, level: Optional[Union[int, str]] =
     root.setLevel(min(console_level, logging.INFO))
     logging.getLogger("recsys").setLevel(min(console_level, logging.INFO))
     _state.update(rank=rank, buffer=buffer, file=None, console=console, format=fmt)
-    logging.captureWarnings(True)  # Python warnings become `py.warnings` records: file by default
+    # Python warnings become `py.warnings` records (file by default). Off-then-on: captureWarnings(True) is a no-op
+    # when logging thinks it is already on, even after something (warnings.catch_warnings) restored showwarning
+    logging.captureWarnings(False)
+    logging.captureWarnings(True)
     silence_known_warnings()
     _route_torch_logs()
 
