@@ -172,3 +172,17 @@ def test_data_parallel_table_trains_under_the_embedding_optimiser_in_bf16(group,
     after = dict(trainer.dmp.named_parameters())[item].detach()
     assert not torch.equal(before, after), "the replicated table never moved"
     assert np.isfinite(summary["best_valid_metric"])
+
+
+def test_lr_decay_reaches_every_optimiser(tiny_spec, group, tmp_path):
+    """train.lr_decay multiplies both learning rates by decay**epoch: the dense Adam's and the fused embedding
+    optimiser's (whose kernels read param_groups' lr at each step)."""
+    from recsys.train.loop import Trainer
+
+    spec = tiny_spec(f"train.output_dir={tmp_path}", "train.lr=0.01", "train.embedding_lr=0.2",
+                     "train.lr_decay=0.5")
+    trainer = Trainer(spec, group, for_training=False)
+    for epoch, factor in ((0, 1.0), (2, 0.25)):
+        trainer._set_learning_rates(epoch)
+        assert {g["lr"] for g in trainer.dense_optimizer.param_groups} == {0.01 * factor}
+        assert {g["lr"] for g in trainer.dmp.fused_optimizer.param_groups} == {0.2 * factor}
