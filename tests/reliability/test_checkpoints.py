@@ -97,14 +97,16 @@ def test_resume_falls_back_past_a_truncated_shard(ml_prepared, finished_run, tmp
         json.loads((finished_run / "train_summary.json").read_text())["history"]
 
 
-@pytest.mark.parametrize("override, needles", [
-    ("tables.item.dim=16", ["table 'item' is", "dim 32 in the checkpoint", "x 16 in this spec", "different spec"]),
-    ("model.dim=16", ["does not match this model", "l0.proj", "[8] in the checkpoint but [16]"]),
+@pytest.mark.parametrize("override, flags, needles", [
+    ("tables.item.dim=16", [], ["table 'item' is", "dim 32 in the checkpoint", "x 16 in this spec", "different spec"]),
+    # another model width is first a changed spec value; told to go on anyway, the shapes still cannot load
+    ("model.dim=16", [], ["differs from the one the run was trained with: model.dim (8 -> 16)"]),
+    ("model.dim=16", ["--allow-spec-change"], ["does not match this model", "l0.proj", "[8] in the checkpoint but [16]"]),
 ])
-def test_checkpoint_of_another_spec_is_refused(ml_prepared, finished_run, tmp_path, override, needles):
+def test_checkpoint_of_another_spec_is_refused(ml_prepared, finished_run, tmp_path, override, flags, needles):
     out = _copy(finished_run, tmp_path)
     proc = job("pretrain.py", ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **ONE_EPOCH),
-                               "--set", override, "--resume"])
+                               "--set", override, "--resume", *flags])
     assert_clean_error(proc, str(out / "checkpoints" / "step_000000006"), *needles)
 
 
