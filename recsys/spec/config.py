@@ -479,8 +479,8 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
                        f"{_one_of(d.name for d in spec.domains)}"))
 
     # frozen text tables (mode llm) are embedding tables too, named `text_<text table>` (recsys.models.tables)
-    constrainable = list(table_names) + ([f"text_{t.name}" for t in spec.text.tables] if spec.text.mode == "llm"
-                                         else [])
+    # (declared whatever text.mode is: a spec overridden to `text.mode: none` keeps its constraints valid)
+    constrainable = list(table_names) + [f"text_{t.name}" for t in spec.text.tables]
     for key in spec.train.sharding_constraints:
         if key not in constrainable:
             issues.append((("train", "sharding_constraints", key),

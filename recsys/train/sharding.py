@@ -239,11 +239,9 @@ def constraints_from_spec(spec: Spec, device_type: str, world_size: Optional[int
 
     _check_device(device_type)
     read_tables = set(table_of_key(spec).values())
-    declared = {t.name for t in spec.tables}
-    if spec.text.mode == "llm":
-        from recsys.models.tables import text_table_name
+    from recsys.models.tables import text_table_name
 
-        declared |= {text_table_name(t.name) for t in spec.text.tables}
+    declared = {t.name for t in spec.tables} | {text_table_name(t.name) for t in spec.text.tables}
     for name in spec.train.sharding_constraints:
         if name not in declared:
             raise SpecError(f"train.sharding_constraints.{name}: no such table (tables: {sorted(declared)})")

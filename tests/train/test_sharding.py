@@ -287,3 +287,12 @@ def test_all_to_all_precision_codecs():
         assert codecs.forward.quantized_dtype == codecs.backward.quantized_dtype == torch.float16
     sharder = sharders_for("cpu", comm_precision="fp16")[0]
     assert "POOLED_EMBEDDINGS_ALL_TO_ALL" in sharder.qcomm_codecs_registry
+
+
+@pytest.mark.parametrize("mode", ["none", "random"])
+def test_text_table_constraints_survive_other_text_modes(mode):
+    """amazon_sr.yaml places its frozen text tables; overridden to another text mode (the ablations) it still loads,
+    and the text constraints are simply unused."""
+    spec = load_spec(AMAZON, [f"text.mode={mode}"])
+    assert "text_items" in spec.train.sharding_constraints
+    assert set(constraints_from_spec(spec, "cpu", 2)) == set(AMAZON_ROWS)
