@@ -165,6 +165,9 @@ class BatchLoader:
         self.window_chunks = max(1, spec.train.shuffle_buffer_row_groups)
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
+        if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
+            log.warning("%s: skipped bad rows %s (listed in the prepared folder's quarantine/)", self.path,
+                        self.bad_row_counts)
 
     # -- validity pre-pass (cached) ------------------------------------------------------------------------
     def _validity(self) -> Tuple[np.ndarray, np.ndarray]:

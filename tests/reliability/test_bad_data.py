@@ -47,11 +47,18 @@ def _args(prepared: Path, tmp_path: Path, raw: Path, **extra) -> list:
         "train.checkpoint_every_steps": 0, **extra})]
 
 
+def _prepare_then(name: str, args: list):
+    """`prepare_data.py` then job `name` with the same arguments, as a user runs them (the job reads the resolved
+    schema that prepare writes for this spec); prepare's result where it already fails."""
+    prepared = job("prepare_data.py", args)
+    return prepared if prepared.returncode != 0 else job(name, args)
+
+
 def test_bad_rows_are_quarantined_counted_and_skipped(ml_prepared, tmp_path):
     raw = _raw_copy(ml_prepared, tmp_path / "raw", _with_bad_rows)
-    proc = job("pretrain.py", _args(ml_prepared, tmp_path, raw))
+    proc = _prepare_then("pretrain.py", _args(ml_prepared, tmp_path, raw))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "bad {'label_not_0_1': 3, 'unknown_domain': 1}" in proc.stderr  # per-reason counts in the log
+    assert "skipped bad rows {'label_not_0_1': 3, 'unknown_domain': 1}" in proc.stderr  # per-reason counts
     q = tmp_path / "prepared" / "quarantine" / "train.jsonl"
     rows = [json.loads(ln) for ln in q.read_text().splitlines()]
     assert {(r["row"], r["reason"]) for r in rows} == (
@@ -62,7 +69,7 @@ def test_bad_rows_are_quarantined_counted_and_skipped(ml_prepared, tmp_path):
 
 def test_too_many_bad_rows_abort_with_summary(ml_prepared, tmp_path):
     raw = _raw_copy(ml_prepared, tmp_path / "raw", _with_bad_rows)
-    proc = job("pretrain.py", _args(ml_prepared, tmp_path, raw, **{"data.max_bad_fraction": "0.00001"}))
+    proc = _prepare_then("pretrain.py", _args(ml_prepared, tmp_path, raw, **{"data.max_bad_fraction": "0.00001"}))
     assert_clean_error(proc, str(raw / "train.parquet"), "4/", "label_not_0_1=3", "unknown_domain=1",
                        "data.max_bad_fraction=1e-05", "quarantine")
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))  # stopped before training
@@ -75,6 +82,6 @@ def test_too_many_bad_rows_abort_with_summary(ml_prepared, tmp_path):
 ])
 def test_wrong_schema_stops_before_training(ml_prepared, tmp_path, edit, needles):
     raw = _raw_copy(ml_prepared, tmp_path / "raw", edit)
-    proc = job("pretrain.py", _args(ml_prepared, tmp_path, raw))
+    proc = _prepare_then("pretrain.py", _args(ml_prepared, tmp_path, raw))
     assert_clean_error(proc, str(raw / "train.parquet"), *needles)
     assert not list((tmp_path / "run").glob("checkpoints/step_*"))
