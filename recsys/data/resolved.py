@@ -39,7 +39,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
 
 def schema_fingerprint(spec: Spec) -> str:
     """16 hex digits over the spec fields that decide the schema's content (not dims, lengths or training)."""
-    data = spec.data.model_dump(mode="json", exclude={"row_filter", "max_bad_fraction", "prepared_dir"})
+    # where the raw files live is left out: a checkpoint's manifest holds the resolved (absolute) raw_dir while the
+    # YAML may say it relative, and both must find the same schema; what the files held is guarded by the schema's
+    # content hash (`sha256`), which checkpoints record and compare
+    data = spec.data.model_dump(mode="json", exclude={"row_filter", "max_bad_fraction", "prepared_dir", "raw_dir"})
     feats = [{k: v for k, v in f.model_dump(mode="json").items() if k in
               ("kind", "name", "column", "source", "separator", "table", "transform", "boundaries",
                         "text_table", "sequence")}

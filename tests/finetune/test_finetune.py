@@ -39,6 +39,10 @@ def runs(tiny_overrides, tmp_path_factory):
     pre_spec = tmp / "movielens_pre.yaml"
     pre_spec.write_text(yaml.safe_dump(raw, sort_keys=False))
     pre, ft = tmp / "pre", tmp / "ft"
+    # a spec of its own has a resolved schema of its own: prepare it first, as a user does (cheap: the rows and
+    # vocabularies of the shared prepared folder are reused)
+    res = _job("prepare_data.py", pre_spec, tiny_overrides(f"train.output_dir={pre}"), env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
     res = _job("pretrain.py", pre_spec, tiny_overrides(f"train.output_dir={pre}", "train.max_steps=30"), env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     preds = tmp / "ft_test.npy"
