@@ -216,7 +216,9 @@ def test_plan_cli_without_vocab_sizes_is_a_clear_error(tmp_path):
     with pytest.raises(DataError) as info:
         _plan_job().rows_for(spec)
     msg = str(info.value)
-    assert "\n" not in msg and str(tmp_path / "empty" / "vocab") in msg and "jobs/prepare_data.py" in msg
+    # the model reads table sizes from the resolved schema prepare writes: the missing file is that schema
+    assert "\n" not in msg and str(tmp_path / "empty" / "resolved") in msg and "schema.json" in msg
+    assert "jobs/prepare_data.py" in msg
 
 
 def test_plan_cli_takes_bucket_counts_without_prepared_data(tmp_path):
