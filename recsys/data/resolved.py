@@ -23,18 +23,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from recsys.errors import DataError
+from recsys.fileio import sha256_file
 from recsys.spec.config import Spec
 
 SCHEMA_FILE = "schema.json"
 FORMAT = 1
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def schema_fingerprint(spec: Spec) -> str:

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from recsys.data.resolved import ResolvedSchema, load_schema, sha256_file
+from recsys.data.resolved import ResolvedSchema, load_schema
+from recsys.fileio import sha256_file
 from recsys.errors import RecsysError
 from recsys.spec.config import Spec
 

@@ -28,7 +28,8 @@ def encoder_reference(spec: Spec) -> Optional[Dict[str, Any]]:
     """What serving needs to re-create the spec's text encoder (None unless text mode llm)."""
     if spec.text.mode != "llm":
         return None
-    from recsys.text.model_source import PACKAGE_DISTRIBUTIONS, PACKAGE_PREFIX, model_identity, sha256_file, \
+    from recsys.fileio import sha256_file
+    from recsys.text.model_source import PACKAGE_DISTRIBUTIONS, PACKAGE_PREFIX, model_identity, \
         weight_files
     from recsys.text.pipeline import model_dir
     from recsys.text.paths import model_location

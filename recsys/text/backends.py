@@ -30,7 +30,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from recsys.errors import DataError
-from recsys.text.model_source import sha256_file, write_text_atomic
+from recsys.fileio import sha256_file, write_text_atomic
 
 log = logging.getLogger("recsys.text.backends")
 

@@ -38,7 +38,7 @@ from typing import Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from recsys.errors import DataError
-from recsys.text.model_source import sha256_file, write_text_atomic
+from recsys.fileio import sha256_file, write_text_atomic
 
 log = logging.getLogger("recsys.text.cache")
 

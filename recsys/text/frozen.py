@@ -29,8 +29,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, Iterator, Optional
@@ -38,6 +36,7 @@ from typing import Callable, Dict, Iterator, Optional
 import numpy as np
 
 from recsys.errors import DataError
+from recsys.fileio import sha256_file, write_bytes_atomic
 from recsys.spec.config import Spec
 
 log = logging.getLogger("recsys.text.frozen")
@@ -119,28 +118,6 @@ class FrozenText:
 
 
 # ------------------------------------------------------------------------------------------------------ storage
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _npy_bytes(array: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.save(buf, array, allow_pickle=False)
@@ -167,7 +144,7 @@ def save_projection(folder: Path, projection: TextProjection) -> Path:
         if projection.basis is not None:
             arrays["basis"] = projection.basis
         np.savez(buf, **arrays)
-        _write_atomic(path, buf.getvalue())
+        write_bytes_atomic(path, buf.getvalue())
     return path
 
 
@@ -185,9 +162,9 @@ def load_projection(path: Path) -> TextProjection:
 
 def _save_table(path: Path, rows: np.ndarray) -> None:
     data = _npy_bytes(rows)
-    _write_atomic(path, data)
+    write_bytes_atomic(path, data)
     meta = {"shape": list(rows.shape), "dtype": str(rows.dtype), "sha256": hashlib.sha256(data).hexdigest()}
-    _write_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
+    write_bytes_atomic(path.with_suffix(".json"), json.dumps(meta).encode())
 
 
 def _load_table(path: Path) -> np.ndarray:
@@ -201,7 +178,7 @@ def _load_table(path: Path) -> np.ndarray:
     if list(rows.shape) != meta.get("shape") or str(rows.dtype) != meta.get("dtype"):
         raise DataError(f"{path}: holds {rows.dtype}{list(rows.shape)}, its .json says {meta.get('dtype')}"
                         f"{meta.get('shape')}; delete both to rebuild")
-    if _sha256(path) != meta.get("sha256"):
+    if sha256_file(path) != meta.get("sha256"):
         raise DataError(f"{path}: checksum mismatch (modified or truncated); delete it and its .json to rebuild")
     return rows
 
@@ -259,7 +236,7 @@ def frozen_text_tables(spec: Spec, projection: Optional[TextProjection] = None,
             else:
                 projection = fit_projection({n: raw_of(n) for n in names}, spec.text.reduce_dim)
                 save_projection(root, projection)
-                _write_atomic(pointer, json.dumps({"id": projection.id, "reduce_dim": spec.text.reduce_dim,
+                write_bytes_atomic(pointer, json.dumps({"id": projection.id, "reduce_dim": spec.text.reduce_dim,
                                                    "tables": contents}, indent=1).encode())
                 log.info("text projection %s fitted: width %d -> %d", projection.id, projection.width,
                          projection.dim)

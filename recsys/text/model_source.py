@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from recsys.errors import DataError
+from recsys.fileio import sha256_file, write_text_atomic
 
 log = logging.getLogger("recsys.text.model_source")
 
@@ -43,17 +44,6 @@ _process_memo: Dict[tuple, str] = {}
 
 
 # ----------------------------------------------------------------------------------------------------- hashing
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
-            if not block:
-                break
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_stamp(path: Path) -> tuple:
     st = path.stat()
     return (str(path.resolve()), st.st_size, st.st_mtime_ns)
@@ -115,19 +105,6 @@ def model_identity(model_dir: Path, memo_path: Optional[Path] = None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------- atomic files
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 # ------------------------------------------------------------------------------------------------- package models
 def package_zip(package: str) -> Path:
     """Path of `model.zip` inside an installed package, found without importing it (its import prints)."""

@@ -12,7 +12,6 @@ detect damage; they cannot tell who wrote the folder (whoever can write the shar
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -27,6 +26,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from recsys.errors import CheckpointError
+from recsys.fileio import sha256_file
 from recsys.train import safe_dcp
 
 log = logging.getLogger("recsys.train.checkpoint")
@@ -41,16 +41,8 @@ def _file_sizes(folder: Path) -> Dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _file_digests(folder: Path) -> Dict[str, Dict[str, Any]]:
-    return {name: {"bytes": size, "sha256": _sha256(folder / name)} for name, size in _file_sizes(folder).items()}
+    return {name: {"bytes": size, "sha256": sha256_file(folder / name)} for name, size in _file_sizes(folder).items()}
 
 
 # verify() runs several times per load (latest_good, resume, load): a file whose size and mtime are unchanged since
@@ -138,7 +130,7 @@ def verify(folder: Path) -> Dict[str, Any]:
         stamp = (st.st_size, st.st_mtime_ns, digest)
         if _verified.get(str(p)) == stamp:
             continue
-        if _sha256(p) != digest:
+        if sha256_file(p) != digest:
             raise CheckpointError(f"{p}: damaged (sha256 differs from the manifest's; the file changed after the "
                                   f"save)")
         _verified[str(p)] = stamp
