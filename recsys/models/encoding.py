@@ -21,12 +21,12 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 from torch import nn
-from torch.fx._symbolic_trace import is_fx_tracing
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
 from recsys.data.features import sequence_keys, table_of_key, text_kjt_keys
 from recsys.models.attention import target_attention
+from recsys.models.fx import fx_tracing
 from recsys.models.precision import dense_autocast
 from recsys.spec.config import Spec, TextFeature
 
@@ -136,7 +136,7 @@ class PooledLayout:
 
     def split(self, pooled, detach: bool = False) -> Dict[str, torch.Tensor]:
         """Feature (or whole contiguous sequence) name -> its pooled vectors."""
-        if is_fx_tracing():
+        if fx_tracing():
             # TorchRec's train pipeline fx-traces forward only to find the EBC's inputs (the traced graph is never
             # run); the key order is not known to a Proxy, so trace the plain per-key path
             d = pooled.to_dict()
@@ -304,7 +304,7 @@ class UserQueryItemEncoder(nn.Module):
         """A frozen table's chunk: detached, but bags whose rows are all fresh (never updated in pretraining) keep
         their gradient, so those rows train while every pretrained row stays exactly as it was."""
         fresh = self.fresh_rows.get(self.chunk_table[name])
-        if fresh is None or kjt is None or is_fx_tracing():
+        if fresh is None or kjt is None or fx_tracing():
             return v.detach()
         if fresh.device != v.device:
             fresh = self.fresh_rows[self.chunk_table[name]] = fresh.to(v.device)
@@ -350,6 +350,9 @@ class UserQueryItemEncoder(nn.Module):
         from recsys.text.frozen import project_vectors
 
         weight = self.text_ebc.embedding_bags[text_table_name(table)].weight
+        if weight.dtype == torch.uint8:  # serving's fused inference tables (recsys.serving.quantize): fp32 rows
+            # stored as bytes
+            weight = weight.view(torch.float32)[:, :self.text_dim]
         projected = project_vectors(values, self.text_projection.to_projection())
         weight[rows] = torch.from_numpy(projected).to(weight.dtype)
 
@@ -402,7 +405,7 @@ class UserQueryItemEncoder(nn.Module):
             target = feats[f.target] if f.target else _masked_mean(hist, mask)
             q = self.seq_query[f.name](target)
             scale = 1.0 / math.sqrt(hist.shape[-1])
-            raw, attended, mean = target_attention(hist, q, mask, scale, fused=not is_fx_tracing())
+            raw, attended, mean = target_attention(hist, q, mask, scale, fused=not fx_tracing())
             scores = raw * scale
             add(f.side, "id", attended)
             add(f.side, "id", mean)
@@ -427,7 +430,7 @@ class UserQueryItemEncoder(nn.Module):
                     tgt = self.text_targets.get(f.name)
                     if tgt is not None:
                         cos, attended, mean = target_attention(v, vectors[tgt], mask, self.text_temperature,
-                                                               fused=not is_fx_tracing())  # cos [B, L]
+                                                               fused=not fx_tracing())  # cos [B, L]
                         add(side, "text", attended)
                         has = mask.any(1)
                         interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),
@@ -438,7 +441,7 @@ class UserQueryItemEncoder(nn.Module):
                         mean = _masked_mean(v, mask)
                     add(side, "text", mean)
 
-        with dense_autocast(self.precision, self.text_temperature):
+        with dense_autocast(self.precision, self.text_temperature, training=self.training):
             aspects = {
                 side: torch.stack([self.proj[f"{side}_{a}"](torch.cat(parts[(side, a)], dim=1)) for a in names],
                                   dim=1)

@@ -100,7 +100,9 @@ class SRFoundationModel(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc = self.l0(batch)
-        with dense_autocast(self.precision, self.l2.heads.b):
+        # bf16 is a training-speed setting; evaluation and scoring run fp32 so that evaluate, a bundle's score and
+        # the online service give the same numbers on every machine (auto picks bf16 only on some CPUs).
+        with dense_autocast(self.precision, self.l2.heads.b, training=self.training):
             fused = self.l1(enc.aspects, batch.domain)
             logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
         return ModelOutput(logits.float(), reg.float(), z.float())

@@ -6,7 +6,9 @@ On CPUs with AVX512-BF16 or AMX (and on GPUs with bf16 units) a bf16 GEMM of the
 fp32; on a CPU without them (AVX2, plain AVX512) oneDNN emulates it and it is ~100x *slower*. So `auto` (the
 default) picks bf16 only where the device runs it natively and fp32 elsewhere; an explicit setting is honoured.
 The history attention is left in fp32 because casting its [B, L, D] inputs costs more than its small products
-save, and the cosine interactions that carry cold items keep full precision."""
+save, and the cosine interactions that carry cold items keep full precision. The setting applies to training
+steps only: a model in eval mode (validation, evaluate, score, serving) always runs fp32, so its predictions do not
+depend on which CPU trained or evaluates it."""
 from __future__ import annotations
 
 import contextlib
@@ -14,9 +16,9 @@ import functools
 from typing import Tuple
 
 import torch
-from torch.fx._symbolic_trace import is_fx_tracing
 
 from recsys import hardware
+from recsys.models.fx import fx_tracing
 
 
 def bf16_native(device_type: str) -> Tuple[bool, str]:
@@ -50,11 +52,12 @@ def effective_precision(setting: str, device_type: str) -> str:
     return resolve_precision(setting, device_type)[0]
 
 
-def dense_autocast(precision: str, like: torch.Tensor):
+def dense_autocast(precision: str, like: torch.Tensor, training: bool):
     """Autocast context for the dense layers; `like` is any parameter of the model (its device picks the autocast
-    backend and, for `auto`, the precision). While TorchRec's train pipeline fx-traces forward (only to find the
-    embedding modules' inputs; the traced graph is not run) parameters are proxies, so no autocast is entered."""
-    if precision == "fp32" or is_fx_tracing():
+    backend and, for `auto`, the precision); `training` is the calling module's mode (eval mode runs fp32). While
+    TorchRec's train pipeline fx-traces forward (only to find the embedding modules' inputs; the traced graph is not
+    run) parameters are proxies, so no autocast is entered."""
+    if precision == "fp32" or not training or fx_tracing():
         return contextlib.nullcontext()
     if effective_precision(precision, like.device.type) != "bf16":
         return contextlib.nullcontext()

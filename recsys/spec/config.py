@@ -212,8 +212,9 @@ class EncoderSpec(StrictModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # how the model is run (docs/text_encoding.md): `torch` fp32 is the reference; `onnx` is ONNX Runtime fp32 and
     # `onnx-int8` ONNX Runtime with int8 weights and dynamically quantised activations (CPU; several times faster,
-    # other numerics: its own cache entries); `torch-int8` is PyTorch's dynamic int8 (torch.ao).
-    backend: Literal["torch", "torch-int8", "onnx", "onnx-int8"] = "torch"
+    # other numerics: its own cache entries); `torch-int8` is PyTorch's dynamic int8 (torch.ao); `torch-bf16` runs
+    # the model in bfloat16 where the device has native bf16 (refused elsewhere: emulated bf16 is far slower).
+    backend: Literal["torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8"] = "torch"
     # texts encoded together and stored as one cache part: the unit of resuming and of sharding over ranks
     chunk_size: int = Field(default=4096, gt=0)
 
@@ -285,6 +286,7 @@ class TrainSpec(StrictModel):
     # dense-layer compute precision: bf16 autocasts the dense matmuls (fp32 weights, tables and optimiser state;
     # see recsys/models/precision.py): ~4.6x faster GEMMs where bf16 is native (AVX512-BF16, AMX, GPUs), ~100x
     # slower where it is emulated (AVX2). `auto` picks bf16 only where it is native and logs which and why.
+    # Training steps only: evaluation and serving always run fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     # precision of the pooled embeddings (forward) and their gradients (backward) in the sharded all-to-all:
     # fp16/bf16 halve its bytes (TorchRec quantized comms; gloo has no bf16 codec, so bf16 is sent as fp16 on CPU)

@@ -45,17 +45,18 @@ def test_auto_model_runs_fp32_on_a_cpu_without_native_bf16(monkeypatch, tiny_spe
     from recsys.data.loader import BatchLoader
 
     _fake_cpu(monkeypatch, "AVX2")
-    auto, fp32 = tiny_spec(), tiny_spec("train.precision=fp32")
+    # dropout off: precision applies to training steps, so the models are compared in train mode (no_grad)
+    auto, fp32 = tiny_spec("model.dropout=0"), tiny_spec("train.precision=fp32", "model.dropout=0")
     assert auto.train.precision == "auto"  # the default
     torch.manual_seed(0)
     task_fp32 = TrainTask(build_model(fp32, torch.device("cpu")), fp32)
     task_auto = TrainTask(build_model(auto, torch.device("cpu")), auto)
     task_auto.load_state_dict(task_fp32.state_dict())
-    task_fp32.eval(), task_auto.eval()
     batch = next(iter(BatchLoader(fp32, "train", batch_size=64, shuffle=False)))
-    assert torch.equal(task_auto.model(batch).logits, task_fp32.model(batch).logits)
-    _fake_cpu(monkeypatch, "AVX512", ("avx512_bf16",))  # the same spec on a bf16-native CPU autocasts
-    assert not torch.equal(task_auto.model(batch).logits, task_fp32.model(batch).logits)
+    with torch.no_grad():
+        assert torch.equal(task_auto.model(batch).logits, task_fp32.model(batch).logits)
+        _fake_cpu(monkeypatch, "AVX512", ("avx512_bf16",))  # the same spec on a bf16-native CPU autocasts
+        assert not torch.equal(task_auto.model(batch).logits, task_fp32.model(batch).logits)
 
 
 def test_hardware_description_names_the_machine():
