@@ -196,6 +196,12 @@ def main(argv=None) -> int:
         backends.insert(0, REFERENCE)
     if args.device == "cuda":
         backends = [b for b in backends if b != "torch-int8"]  # CPU-only kernels
+    from recsys.models.precision import bf16_native
+
+    native, why = bf16_native(args.device)
+    if "torch-bf16" in backends and not native:  # the encoder refuses it there (emulated bf16 is far slower)
+        print(f"torch-bf16 skipped: {why}", file=sys.stderr)
+        backends = [b for b in backends if b != "torch-bf16"]
     out = Path(args.out) if args.out else common.RESULTS / ("text_encode_quick.json" if args.quick else
                                                            "text_encode.json")
     import torch

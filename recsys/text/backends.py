@@ -6,6 +6,8 @@ than the reference computes other numbers, so its name is part of the cache key 
 vectors of different backends never mix.
 
 - `torch`: transformers' model in fp32 on CPU or CUDA.
+- `torch-bf16`: the same model with bfloat16 weights and activations (outputs returned as float32), only where the
+  device runs bf16 natively (AVX512-BF16 / AMX CPUs, GPUs with bf16 units): emulated bf16 is far slower than fp32.
 - `torch-int8`: `torch.ao.quantization.quantize_dynamic` on every Linear (int8 weights per tensor, activations
   quantised per batch at run time; fbgemm kernels, CPU only).
 - `onnx`: the model exported once with `torch.onnx.export` and run by ONNX Runtime (graph fusions: attention,
@@ -34,7 +36,7 @@ from recsys.fileio import sha256_file, write_text_atomic
 
 log = logging.getLogger("recsys.text.backends")
 
-BACKENDS = ("torch", "torch-int8", "onnx", "onnx-int8")
+BACKENDS = ("torch", "torch-bf16", "torch-int8", "onnx", "onnx-int8")
 ONNX_OPSET = 17
 # Bump when the export or quantisation recipe changes: it names the derived files (other recipe, other file).
 ONNX_RECIPE = 2

@@ -77,6 +77,12 @@ class TextEncoder:
         self.device = pick_device(device)
         if self.backend == "torch-int8" and self.device != "cpu":
             raise DataError("text.encoder.backend: torch-int8 runs on CPU only (set text.encoder.device: cpu)")
+        if self.backend == "torch-bf16":
+            from recsys.models.precision import bf16_native
+
+            native, why = bf16_native(self.device.split(":")[0])
+            if not native:
+                raise DataError(f"text.encoder.backend: torch-bf16 needs native bf16 ({why}); use torch or onnx-int8")
 
         def load_model():
             try:
@@ -94,10 +100,12 @@ class TextEncoder:
             raise DataError(f"text.encoder.max_length: {self.max_length} exceeds the model's "
                             f"max_position_embeddings ({limit})")
         self.model = None  # the torch module (torch backends only)
-        if self.backend in ("torch", "torch-int8"):
+        if self.backend in ("torch", "torch-bf16", "torch-int8"):
             model = load_model()
             if self.backend == "torch-int8":
                 model = backends.torch_int8_model(model)
+            elif self.backend == "torch-bf16":
+                model = model.to(torch.bfloat16)
             self.model = model.to(self.device)
             self._run = backends.torch_runner(self.model, self.device)
         else:

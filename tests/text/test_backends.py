@@ -85,3 +85,20 @@ def test_benchmark_quick_mode(tmp_path, tiny_bert):
     assert all(r["texts_per_s"] > 0 and r["cosine_min"] >= 0.99 for r in result["rows"])
     assert result["machine"]["capability"] and result["machine"]["commit"]
     assert out.with_suffix(".png").stat().st_size > 0 and "| encoder |" in out.with_suffix(".md").read_text()
+
+
+def test_torch_bf16_is_close_where_native_and_refused_where_emulated(tiny_bert, monkeypatch):
+    from recsys.models import precision
+
+    monkeypatch.setattr(precision, "bf16_native", lambda device: (True, "test: native"))
+    texts = _texts()
+    ref = TextEncoder(tiny_bert, max_length=32, batch_size=8, device="cpu", backend="torch").encode(texts)
+    bf16 = TextEncoder(tiny_bert, max_length=32, batch_size=8, device="cpu", backend="torch-bf16")
+    assert next(bf16.model.parameters()).dtype.is_floating_point and str(next(bf16.model.parameters()).dtype) == \
+        "torch.bfloat16"
+    vecs = bf16.encode(texts)
+    assert vecs.dtype == np.float32 and not np.array_equal(vecs, ref)  # it did run in bf16
+    assert np.sum(vecs * ref, axis=1).min() >= 0.99
+    monkeypatch.setattr(precision, "bf16_native", lambda device: (False, "CPU X has no AVX512-BF16/AMX"))
+    with pytest.raises(DataError, match="torch-bf16 needs native bf16 .CPU X"):
+        TextEncoder(tiny_bert, max_length=32, device="cpu", backend="torch-bf16")
