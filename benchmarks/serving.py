@@ -219,7 +219,8 @@ def markdown(report: Dict[str, Any]) -> str:
              f"from `{s['rows']}`. Machine: {m['nproc']} x {m['cpu_model']}, torch CPU capability "
              f"`{m['cpu_capability']}`, commit `{m['commit']}`, {m['date']}, 1-min load average at start "
              f"{m['load_avg_1min']:.1f} (at end {report['load_avg_end']:.1f}); server and load generator share the "
-             f"cores.", "",
+             f"cores. Server: `jobs/serve.py{(' ' + s['server_args']) if s['server_args'] else ''}` "
+             f"({report.get('server', '?')}).", "",
              f"Batch-inference rate R (`Ranker.score_table`, this run): **{R:,.0f} samples/s**.", "",
              common.markdown_table(["path", "requests", "p50 ms", "p95 ms", "p99 ms", "candidates/s"], rows), "",
              "| goal | target | measured | met |", "|---|---|---|---|"]
@@ -280,6 +281,8 @@ def main(argv=None) -> int:
     finally:
         proc.terminate()
         proc.wait(60)
+    server = next((ln[ln.index("(") + 1:ln.rindex(")")] for ln in log.read_text().splitlines()
+                   if ln.startswith("listening on") and "(" in ln), "?")  # e.g. "2 worker(s) x 1 torch thread(s)"
     one = next((r for r in http_rows if r["clients"] == 1), None)
     eight = next((r for r in http_rows if r["clients"] == 8), None)
     sat = max(r["candidates_per_s"] for r in http_rows)
@@ -296,7 +299,7 @@ def main(argv=None) -> int:
     report = {"bundle": str(args.bundle), "bundle_quantize": _quantize(args.bundle), "machine": machine,
               "settings": {"candidates": args.candidates, "clients": clients, "seconds": seconds, "quick": args.quick,
                            "rows": str(args.rows), "server_args": args.server_args},
-              "batch_rate_R": R, "in_process": ip, "http": http_rows, "goals": goals,
+              "server": server, "batch_rate_R": R, "in_process": ip, "http": http_rows, "goals": goals,
               "load_avg_end": common.load_average()}
     common.write_json(out.with_suffix(".json"), report)
     out.with_suffix(".md").write_text(markdown(report))

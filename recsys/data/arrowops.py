@@ -77,13 +77,19 @@ class KeyIndex:
         for ch in chunks:
             uniq = ch.dictionary.to_pylist()
             pos = np.fromiter((get(v, missing) for v in uniq), dtype=np.int64, count=len(uniq))
-            idx = ch.indices.to_numpy(zero_copy_only=False) if ch.null_count == 0 else \
-                pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False)
-            out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
-            if ch.null_count:
-                out[idx < 0] = missing
-            parts.append(out)
+            parts.append(_through_indices(ch, pos, missing))
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _through_indices(chunk: pa.DictionaryArray, pos: np.ndarray, missing: int) -> np.ndarray:
+    """Per-row positions of a dictionary-encoded chunk from `pos`, the position of each dictionary value; null rows
+    (and every row of an empty dictionary) get `missing`."""
+    idx = chunk.indices.to_numpy(zero_copy_only=False) if chunk.null_count == 0 else \
+        pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
+    out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
+    if chunk.null_count:
+        out[idx < 0] = missing
+    return out
 
 
 def lookup(arr: ArrayLike, keys: Union[pa.Array, KeyIndex], missing: int = -1) -> np.ndarray:
@@ -98,12 +104,7 @@ def lookup(arr: ArrayLike, keys: Union[pa.Array, KeyIndex], missing: int = -1) -
         if pa.types.is_dictionary(ch.type):
             pos = _per_dictionary(ch.dictionary, ("lookup", keys, missing),
                                   lambda d: lookup(d, keys, missing))
-            idx = ch.indices.to_numpy(zero_copy_only=False) if ch.null_count == 0 else \
-                pc.fill_null(ch.indices, -1).to_numpy(zero_copy_only=False)
-            out = pos[np.maximum(idx, 0)] if len(pos) else np.full(len(idx), missing, dtype=np.int64)
-            if ch.null_count:
-                out[idx < 0] = missing
-            parts.append(out)
+            parts.append(_through_indices(ch, pos, missing))
         else:
             r = pc.index_in(as_strings(ch), value_set=keys)
             parts.append(pc.fill_null(r, missing).to_numpy(zero_copy_only=False).astype(np.int64))

@@ -225,8 +225,12 @@ def create_app(ranker: Ranker, max_body_bytes: int = DEFAULT_MAX_BODY,
 
 def app_from_env() -> FastAPI:
     """uvicorn factory for `--workers N` (each worker process loads the bundle named by $RECSYS_BUNDLE)."""
+    from recsys.logs import setup_logging
+
+    setup_logging(verbose=os.environ.get("RECSYS_VERBOSE", "0") == "1")  # a worker starts with no log handlers
     setup_access_log(enabled=os.environ.get("RECSYS_ACCESS_LOG", "1") == "1")
     ranker = Ranker.load(os.environ["RECSYS_BUNDLE"],
                          max_candidates=int(os.environ.get("RECSYS_MAX_CANDIDATES", "1000")),
                          threads=int(os.environ.get("RECSYS_THREADS", "0")) or None)
-    return create_app(ranker, max_body_bytes=int(os.environ.get("RECSYS_MAX_BODY", str(DEFAULT_MAX_BODY))))
+    return create_app(ranker, max_body_bytes=int(os.environ.get("RECSYS_MAX_BODY", str(DEFAULT_MAX_BODY))),
+                      max_batch_rows=int(os.environ.get("RECSYS_MAX_BATCH_ROWS", str(DEFAULT_MAX_BATCH_ROWS))))
