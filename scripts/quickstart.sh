@@ -15,7 +15,8 @@ NPROC=${NPROC:-$(PYTHONPATH=. $PY -c "from recsys.train.dist import recommended_
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( $(nproc) / NPROC > 0 ? $(nproc) / NPROC : 1 ))}
 $PY jobs/prepare_data.py --spec "$SPEC"
 $PY jobs/encode_text.py --spec "$SPEC"
-.venv/bin/torchrun --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume
+# torchrun through recsys.launch: same options, but a bad spec is one line and exit 2, no launcher traceback
+$PY -m recsys.launch --standalone --nproc_per_node="$NPROC" jobs/pretrain.py --spec "$SPEC" --resume
 $PY jobs/evaluate.py --spec "$SPEC" --checkpoint "$RUN" --split test --out "$RUN/test_metrics.json"
 $PY jobs/export.py --spec "$SPEC" --checkpoint "$RUN" --out bundles/movielens --force
 $PY jobs/rank.py --bundle bundles/movielens --request docs/examples/movielens_request.json
