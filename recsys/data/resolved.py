@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from recsys.errors import DataError
 from recsys.fileio import sha256_file
 from recsys.spec.config import Spec
+from recsys.spec.loader import job_command
 
 SCHEMA_FILE = "schema.json"
 FORMAT = 1
@@ -159,14 +160,10 @@ def schema_for(spec: Spec) -> ResolvedSchema:
     hit = _LOADED.get(key)
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    schema = load_schema(folder, hint=f"; run `python jobs/prepare_data.py --spec {_spec_arg(spec)}` first")
+    # the hint carries the user's --set overrides: domains, columns or folders they change move the schema
+    schema = load_schema(folder, hint=f"; run `{job_command(spec, 'prepare_data.py')}` first")
     _LOADED[key] = (stamp, schema)
     return schema
-
-
-def _spec_arg(spec: Spec) -> str:
-    src = getattr(spec, "_source_path", None)
-    return str(src) if src else "<spec>"
 
 
 def check_checkpoint_schema(spec_schema: ResolvedSchema, recorded: Optional[str], where: str) -> None:

@@ -68,10 +68,7 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool 
         # the token ids
         from recsys.models.build import text_tables_for
 
-        try:
-            text = text_tables_for(spec)
-        except DataError as e:
-            raise DataError(f"{e} (build text vectors with `{job_command(spec, 'encode_text.py')}`)")
+        text = text_tables_for(spec)  # a missing cache says which job to run, with the user's --set overrides
         lines.append("text tables: " + ", ".join(f"{n}={tuple(a.shape)}" for n, a in text.items()))
         if spec.text.mode == "llm" and text:
             text_rows = {n: int(a.shape[0]) for n, a in text.items()}

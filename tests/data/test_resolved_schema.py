@@ -49,3 +49,11 @@ def test_schema_files_are_verified_and_checkpoints_checked(ml_prepared, tmp_path
     check_checkpoint_schema(schema, None, "ckpt")  # checkpoints from before the schema existed
     with pytest.raises(DataError, match="ckpt: trained with resolved schema"):
         check_checkpoint_schema(schema, "0" * 64, "ckpt")
+
+
+def test_missing_schema_hint_repeats_the_users_overrides(ml_prepared):
+    """The --set overrides decide the schema (here a vocabulary cut-off): the prepare command in the error must carry
+    them, or running it prepares another schema and the job fails again."""
+    spec = load_spec(ML, [f"data.prepared_dir={ml_prepared}", "tables.genre.min_count=777"])
+    with pytest.raises(DataError, match=r"jobs/prepare_data.py --spec \S*movielens.yaml .*tables.genre.min_count=777"):
+        schema_for(spec)
