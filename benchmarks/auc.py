@@ -48,6 +48,7 @@ VARIANTS: Dict[str, List[str]] = {
     "tower_mmoe": ["model.tower=mmoe"],
     "tower_ple": ["model.tower=ple"],
     "tower_star": ["model.tower=star"],
+    # (The committed peer_config rows were measured before 2026-12-01, with the 256-128 tower.)
     # Our model at the public peers' configuration (benchmarks/common.py: dim 16, mean-pooled history, shared-bottom,
     # no text), at the throughput benchmark's default global batch and at the batch where it meets the speed goal:
     # what that speed costs in AUC, next to the peers' reference row. amazon-sr only; not in the default run order.

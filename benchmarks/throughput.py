@@ -56,9 +56,9 @@ CONFIGS: Dict[str, tuple] = {
     "peer_epnet": ("peer", "train", 1, "epnet"),
     "peer_sharedbottom": ("peer", "train", 1, "sharedbottom"),
     "tr_peer_train_1_prebuilt": ("torchrec", "train", 1, "peer"),
-    # information, not the goal: the peers' configuration at the peers' own tower width (SharedBottom's bottom is
-    # one 128-wide layer; ours is 256-128, 3x the tower FLOPs of EPNet's 128-64-32 MLP)
-    "tr_peer128_train_1_prebuilt": ("torchrec", "train", 1, "peer", ["model.hidden=[128]"]),
+    # information, not the goal: the peers' configuration with the default spec's wider tower (256-128, 3x the
+    # tower FLOPs of EPNet's 128-64-32 MLP; the peers' configuration until 2026-12-01)
+    "tr_peer256_train_1_prebuilt": ("torchrec", "train", 1, "peer", ["model.hidden=[256,128]"]),
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
     "tr_full_train_1": ("torchrec", "train", 1, "full"),
@@ -76,9 +76,9 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_infer_2": ("torchrec", "infer", 2, "full"),
     "plain_full_infer_1": ("plain", "infer", 1, "full"),
 }
-PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer128_train_1_prebuilt"}
+PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt"}
 PREBUILT_BATCHES = 16  # batches built before the timed window of a pre-built configuration (the peers use as many)
-DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer128_train_1_prebuilt",
+DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt",
                    "tr_peer_train_1", "tr_peer_train_2", "tr_full_train_1", "tr_full_train_2", "plain_full_train_1",
                    "plain_full_train_2", "loader_1", "tr_full_infer_1"]
 QUICK_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_full_train_1",
@@ -401,7 +401,7 @@ def ratios(configs: Dict[str, Any], metric: str = "samples_per_s") -> Dict[str, 
         "peers_config_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt", fastest),
         "peers_config_with_loader_1_rank_vs_fastest_peer": over("tr_peer_train_1", fastest),
         "peers_config_with_loader_2_ranks_vs_fastest_peer": over("tr_peer_train_2", fastest),
-        "peers_config_at_peer_width_prebuilt_vs_fastest_peer": over("tr_peer128_train_1_prebuilt", fastest),
+        "peers_config_wide_tower_prebuilt_vs_fastest_peer": over("tr_peer256_train_1_prebuilt", fastest),
         "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
         "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
         "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
@@ -423,8 +423,8 @@ RATIO_LABELS = {
     "peers_config_with_loader_1_rank_vs_fastest_peer": "peers' configuration with our loader in the loop, 1 process "
                                                        "/ fastest peer (pre-built)",
     "peers_config_with_loader_2_ranks_vs_fastest_peer": "the same on 2 gloo ranks / fastest peer",
-    "peers_config_at_peer_width_prebuilt_vs_fastest_peer": "peers' configuration at the peers' tower width (hidden "
-                                                           "128), pre-built / fastest peer (information)",
+    "peers_config_wide_tower_prebuilt_vs_fastest_peer": "peers' configuration with the default spec's tower "
+                                                        "(hidden 256-128), pre-built / fastest peer (information)",
     "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
     "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
     "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",
