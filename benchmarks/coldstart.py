@@ -67,6 +67,18 @@ def run(cmd, log: Path) -> None:
     print(f"  done in {time.time() - t0:.0f}s: {log.parent.name}", flush=True)
 
 
+def set_args(sets) -> list:
+    """`--set k=v` arguments of a job's command line."""
+    return [a for s in sets for a in ("--set", s)]
+
+
+def prepared(spec: str, sets, log: Path) -> None:
+    """jobs/prepare_data.py then jobs/encode_text.py for the spec as a job will load it (the --set overrides decide
+    its resolved schema); both skip everything already up to date."""
+    for job in ("prepare_data.py", "encode_text.py"):
+        run([PY, f"jobs/{job}", "--spec", spec, *set_args(sets)], log.with_name(f"{log.stem}_{job.split('.')[0]}.txt"))
+
+
 def torchrun(nproc: int):
     return [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
 
@@ -104,9 +116,8 @@ def main() -> int:
     }
     print(f"cold-start protocol on {args.data}: held-out domain {held}, few-shot {cfg['few_shot']!r}", flush=True)
     if not (pre_dir / "train_summary.json").exists():
-        cmd = torchrun(args.nproc) + ["jobs/pretrain.py", "--spec", spec, "--resume"]
-        for s in pre_sets:
-            cmd += ["--set", s]
+        prepared(spec, pre_sets, pre_dir / "log.txt")
+        cmd = torchrun(args.nproc) + ["jobs/pretrain.py", "--spec", spec, "--resume", *set_args(pre_sets)]
         run(cmd, pre_dir / "log.txt")
     results = {}
     for name, (flags, sets) in variants.items():
@@ -114,9 +125,9 @@ def main() -> int:
         out = base / slug
         metrics_file = out / "metrics.json"
         if not metrics_file.exists():
-            cmd = torchrun(args.nproc) + ["jobs/finetune.py", "--spec", spec, "--out", str(metrics_file)] + flags
-            for s in common + sets + [f"train.output_dir={out}"]:
-                cmd += ["--set", s]
+            prepared(spec, common + sets, out / "log.txt")
+            cmd = torchrun(args.nproc) + ["jobs/finetune.py", "--spec", spec, "--out", str(metrics_file)] + flags \
+                + set_args(common + sets + [f"train.output_dir={out}"])
             run(cmd, out / "log.txt")
         results[name] = json.loads(metrics_file.read_text())
     table = render(results, held, args.data)
