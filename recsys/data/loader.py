@@ -20,8 +20,9 @@ Within a rank, rows are shuffled inside windows of `train.shuffle_buffer_row_gro
 batches, so all ranks yield the same number of batches. The sequence is a pure function of
 (seed, epoch, rank, world_size), which makes `state_dict` (epoch + batches yielded) an exact resume point.
 The pipeline (torchdata.nodes, see `_pipeline`): work items are blocks of whole batches (about MAP_BLOCK rows,
-one vectorised Arrow/numpy mapping each) -> `ParallelMapper` on `workers` threads, in order -> `Unbatcher` ->
-`PinMemory` (CUDA) -> `Prefetcher`. The batch sequence does not depend on the thread count, so the batch count in
+one vectorised Arrow/numpy mapping each) -> mapped (`ParallelMapper` on `workers` threads, in order, for 2 or more;
+a plain `Mapper` otherwise) -> `Unbatcher` -> `PinMemory` (CUDA) -> `Prefetcher` (with `prefetch` or `workers=1`:
+one worker is the Prefetcher's thread itself). The batch sequence does not depend on the thread count, so the batch count in
 `state_dict` stays the exact resume point. The training loop uses `train.loader_workers` (auto: 1 thread on CUDA,
 where the step leaves the CPU free; 0 on CPU, where the step's own threads use every core). benchmarks/loader.py
 compares this loader with the one before it, side by side.
@@ -163,6 +164,7 @@ class BatchLoader:
         self.epoch = 0
         self.batches_yielded = 0
         self.window_chunks = max(1, spec.train.shuffle_buffer_row_groups)
+        self._dropout = not self.eval_mode and any(t.id_dropout > 0 for t in spec.tables)
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
         if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
@@ -308,20 +310,23 @@ class BatchLoader:
         for b0 in range(first, total, per_block):
             yield b0, max(0, start_batch - b0), order[b0 * B: (b0 + per_block) * B]
 
-    def _map_block(self, item: Tuple[int, int, np.ndarray]) -> List[Tuple[int, Batch]]:
-        """Read and map one block (Arrow/numpy, mostly without the GIL), cut it into (batch index, Batch)."""
+    def _map_block(self, item: Tuple[int, int, np.ndarray]) -> List[Tuple[int, Arrays]]:
+        """Read and map one block (Arrow/numpy, mostly without the GIL), cut into (batch index, arrays) views."""
         b0, skip, rows = item
         arrays = self._read_rows(rows)
         B = self.batch_size
-        dropout = not self.eval_mode and any(t.id_dropout > 0 for t in self.spec.tables)
-        out = []
-        for i in range(skip, -(-len(rows) // B)):
-            b = b0 + i
-            part = {k: v[i * B:(i + 1) * B] for k, v in arrays.items()}
-            if dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
-                part = drop_ids(self.spec, part, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
-            out.append((b, assemble(self.spec, self.mapper.keys, part)))
-        return out
+        return [(b0 + i, {k: v[i * B:(i + 1) * B] for k, v in arrays.items()})
+                for i in range(skip, -(-len(rows) // B))]
+
+    def _to_batch(self, item: Tuple[int, Arrays]) -> Tuple[int, Batch]:
+        """One batch's id dropout and tensors, made when the batch is next. Assembling a whole block's batches at
+        once kept all their fresh arrays alive together, so the allocator could not reuse freed pages for the next
+        block (the padding gathers page-faulted in new memory): MovieLens epochs took 1.5-2x as long as the loader
+        before torchdata.nodes (benchmarks/loader.py, docs/cpu_speed.md)."""
+        b, part = item
+        if self._dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
+            part = drop_ids(self.spec, part, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
+        return b, assemble(self.spec, self.mapper.keys, part)
 
     def _pipeline(self, start_batch: int) -> "tn.BaseNode":
         """torchdata.nodes graph of one epoch from `start_batch`: blocks -> mapped on `workers` threads (in order)
@@ -330,14 +335,16 @@ class BatchLoader:
         import torchdata.nodes as tn
 
         node: tn.BaseNode = tn.IterableWrapper(self._blocks(start_batch))
-        if self.workers > 0:
+        if self.workers > 1:
             node = tn.ParallelMapper(node, self._map_block, num_workers=self.workers, in_order=True, method="thread")
         else:
+            # one worker is the Prefetcher's own thread (everything upstream of it runs there): a ParallelMapper
+            # of one thread would add two more threads and two queue hand-offs per block to the same work
             node = tn.Mapper(node, self._map_block)
-        node = tn.Unbatcher(node)
+        node = tn.Mapper(tn.Unbatcher(node), self._to_batch)  # upstream of the Prefetcher: in its thread
         if self.pin_memory:
             node = tn.PinMemory(node)
-        if self.prefetch:
+        if self.prefetch or self.workers == 1:
             node = tn.Prefetcher(node, prefetch_factor=PREFETCH_BATCHES)
         return node
 

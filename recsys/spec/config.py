@@ -276,8 +276,9 @@ class TrainSpec(StrictModel):
     # which valid number picks the best epoch: the mean of the domains' AUCs weighs a small domain like a large one
     # (overall AUC is dominated by the largest domain and hides a small domain that overfits)
     select_metric: Literal["mean_domain_auc", "overall_auc"] = "mean_domain_auc"
-    # threads that read and map the next blocks of training rows while the step runs (torchdata.nodes
-    # ParallelMapper + Prefetcher; the batch order does not depend on it); 0 = map in the training thread.
+    # threads that read and map the next blocks of training rows while the step runs (torchdata.nodes: 1 = the
+    # Prefetcher's thread, 2+ = a ParallelMapper before it; the batch order does not depend on it); 0 = map in the
+    # training thread.
     # None = auto: 1 on CUDA (the step runs on the GPU, a CPU thread is free to load), 0 on CPU (the step's
     # intra-op threads already use every core; a loader thread only competes with them, measured slower)
     loader_workers: Optional[int] = Field(default=None, ge=0)

@@ -21,12 +21,24 @@ def test_same_batches_for_any_worker_count(ml_spec, eval_mode):
                                     eval_mode=eval_mode, **kw)
     ref = list(make(workers=0))
     assert len(ref) == len(make()) > 2
-    for kw in (dict(workers=1, prefetch=True), dict(workers=3, prefetch=False)):
+    for kw in (dict(workers=1, prefetch=True), dict(workers=1), dict(workers=3, prefetch=False)):
         got = list(make(**kw))
         assert len(got) == len(ref)
         for a, b in zip(ref, got):
             assert torch.equal(a.row_id, b.row_id) and torch.equal(a.sparse.values(), b.sparse.values())
             assert torch.equal(a.dense, b.dense) and torch.equal(a.labels, b.labels)
+
+
+@pytest.mark.parametrize("workers, background", [(0, False), (1, True), (2, True)])
+def test_blocks_are_mapped_off_the_consumer_thread_with_workers(ml_spec, workers, background):
+    """workers=1 maps in the Prefetcher's own thread (no ParallelMapper), 2+ in a ParallelMapper's threads; 0 in the
+    consumer's thread."""
+    loader = BatchLoader(ml_spec, "train", 3000, seed=1, workers=workers)
+    seen = set()
+    inner = loader._map_block
+    loader._map_block = lambda item: (seen.add(threading.get_ident()), inner(item))[1]
+    assert sum(b.size for b in loader) == loader.rows_per_rank
+    assert (threading.get_ident() not in seen) == background and seen
 
 
 def test_resume_from_a_batch_count_continues_exactly(ml_spec):
@@ -39,9 +51,10 @@ def test_resume_from_a_batch_count_continues_exactly(ml_spec):
         assert len(rest) == len(full) - k and all(torch.equal(a, b) for a, b in zip(full[k:], rest))
 
 
-def test_stopping_early_leaves_no_threads(ml_spec):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_stopping_early_leaves_no_threads(ml_spec, workers):
     before = threading.active_count()
-    loader = BatchLoader(ml_spec, "train", 500, seed=1, workers=2, prefetch=True)
+    loader = BatchLoader(ml_spec, "train", 500, seed=1, workers=workers, prefetch=True)
     for _ in range(3):
         it = iter(loader)
         next(it)
