@@ -156,7 +156,8 @@ def main() -> int:
                      f"{r['first_epoch_rows_per_s_total']:,.0f} | {r['init_s']:.2f} |")
     lines.append(f"\n{meta['cpu_model']} ({meta['capability']}), {meta['nproc']} CPUs, commit {meta['commit']}, "
                  f"load {meta['load_avg_1min']:.1f}; batch {args.batch_size} global (each instance "
-                 f"batch/instances); {args.epochs} epochs per launch: rows/s are the median over epochs 2-{args.epochs} "
+                 f"batch/instances); {args.epochs} epochs per launch: rows/s are the median over epochs "
+                 f"2-{args.epochs} "
                  f"(each launch a fresh process), the first epoch apart; median of {args.repeat} interleaved launches")
     table = "\n".join(lines)
     print(table)

@@ -21,9 +21,9 @@ batches, so all ranks yield the same number of batches. The sequence is a pure f
 (seed, epoch, rank, world_size), which makes `state_dict` (epoch + batches yielded) an exact resume point.
 The pipeline (torchdata.nodes, see `_pipeline`): work items are blocks of whole batches (about MAP_BLOCK rows,
 one vectorised Arrow/numpy mapping each) -> mapped (`ParallelMapper` on `workers` threads, in order, for 2 or more;
-a plain `Mapper` otherwise) -> `Unbatcher` -> `PinMemory` (CUDA) -> `Prefetcher` (with `prefetch` or `workers=1`:
-one worker is the Prefetcher's thread itself). The batch sequence does not depend on the thread count, so the batch count in
-`state_dict` stays the exact resume point. The training loop uses `train.loader_workers` (auto: 1 thread on CUDA,
+a plain `Mapper` otherwise) -> `Unbatcher` -> each batch's tensors -> `PinMemory` (CUDA) -> `Prefetcher` (with
+`prefetch` or `workers=1`: one worker is the Prefetcher's thread itself). The batch sequence does not depend on the
+thread count, so the batch count in `state_dict` stays the exact resume point. The training loop uses `train.loader_workers` (auto: 1 thread on CUDA,
 where the step leaves the CPU free; 0 on CPU, where the step's own threads use every core). benchmarks/loader.py
 compares this loader with the one before it, side by side.
 """
