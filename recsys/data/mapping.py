@@ -151,57 +151,90 @@ class FeatureMapper:
         return arrowops.lookup(table[self.spec.data.domain_column], self.domain_values, missing=-1)
 
     def map(self, table: pa.Table, row_ids: np.ndarray) -> Arrays:
+        return self._map(table, table, None, row_ids)
+
+    def map_requests(self, context: pa.Table, candidates: pa.Table, owner: np.ndarray) -> Arrays:
+        """Arrays of ranking requests without repeating their context: `context` has one row per request (the domain
+        column and the user/query columns), `candidates` one row per candidate (the item columns), `owner` the
+        request of each candidate. Every context feature (history, query text, user) is mapped once per request and
+        repeated per candidate as arrays, the same rows `map` gives for the repeated table."""
+        n = candidates.num_rows
+        return self._map(context, candidates, np.asarray(owner, dtype=np.int64), np.arange(n, dtype=np.int64))
+
+    def _map(self, context: pa.Table, rows: pa.Table, owner: Optional[np.ndarray], row_ids: np.ndarray) -> Arrays:
+        """`rows` holds the impression rows; a column it lacks is read from `context` and repeated by `owner`."""
         spec, d = self.spec, self.spec.data
-        n = table.num_rows
+        n = rows.num_rows
+
+        def column(name: str):  # (arrow column, row selection that brings its values to the impression rows)
+            if owner is not None and name not in rows.column_names:
+                return context[name], owner
+            return rows[name], None
+
+        def per_row(a: np.ndarray, sel: Optional[np.ndarray]) -> np.ndarray:
+            return a if sel is None else a[sel]
+
+        labels = rows[d.label_column] if d.label_column in rows.column_names else pa.array(np.zeros(n, np.int8))
+        dom, dom_sel = column(d.domain_column)
+        user, user_sel = column(d.user_column)
         out: Arrays = {"row_id": row_ids.astype(np.int64),
-                       "labels": np.array(pc.cast(table[d.label_column], pa.float32()).to_numpy(zero_copy_only=False),
+                       "labels": np.array(pc.cast(labels, pa.float32()).to_numpy(zero_copy_only=False),
                                          dtype=np.float32),  # copy: arrow buffers are read-only
-                       "domain": self.domain_index(table),
-                       "user": arrowops.apply_distinct(table[d.user_column], hash_user_keys)}
+                       "domain": per_row(arrowops.lookup(dom, self.domain_values, missing=-1), dom_sel),
+                       "user": per_row(arrowops.apply_distinct(user, hash_user_keys), user_sel)}
         side_idx: Dict[str, np.ndarray] = {}
         for st in d.side_tables:
             if st.name in self.side_keys:
-                pos = arrowops.lookup(table[st.join_on], self.side_keys[st.name], missing=-1)
-                side_idx[st.name] = np.where(pos < 0, len(self.side_keys[st.name]), pos)
+                col, sel = column(st.join_on)
+                pos = arrowops.lookup(col, self.side_keys[st.name], missing=-1)
+                side_idx[st.name] = per_row(np.where(pos < 0, len(self.side_keys[st.name]), pos), sel)
         dense: List[np.ndarray] = []
         for f in spec.features:
             src = getattr(f, "source", None)
-            if f.kind == "dense" and f.bucketized:  # one value per row; row 0 (missing) still counts as a value
-                if src:
-                    out["sp/" + f.name] = self.side_arrays[f.name][side_idx[src]]
-                else:
-                    v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
-                    out["sp/" + f.name] = bucket_rows(v, f.boundaries)[:, None]
-                out["sp/" + f.name + "#len"] = np.ones(n, dtype=np.int64)
-            elif f.kind == "dense":
-                if src:
+            if src:  # read from a side table, already brought to the impression rows by side_idx
+                if f.kind == "dense" and not f.bucketized:
                     dense.append(self.side_arrays[f.name][side_idx[src]])
-                else:
-                    v = pc.cast(table[f.column], pa.float64()).to_numpy(zero_copy_only=False)
-                    dense.append(self._transform(f, v).astype(np.float32))
-            elif f.kind == "id":
-                out["id/" + f.name] = self.side_arrays[f.name][side_idx[src]] if src else self.rows(f.table, table[f.column])
-            elif f.kind == "sparse":
-                if src:
+                elif f.kind == "id":
+                    out["id/" + f.name] = self.side_arrays[f.name][side_idx[src]]
+                else:  # sparse, or a bucketized dense (one row per value; row 0 = missing)
                     out["sp/" + f.name] = self.side_arrays[f.name][side_idx[src]]
-                    out["sp/" + f.name + "#len"] = self.side_arrays[f.name + "#len"][side_idx[src]]
+                    out["sp/" + f.name + "#len"] = self.side_arrays[f.name + "#len"][side_idx[src]] \
+                        if f.kind == "sparse" else np.ones(n, dtype=np.int64)
+                continue
+            col, sel = column(f.column)
+            for key, a in self._map_column(f, col).items():
+                if key == "dense":
+                    dense.append(per_row(a, sel))
                 else:
-                    flat, lens = self._jagged(f, table[f.column])
-                    out["sp/" + f.name], out["sp/" + f.name + "#len"] = arrowops.pad(flat, lens, f.max_values, False)
-            elif f.kind == "sequence":
-                flat, lens = self._jagged(f, table[f.column])
-                out["seq/" + f.name], out["seq/" + f.name + "#len"] = arrowops.pad(flat, lens, f.max_len, True)
-            elif f.kind == "text":
-                keys = self.text_keys[f.text_table]
-                col = table[f.column]
-                if f.sequence:
-                    flat, lens = arrowops.list_parts(col)
-                    rows = arrowops.lookup(flat, keys) + 1
-                    out["txt/" + f.name], _ = arrowops.pad(rows, lens, f.max_len, True)
-                else:
-                    out["txt/" + f.name] = arrowops.lookup(col, keys) + 1
+                    out[key] = per_row(a, sel)
         out["dense"] = np.stack(dense, axis=1).astype(np.float32) if dense else np.zeros((n, 0), np.float32)
         return out
+
+    def _map_column(self, f, col) -> Arrays:
+        """Arrays of one feature read from an impression column (not a side table), one row per value of `col`."""
+        if f.kind == "dense" and f.bucketized:
+            v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+            return {"sp/" + f.name: bucket_rows(v, f.boundaries)[:, None],
+                    "sp/" + f.name + "#len": np.ones(len(v), dtype=np.int64)}
+        if f.kind == "dense":
+            v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
+            return {"dense": self._transform(f, v).astype(np.float32)}
+        if f.kind == "id":
+            return {"id/" + f.name: self.rows(f.table, col)}
+        if f.kind == "sparse":
+            flat, lens = self._jagged(f, col)
+            padded, kept = arrowops.pad(flat, lens, f.max_values, False)
+            return {"sp/" + f.name: padded, "sp/" + f.name + "#len": kept}
+        if f.kind == "sequence":
+            flat, lens = self._jagged(f, col)
+            padded, kept = arrowops.pad(flat, lens, f.max_len, True)
+            return {"seq/" + f.name: padded, "seq/" + f.name + "#len": kept}
+        keys = self.text_keys[f.text_table]  # text
+        if f.sequence:
+            flat, lens = arrowops.list_parts(col)
+            padded, _ = arrowops.pad(arrowops.lookup(flat, keys) + 1, lens, f.max_len, True)
+            return {"txt/" + f.name: padded}
+        return {"txt/" + f.name: arrowops.lookup(col, keys) + 1}
 
     # -- bad rows ------------------------------------------------------------------------------------------
     def check(self, table: pa.Table) -> np.ndarray:

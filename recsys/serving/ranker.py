@@ -190,37 +190,34 @@ class Ranker:
 
     def score_requests(self, requests: Sequence[Any]) -> List[np.ndarray]:
         """Logits per request, candidates in request order; all requests in one model call."""
-        table, cold = self._request_table(requests)
-        n = table.num_rows
-        arrays = self.mapper.map(table, np.arange(n, dtype=np.int64))
+        context, candidates, owner, cold = self._request_tables(requests)
+        arrays = self.mapper.map_requests(context, candidates, owner)
         with self._lock:
-            self._apply_catalogue_misses(arrays, table, cold)
+            self._apply_catalogue_misses(arrays, context, candidates, owner, cold)
             logits = self._forward(arrays)
         bounds = np.cumsum([0] + [len(r.candidates) for r in requests])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    def _request_table(self, requests: Sequence[Any]) -> Tuple[pa.Table, Dict[str, list]]:
-        d = self.spec.data
+    def _request_tables(self, requests: Sequence[Any]) -> Tuple[pa.Table, pa.Table, np.ndarray, Dict[str, list]]:
+        """(context: one row per request, candidates: one row per candidate, owner: the request of each candidate,
+        catalogue columns the candidates carry). The context is never repeated per candidate: the mapper maps it
+        once per request (a history of 20 items is 20 values per request, not 2,000 for 100 candidates)."""
         cols = self.columns
-        counts = np.array([len(r.candidates) for r in requests], dtype=np.int64)
-        owner = pa.array(np.repeat(np.arange(len(requests)), counts))
-        n = int(counts.sum())
-        data: Dict[str, pa.Array] = {
-            d.domain_column: pa.array([self._domain_value[r.domain] for r in requests], pa.string()).take(owner),
-            d.label_column: pa.array(np.zeros(n, dtype=np.int8)),
-        }
+        owner = np.repeat(np.arange(len(requests)), [len(r.candidates) for r in requests])
+        context: Dict[str, pa.Array] = {self.spec.data.domain_column: pa.array(
+            [self._domain_value[r.domain] for r in requests], pa.string())}
         for col, kind in cols.context.items():
-            vals = [getattr(r.context, col) for r in requests]
-            data[col] = _column(vals, kind, f"context.{col}").take(owner)
+            context[col] = _column([getattr(r.context, col) for r in requests], kind, f"context.{col}")
         cands = [c for r in requests for c in r.candidates]
-        for col, kind in cols.candidate.items():
-            data[col] = _column([getattr(c, col) for c in cands], kind, f"candidates.{col}")
+        candidates = {col: _column([getattr(c, col) for c in cands], kind, f"candidates.{col}")
+                      for col, kind in cols.candidate.items()}
         # catalogue columns carried by candidates (used only for candidates outside the catalogue)
         cold = {col: [getattr(c, col) for c in cands] for col in cols.candidate_optional}
         cold = {col: v for col, v in cold.items() if any(x is not None for x in v)}
-        return pa.table(data), cold
+        return pa.table(context), pa.table(candidates), owner, cold
 
-    def _apply_catalogue_misses(self, arrays: Arrays, table: pa.Table, cold: Dict[str, list]) -> None:
+    def _apply_catalogue_misses(self, arrays: Arrays, context: pa.Table, candidates: pa.Table, owner: np.ndarray,
+                                cold: Dict[str, list]) -> None:
         """Features and texts of candidates the catalogue lacks, from what the request carries; new query texts."""
         spec, m = self.spec, self.mapper
         for st in spec.data.side_tables:
@@ -229,14 +226,14 @@ class Ranker:
             carried = [f for f in m.side_features(st.name) if f.column in cold]
             if not carried:
                 continue
-            miss = arrowops.lookup(table[st.join_on], m.side_keys[st.name]) < 0
+            miss = arrowops.lookup(candidates[st.join_on], m.side_keys[st.name]) < 0
             has = np.zeros(len(miss), dtype=bool)
             for f in carried:
                 has |= np.array([v is not None for v in cold[f.column]])
             rows = np.nonzero(miss & has)[0]
             if not len(rows):
                 continue
-            side = {st.key: table[st.join_on].take(pa.array(rows))}
+            side = {st.key: candidates[st.join_on].take(pa.array(rows))}
             for f in m.side_features(st.name):
                 vals = [cold[f.column][i] for i in rows] if f.column in cold else [None] * len(rows)
                 side[f.column] = _column(vals, "number" if f.kind == "dense" else "sparse", f"candidates.{f.column}")
@@ -258,8 +255,19 @@ class Ranker:
                 continue
             tt = next(t for t in spec.text.tables if t.name == f.text_table)
             current = arrays["txt/" + f.name]
-            if tt.source == "rows":  # the column value is its own text (queries)
-                texts = table[f.column].to_pylist()
+            if tt.source == "rows" and f.column in context.column_names:  # a query text: once per request
+                texts = context[f.column].to_pylist()
+                first = np.searchsorted(owner, np.arange(len(texts)))  # each request's first candidate
+                new = [r for r, t in enumerate(texts) if first[r] < len(owner) and current[first[r]] == 0
+                       and t is not None and str(t).strip()]
+                if new:
+                    row_of = np.zeros(len(texts), dtype=current.dtype)
+                    row_of[new] = self.cold_text.rows_for(tt.name, [str(texts[r]) for r in new])
+                    fill = np.isin(owner, new)
+                    current[fill] = row_of[owner[fill]]
+                continue
+            if tt.source == "rows":  # the candidate's own column value is its text
+                texts = candidates[f.column].to_pylist()
             elif f.side == "item" and (tt.text or tt.key) in cold:
                 texts = cold[tt.text or tt.key]
             else:

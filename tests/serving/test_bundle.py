@@ -6,6 +6,7 @@ import json
 import shutil
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -86,3 +87,57 @@ def test_tampered_bundle_is_refused_naming_the_file(ml_model, serving_env, tmp_p
     assert "Traceback" not in res.stderr
     res = run_job("serve.py", "--bundle", str(bad), "--port", "1", env=serving_env)
     assert res.returncode == 2 and "weights.safetensors" in res.stderr
+
+
+def test_requests_map_their_context_once_and_score_like_rows(ml_model):
+    """`Ranker.score_requests` maps each request's context once (FeatureMapper.map_requests) and repeats the arrays:
+    the arrays equal those of the table with the context repeated per candidate, and the scores equal
+    `score_table` on the same impression rows."""
+    from recsys.serving.ranker import Ranker
+
+    ranker = Ranker.load(ml_model["bundle"], threads=1)
+    spec, cols = ranker.spec, ranker.columns
+    need = list(dict.fromkeys([spec.data.domain_column, *cols.context, *cols.candidate]))
+    rows = pq.read_table(ml_model["test"], columns=need + [spec.data.label_column]).slice(0, 3000).to_pylist()
+    dom_name = {d.match_value: d.name for d in spec.domains}
+    groups = {}  # rows with the same domain and context form one request
+    for i, r in enumerate(rows):
+        ctx = tuple((c, repr(r[c])) for c in cols.context)
+        groups.setdefault((r[spec.data.domain_column], ctx), []).append(i)
+    picked = [g for g in groups.values() if len(g) > 1][:40] + [g for g in groups.values() if len(g) == 1][:5]
+    assert len(picked) > 10
+    requests = [ranker.parse({"domain": dom_name[rows[g[0]][spec.data.domain_column]],
+                              "context": {c: rows[g[0]][c] for c in cols.context},
+                              "candidates": [{c: rows[i][c] for c in cols.candidate} for i in g]}) for g in picked]
+    order = [i for g in picked for i in g]
+    repeated = pa.Table.from_pylist([rows[i] for i in order])
+
+    context, candidates, owner, _ = ranker._request_tables(requests)
+    once = ranker.mapper.map_requests(context, candidates, owner)
+    full = ranker.mapper.map(repeated, np.arange(len(order), dtype=np.int64))
+    assert once.keys() == full.keys()
+    for key in full:
+        if key != "labels":  # requests carry no labels
+            assert np.array_equal(once[key], full[key]), key
+
+    got = np.concatenate(ranker.score_requests(requests))
+    want = ranker.score_table(repeated)
+    assert np.nanmax(np.abs(got - want)) <= 1e-5
+
+    # a query text the bundle has never seen is encoded once for its request and reaches every candidate of it,
+    # and only those: scored among other requests it scores as it does alone
+    kinds = {d.name: d.kind for d in spec.domains}
+    search = [k for k, r in enumerate(requests) if kinds[r.domain] == "search" and len(r.candidates) > 1]
+    assert search, "the picked requests hold no search request"
+    k = search[0]
+    fresh = requests[k].model_copy(update={"context": requests[k].context.model_copy(
+        update={"query": "a query no user ever typed"})})
+    batch = requests[:k] + [fresh] + requests[k + 1:]
+    alone = ranker.score_requests([fresh])[0]
+    assert "a query no user ever typed" in ranker.cold_text._rows["queries"]  # encoded, not left at the no-text row
+    together = ranker.score_requests(batch)
+    assert np.allclose(together[k], alone, atol=1e-5)
+    assert not np.allclose(alone, got[sum(len(r.candidates) for r in requests[:k]):][:len(alone)], atol=1e-4)
+    for j in range(len(requests)):
+        if j != k:
+            assert np.allclose(together[j], ranker.score_requests([requests[j]])[0], atol=1e-5)
