@@ -18,6 +18,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import queue
 import sys
 import time
 from pathlib import Path
@@ -68,6 +69,16 @@ def _run(name: str, batch_size: int, rank: int, world: int, impl: str, backgroun
                                    prefetch=background, workers=1 if background else 0)
     else:
         BatchLoader = _baseline_module(impl).BatchLoader  # noqa: N806
+        if spec.train.shuffle_buffer_row_groups is None:
+            # the current default (None) makes one shuffle window over files whose row groups fit its cache; the
+            # baseline needs a count: the same single window, so both loaders shuffle alike
+            from recsys.data.loader import BatchLoader as Current
+
+            if len(Current(spec, "train", batch_size // world, rank=rank, world_size=world, seed=0)._windows()) != 1:
+                raise SystemExit(f"error: {name}: the current loader makes several shuffle windows here; "
+                                 f"set train.shuffle_buffer_row_groups to compare")
+            spec = spec.model_copy(update={"train": spec.train.model_copy(
+                update={"shuffle_buffer_row_groups": 1 << 30})})
         make = lambda: BatchLoader(spec, "train", batch_size // world, rank=rank, world_size=world, seed=0,  # noqa
                                    prefetch=background)
     t0 = time.perf_counter()
@@ -94,7 +105,16 @@ def measure(name: str, batch_size: int, world: int, impl: str, background: bool,
              for r in range(world)]
     for p in procs:
         p.start()
-    res = [q.get() for _ in procs]
+    res = []
+    while len(res) < len(procs):
+        try:
+            res.append(q.get(timeout=2))
+        except queue.Empty:  # a process that died would otherwise leave this waiting for ever
+            dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
+            if dead:
+                for p in procs:
+                    p.terminate()
+                raise SystemExit(f"error: {name}: a {impl} loader process exited with code {dead[0]}")
     for p in procs:
         p.join()
     total = [sum(r["rows"][e] for r in res) / max(r["iter_s"][e] for r in res) for e in range(epochs)]
