@@ -116,7 +116,7 @@ class _RowGroupReader:
     def _decoded_bytes(self, rg: int) -> int:
         """Upper estimate of a row group's decoded size from the parquet metadata (no read): 8 bytes per value of
         every column read (a dictionary index, a number, or an offset) and 8 per row of each column. Measured on
-        amazon-sr: 104 MB estimated for a 49 MB decoded row group."""
+        amazon-sr's train row groups: 139 / 78 MB estimated, 46 / 23 MB decoded."""
         meta = self.pf.metadata.row_group(rg)
         cols = set(self.columns)
         values = sum(meta.column(i).num_values for i in range(meta.num_columns)
