@@ -144,3 +144,33 @@ def test_drop_last_and_len(ml_spec):
     L = BatchLoader(ml_spec, "train", 1000, drop_last=True)
     sizes = [b.size for b in L]
     assert len(sizes) == len(L) and set(sizes) == {1000}
+
+
+def test_query_history_is_the_users_earlier_picks_for_the_tag(ml_spec):
+    """`query_hist_item_ids` of a search event = movies the same user tagged with the same tag strictly earlier
+    (recomputed here from tags.csv), never one of the event's candidates, so it cannot name the label; rating rows
+    carry none."""
+    import pyarrow.csv as pacsv
+
+    tags = pacsv.read_csv(paths.raw_dir(ml_spec) / "tags.csv").to_pydict()
+    when = {}
+    for u, m, tag, ts in zip(tags["userId"], tags["movieId"], tags["tag"], tags["timestamp"]):
+        when[(str(u), " ".join(tag.lower().split()), str(m))] = ts
+    checked = 0
+    for split in ("train", "test"):
+        t = pq.read_table(paths.split_path(ml_spec, split), columns=["domain", "label", "user_id", "item_id",
+                                                                     "query", "query_hist_item_ids"]).to_pydict()
+        rows = list(zip(*t.values()))
+        assert not any(h for d, *_, h in rows if d != "ml_tag_search")
+        search = [r for r in rows if r[0] == "ml_tag_search"]
+        for e in range(0, len(search), 5):  # an event = its positive, then its 4 negatives
+            event = search[e:e + 5]
+            _, label, user, item, query, hist = event[0]
+            assert label == 1 and all(r[1] == 0 and r[2] == user and r[4] == query and r[5] == hist
+                                      for r in event[1:])
+            cands = {r[3] for r in event}
+            earlier = sorted((ts, int(m), m) for (u, q, m), ts in when.items()
+                             if u == user and q == query and ts < when[(user, query, item)] and m not in cands)
+            assert hist == [m for *_, m in earlier][-10:]  # time order, ties by movie id
+            checked += bool(hist)
+    assert checked > 100  # the signal exists on a good share of events

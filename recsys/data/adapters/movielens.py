@@ -30,7 +30,11 @@ deterministic.
 
 History (`hist_item_ids`): up to 20 movies the user rated strictly before the event, newest last (ties in
 timestamp keep the file order); for search events the event's own candidates are left out of the history (users
-mostly rate a movie just before tagging it, so the newest history item would otherwise give the positive away). `position` = number of the user's ratings before the event.
+mostly rate a movie just before tagging it, so the newest history item would otherwise give the positive away).
+Query history (`query_hist_item_ids`, search events only, empty on rating rows): up to 10 movies the user tagged
+with the same tag strictly before the event, newest last, the event's candidates left out -- the "what did this user
+pick for this query before" signal of personalised search (negatives are never movies the user tagged with the tag,
+so it cannot name one). `position` = number of the user's ratings before the event.
 
 Split: chronological per user over all the user's events (ratings and tag events; a tag event's positive and
 negatives always share a split): the last 10% (at least 1) -> test, the previous 10% (at least 1) -> valid, the
@@ -69,6 +73,7 @@ GENRE_FAMILY: Dict[str, str] = {
 }
 SEARCH_DOMAIN = "ml_tag_search"
 HIST_LEN = 20
+QUERY_HIST_LEN = 10
 NEGATIVES = 4
 SEED = 20231127
 SPLIT_FRACTION = 0.1
@@ -147,12 +152,17 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
     tu, tm, tt = tg["userId"].to_numpy(), tg["movieId"].to_numpy(), tg["timestamp"].to_numpy()
     tq = [" ".join((s or "").lower().split()) for s in tg["tag"].to_pylist()]
     tagged: Dict[tuple, set] = {}
-    for u, m, q in zip(tu, tm, tq):
+    tag_times: Dict[tuple, List[tuple]] = {}  # (user, tag) -> [(time, movie)] in time order
+    for u, m, q, t in zip(tu, tm, tq, tt):
         tagged.setdefault((u, q), set()).add(m)
+        tag_times.setdefault((u, q), []).append((int(t), int(m)))
+    for v in tag_times.values():
+        v.sort()
     key = ru * (1 << 32) + rt
     cols: Dict[str, List] = {c: [] for c in rec}
     next_event = len(ru)
     search_hist: List[List[str]] = []
+    query_hist: List[List[str]] = []
     for u, m, q, t in zip(tu, tm, tq, tt):
         if not q:
             continue
@@ -164,22 +174,26 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
         # otherwise "the newest history item" would leak the positive.
         excluded = {c for c, _ in cands}
         hist = [str(x) for x in rm[lo:kk] if int(x) not in excluded][-HIST_LEN:]
+        earlier = [str(x) for when, x in tag_times[(u, q)] if when < t and x not in excluded][-QUERY_HIST_LEN:]
         for cand, label in cands:
             for c, v in (("domain", SEARCH_DOMAIN), ("label", label), ("user", u), ("item", cand), ("query", q),
                          ("time", t), ("k", kk - lo), ("hstart", 0), ("hend", 0), ("event", next_event)):
                 cols[c].append(v)
             search_hist.append(hist)
+            query_hist.append(earlier)
         next_event += 1
     rows = {c: np.concatenate([np.asarray(rec[c]), np.asarray(cols[c], dtype=np.asarray(rec[c]).dtype)])
             for c in rec}
     hist = pa.concat_arrays([_hist_lists(rm, rec["hstart"], rec["hend"]),
                              pa.array(search_hist, type=pa.list_(pa.string()))])
+    query_hist_ids = pa.concat_arrays([pa.array([[]] * len(rec["user"]), type=pa.list_(pa.string())),
+                                       pa.array(query_hist, type=pa.list_(pa.string()))])
     split = _chronological_split(rows["user"], rows["time"], rows["event"])
     user_str = rows["user"].astype(str)
     base = pa.table({
         "domain": rows["domain"].astype(str), "label": pa.array(rows["label"].astype(np.int8)),
         "user_id": user_str, "item_id": rows["item"].astype(str), "query": rows["query"].astype(str),
-        "hist_item_ids": hist, "position": pa.array(rows["k"].astype(np.int32)),
+        "hist_item_ids": hist, "query_hist_item_ids": query_hist_ids, "position": pa.array(rows["k"].astype(np.int32)),
         "user_bucket": pa.array((hash64(pa.array(user_str)) % np.uint64(100)).astype(np.int8)),
     })
     # File order: by user, then time, so a split file reads like the users' timelines.
