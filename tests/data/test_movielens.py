@@ -153,9 +153,11 @@ def test_query_history_is_the_users_earlier_picks_for_the_tag(ml_spec):
     import pyarrow.csv as pacsv
 
     tags = pacsv.read_csv(paths.raw_dir(ml_spec) / "tags.csv").to_pydict()
-    when = {}
+    when, by_user_tag = {}, {}
     for u, m, tag, ts in zip(tags["userId"], tags["movieId"], tags["tag"], tags["timestamp"]):
-        when[(str(u), " ".join(tag.lower().split()), str(m))] = ts
+        q = " ".join(tag.lower().split())
+        when[(str(u), q, str(m))] = ts
+        by_user_tag.setdefault((str(u), q), []).append((ts, int(m), str(m)))
     checked = 0
     for split in ("train", "test"):
         t = pq.read_table(paths.split_path(ml_spec, split), columns=["domain", "label", "user_id", "item_id",
@@ -169,8 +171,8 @@ def test_query_history_is_the_users_earlier_picks_for_the_tag(ml_spec):
             assert label == 1 and all(r[1] == 0 and r[2] == user and r[4] == query and r[5] == hist
                                       for r in event[1:])
             cands = {r[3] for r in event}
-            earlier = sorted((ts, int(m), m) for (u, q, m), ts in when.items()
-                             if u == user and q == query and ts < when[(user, query, item)] and m not in cands)
+            t0 = when[(user, query, item)]
+            earlier = sorted(x for x in by_user_tag[(user, query)] if x[0] < t0 and x[2] not in cands)
             assert hist == [m for *_, m in earlier][-10:]  # time order, ties by movie id
             checked += bool(hist)
     assert checked > 100  # the signal exists on a good share of events

@@ -151,13 +151,12 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
     sample_negatives = _popularity_matched_sampler(movies, rm, rng)
     tu, tm, tt = tg["userId"].to_numpy(), tg["movieId"].to_numpy(), tg["timestamp"].to_numpy()
     tq = [" ".join((s or "").lower().split()) for s in tg["tag"].to_pylist()]
-    tagged: Dict[tuple, set] = {}
     tag_times: Dict[tuple, List[tuple]] = {}  # (user, tag) -> [(time, movie)] in time order
     for u, m, q, t in zip(tu, tm, tq, tt):
-        tagged.setdefault((u, q), set()).add(m)
         tag_times.setdefault((u, q), []).append((int(t), int(m)))
     for v in tag_times.values():
         v.sort()
+    tagged = {k: {m for _, m in v} for k, v in tag_times.items()}  # (user, tag) -> movies
     key = ru * (1 << 32) + rt
     cols: Dict[str, List] = {c: [] for c in rec}
     next_event = len(ru)
@@ -186,8 +185,9 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
             for c in rec}
     hist = pa.concat_arrays([_hist_lists(rm, rec["hstart"], rec["hend"]),
                              pa.array(search_hist, type=pa.list_(pa.string()))])
-    query_hist_ids = pa.concat_arrays([pa.array([[]] * len(rec["user"]), type=pa.list_(pa.string())),
-                                       pa.array(query_hist, type=pa.list_(pa.string()))])
+    no_query_hist = pa.ListArray.from_arrays(pa.array(np.zeros(len(rec["user"]) + 1, np.int32)),
+                                             pa.array([], pa.string()))  # rating rows: empty lists
+    query_hist_ids = pa.concat_arrays([no_query_hist, pa.array(query_hist, type=pa.list_(pa.string()))])
     split = _chronological_split(rows["user"], rows["time"], rows["event"])
     user_str = rows["user"].astype(str)
     base = pa.table({
