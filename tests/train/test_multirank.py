@@ -87,7 +87,11 @@ def _series(res: subprocess.CompletedProcess, key: str) -> list:
 # (variant, spec overrides, rtol). `replicated_item`: the item table data_parallel (dense kernel, DDP-averaged
 # gradient, the embedding optimiser stepped with the dense ones): the same objective, so the same tight tolerance.
 # `fp16_all_to_all`: pooled embeddings and their gradients cross ranks in fp16 (rounding ~5e-4 relative per value;
-# the 1-rank run has no all-to-all), hence a looser bound, still far below what a real mismatch moves (1e-3+).
+# the 1-rank run has no all-to-all), compounded over the steps by RowWiseAdagrad, whose first updates are scale-free
+# (g / rms(g)): measured at most 0.92% relative (step 5) once the tag-search rows gained two query-history sequence
+# features, 0.27% before, the same on an AMD EPYC and an Intel AMX Xeon (deterministic). Not gradient underflow: a
+# backward loss scale of 128 or 1024 leaves the trajectory unchanged. 3e-2 keeps 3x headroom and stays far below what
+# a real mismatch moves: a per-rank regulariser alone shifts the loss by ~1e-3 absolute, ~40% of these ~2e-3 losses.
 # `mmd`: each rank contributes its first ceil(256 / W) samples per domain, all of them at this batch size, so the
 # gathered samples are the 1-rank ones; but its bandwidth is the median of ~30k pairwise distances whose last bits
 # differ between the two layouts (differently blocked products), so a near-tie can pick the neighbouring distance
@@ -95,7 +99,7 @@ def _series(res: subprocess.CompletedProcess, key: str) -> list:
 VARIANTS = [("sharded", [], 1e-5),
             ("mmd", ["model.regularizer=mmd"], 1e-3),
             ("replicated_item", ["train.sharding_constraints.item=[data_parallel]"], 1e-5),
-            ("fp16_all_to_all", ["train.embedding_comm=fp16"], 5e-3)]
+            ("fp16_all_to_all", ["train.embedding_comm=fp16"], 3e-2)]
 
 
 @pytest.mark.multirank
