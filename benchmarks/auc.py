@@ -464,8 +464,13 @@ def main(argv=None) -> int:
             continue
         if not args.report_only:
             from recsys.data.prepare import prepare
+            from recsys.text.pipeline import encode_text_tables
 
-            prepare(common.load(data))  # no-op when prepared
+            spec = common.load(data)
+            prepare(spec)  # no-op when prepared
+            # The runs' text vectors (every variant shares the default's text tables); a no-op when cached. A fresh
+            # machine failed every llm run here before.
+            encode_text_tables(spec, progress=False)
             # seed-major: every model gets its first seed before any model gets its second
             for seed in seeds:
                 for model in models:
