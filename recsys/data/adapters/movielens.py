@@ -46,6 +46,8 @@ missing -> median year, so the column is NaN-free), text = "title. genre words."
 """
 from __future__ import annotations
 
+import bisect
+
 import logging
 import re
 from pathlib import Path
@@ -157,6 +159,7 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
     for v in tag_times.values():
         v.sort()
     tagged = {k: {m for _, m in v} for k, v in tag_times.items()}  # (user, tag) -> movies
+    tag_clock = {k: [when for when, _ in v] for k, v in tag_times.items()}  # their times, for bisect
     key = ru * (1 << 32) + rt
     cols: Dict[str, List] = {c: [] for c in rec}
     next_event = len(ru)
@@ -173,7 +176,12 @@ def build_rows(raw: Path) -> Dict[str, pa.Table]:
         # otherwise "the newest history item" would leak the positive.
         excluded = {c for c, _ in cands}
         hist = [str(x) for x in rm[lo:kk] if int(x) not in excluded][-HIST_LEN:]
-        earlier = [str(x) for when, x in tag_times[(u, q)] if when < t and x not in excluded][-QUERY_HIST_LEN:]
+        # The (user, tag) list is time-ordered: the events strictly before t end at the bisect point, and of the last
+        # QUERY_HIST_LEN + len(excluded) of them at least QUERY_HIST_LEN survive the exclusion when enough exist (a
+        # heavy tagger's list is not rescanned per event).
+        end = bisect.bisect_left(tag_clock[(u, q)], int(t))
+        before = tag_times[(u, q)][max(0, end - QUERY_HIST_LEN - len(excluded)):end]
+        earlier = [str(x) for _, x in before if x not in excluded][-QUERY_HIST_LEN:]
         for cand, label in cands:
             for c, v in (("domain", SEARCH_DOMAIN), ("label", label), ("user", u), ("item", cand), ("query", q),
                          ("time", t), ("k", kk - lo), ("hstart", 0), ("hend", 0), ("event", next_event)):
