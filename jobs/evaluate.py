@@ -15,7 +15,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from recsys.cli import add_spec_args, attach_log_file, load_spec_from_args, run_main, setup_logging  # noqa: E402
+from recsys.cli import (add_evaluation_output_args, add_spec_args, attach_log_file,  # noqa: E402
+                         check_evaluation_outputs, load_spec_from_args, run_main, setup_logging)
 from recsys.errors import RecsysError  # noqa: E402
 
 
@@ -31,16 +32,11 @@ def main(argv=None) -> int:
     add_spec_args(p)
     p.add_argument("--checkpoint", required=True, type=Path)
     p.add_argument("--split", default="test")
-    p.add_argument("--out", type=Path)
-    p.add_argument("--save-predictions", type=Path)
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    add_evaluation_output_args(p)
     args = p.parse_args(argv)
     setup_logging(verbose=args.verbose)
     spec = load_spec_from_args(args)
-    if args.save_predictions:
-        from recsys.train.evaluation import check_output_file
-
-        check_output_file(args.save_predictions, "--save-predictions")
+    check_evaluation_outputs(args)
     if args.split not in spec.data.splits:
         raise RecsysError(f"--split {args.split!r}: the spec has splits {sorted(spec.data.splits)}")
 

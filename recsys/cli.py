@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Callable, Optional, Union
 
 from recsys.errors import RecsysError
@@ -49,6 +50,24 @@ def add_spec_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                         help="show every library's log lines on the console (default: they go to the log file in "
                              "the run folder, logs/<job>.rank<r>.log)")
     return parser
+
+
+def add_evaluation_output_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The outputs and device of a job that ends in an evaluation (evaluate, finetune): `--out` metrics JSON,
+    `--save-predictions` raw logits, `--device`."""
+    parser.add_argument("--out", type=Path, help="metrics JSON")
+    parser.add_argument("--save-predictions", type=Path,
+                        help="raw logits in the split's row order (.npy; the independent scorer's input)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    return parser
+
+
+def check_evaluation_outputs(args: argparse.Namespace) -> None:
+    """A `--save-predictions` path that cannot be written fails when the job starts, not after the evaluation."""
+    if args.save_predictions:
+        from recsys.train.evaluation import check_output_file
+
+        check_output_file(args.save_predictions, "--save-predictions")
 
 
 def load_spec_from_args(args: argparse.Namespace) -> Spec:
