@@ -4,6 +4,8 @@ of the same rows scored one by one (the path of training, evaluate and `Ranker.s
 unequal sizes, in both text modes and with every table layout serving uses."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -15,6 +17,7 @@ from recsys.data.mapping import FeatureMapper, assemble
 from recsys.models.attention import grouped_target_attention, target_attention
 from recsys.models.build import build_model
 
+ML_SPEC = Path(__file__).resolve().parents[2] / "feature_specs" / "movielens.yaml"
 SIZES = [1, 7, 3, 12, 5, 1]  # candidates per request: unequal, with single-candidate requests at both ends
 
 
@@ -80,7 +83,6 @@ def _layouts(model, layout: str):
 @pytest.mark.parametrize("mode", ["random", "llm"])
 def test_grouped_rows_score_like_rows_one_by_one(tiny_spec, llm_overrides, mode, layout):
     from recsys.spec.loader import load_spec
-    from tests.conftest import ML_SPEC
 
     spec = tiny_spec() if mode == "random" else load_spec(ML_SPEC, llm_overrides())
     torch.manual_seed(0)
