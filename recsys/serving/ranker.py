@@ -192,6 +192,8 @@ class Ranker:
 
     def score_requests(self, requests: Sequence[Any]) -> List[np.ndarray]:
         """Logits per request, candidates in request order; all requests in one model call."""
+        if not requests:  # no rows to group (RequestGroups numbers at least one request)
+            return []
         context, candidates, owner, cold = self._request_tables(requests)
         arrays = self.mapper.map_requests(context, candidates, owner)
         with self._lock:
