@@ -59,6 +59,9 @@ class KeyIndex:
     lookups (the loader's row groups) keep using `pc.index_in` on the array."""
 
     SMALL = 1 << 17
+    # up to this many values (a ranking request's candidates, a context's history) a plain dict lookup per value
+    # beats dictionary-encoding first: 9 us instead of 44 us for 100 values, 1.5 us instead of 31 us for one
+    TINY = 4096
 
     def __init__(self, keys: pa.Array):
         self.array = keys
@@ -70,9 +73,12 @@ class KeyIndex:
     def positions(self, values: ArrayLike, missing: int) -> np.ndarray:
         if self._pos is None:
             self._pos = {k: i for i, k in enumerate(self.array.to_pylist())}
+        get = self._pos.get
+        if len(values) <= self.TINY:  # null values are None, which no key equals: `missing`
+            vals = as_strings(values).to_pylist()
+            return np.fromiter((get(v, missing) for v in vals), dtype=np.int64, count=len(vals))
         enc = pc.dictionary_encode(as_strings(values))
         chunks = enc.chunks if isinstance(enc, pa.ChunkedArray) else [enc]
-        get = self._pos.get
         parts = []
         for ch in chunks:
             uniq = ch.dictionary.to_pylist()

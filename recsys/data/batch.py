@@ -2,13 +2,58 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
+import numpy as np
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from torchrec.streamable import Pipelineable
 
 from recsys.data.features import sequence_keys
+
+
+@dataclass
+class RequestGroups:
+    """Rows that share one context: the candidates of one ranking request (serving), each request's rows contiguous
+    and the requests in order. The context features (`recsys.data.features.context_features`: user id, histories,
+    query) are the same in every row of a request, so their KJT keys (id and text) carry values only in each
+    request's first row and the model reads them from there: a 100-candidate request looks its 20-item histories up
+    once, not 100 times, and attends over each history with one [candidates, D] x [D, L] product
+    (`recsys.models.attention.grouped_target_attention`). Everything else in the batch (dense, `text` rows,
+    `seq_lengths`, labels, domain) stays per row."""
+
+    owner: torch.Tensor  # [B] int64: the request of each row
+    first: torch.Tensor  # [R] int64: the first row of each request (where its context features are)
+    source: torch.Tensor  # [B] int64: first[owner], the row each row reads its context from
+    pos: torch.Tensor  # [B] int64: the row's position inside its request
+    size: int  # rows of the largest request
+    uniform: bool  # every request has `size` rows, so [B, ...] is [R, size, ...] as it is
+
+    @staticmethod
+    def from_owner(owner: Sequence[int]) -> "RequestGroups":
+        o = np.asarray(owner, dtype=np.int64)
+        if len(o) == 0 or o[0] != 0 or np.any(np.diff(o) < 0) or np.any(np.diff(o) > 1):
+            raise ValueError("owner must number the requests 0, 1, ... with each request's rows contiguous")
+        counts = np.bincount(o)
+        if np.any(counts == 0):
+            raise ValueError("owner skips a request number")
+        first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+        pos = np.arange(len(o), dtype=np.int64) - first[o]
+        t = torch.from_numpy
+        return RequestGroups(owner=t(o), first=t(first), source=t(first[o]), pos=t(pos), size=int(counts.max()),
+                             uniform=bool((counts == counts[0]).all()))
+
+    @property
+    def first_mask(self) -> np.ndarray:
+        """[B] bool: the rows that hold their request's context."""
+        m = np.zeros(len(self.owner), dtype=bool)
+        m[self.first.numpy()] = True
+        return m
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "RequestGroups":
+        mv = lambda t: t.to(device=device, non_blocking=non_blocking)  # noqa: E731
+        return RequestGroups(owner=mv(self.owner), first=mv(self.first), source=mv(self.source), pos=mv(self.pos),
+                             size=self.size, uniform=self.uniform)
 
 
 @dataclass
@@ -26,6 +71,8 @@ class Batch(Pipelineable):
     text_ids: KJT of the same text rows for the frozen text tables (mode llm): one key per scalar text feature and
               per history position (`recsys.data.features.text_kjt_keys`), one value each. Built from `text` when
               not given, so every producer of batches (loader, serving, benchmarks) feeds the same lookup path.
+    groups:   serving only (None in training and batch scoring): rows that share a context, whose context features
+              are in the KJTs once per group (`RequestGroups`).
     """
 
     sparse: KeyedJaggedTensor
@@ -37,9 +84,11 @@ class Batch(Pipelineable):
     row_id: torch.Tensor
     user: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))  # user key for GAUC
     text_ids: Optional[KeyedJaggedTensor] = None
+    groups: Optional[RequestGroups] = None
 
     def __post_init__(self) -> None:
-        if self.text_ids is None and self.text:
+        # grouped rows (serving) read the text tables per request and need no per-row text KJT
+        if self.text_ids is None and self.text and self.groups is None:
             self.text_ids = text_rows_kjt(self.text)
 
     def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
@@ -54,6 +103,7 @@ class Batch(Pipelineable):
             row_id=mv(self.row_id),
             user=mv(self.user),
             text_ids=self.text_ids.to(device=device, non_blocking=non_blocking) if self.text_ids is not None else None,
+            groups=self.groups.to(device, non_blocking) if self.groups is not None else None,
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
@@ -75,6 +125,7 @@ class Batch(Pipelineable):
             row_id=self.row_id.pin_memory(),
             user=self.user.pin_memory(),
             text_ids=self.text_ids.pin_memory() if self.text_ids is not None else None,
+            groups=self.groups,
         )
 
     @property

@@ -59,6 +59,12 @@ def text_kjt_keys(spec: Spec) -> List[str]:
     return keys
 
 
+def context_features(spec: Spec) -> List[str]:
+    """Features read from a ranking request's context (user and query side, not from a side table): every candidate
+    of one request has the same values of them, so serving looks them up once per request (`RequestGroups`)."""
+    return [f.name for f in spec.features if f.side != "item" and getattr(f, "source", None) is None]
+
+
 def active_domains(spec: Spec) -> List[str]:
     """Domains trained and evaluated: all, or only `model.single_domain`."""
     if spec.model.single_domain:

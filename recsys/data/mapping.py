@@ -17,8 +17,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data import arrowops, paths, schema
-from recsys.data.batch import Batch
-from recsys.data.features import is_bucketized, kjt_keys
+from recsys.data.batch import Batch, RequestGroups
+from recsys.data.features import context_features, is_bucketized, kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
 from recsys.spec.config import Spec
 
@@ -55,7 +55,9 @@ class FeatureMapper:
             tt.name: arrowops.KeyIndex(self.schema.text_keys(tt.name)) for tt in spec.text.tables
             if any(f.kind == "text" and f.text_table == tt.name for f in spec.features)}
         self.dense_stats = self.schema.dense_stats
-        self.domain_values = pa.array([d.match_value for d in spec.domains], pa.string())
+        # a KeyIndex too: `pc.index_in` against even these 3 values cost ~40 us per request (its hash set is built
+        # on every call)
+        self.domain_values = arrowops.KeyIndex(pa.array([d.match_value for d in spec.domains], pa.string()))
         self._load_side_features(side_tables)
 
     # -- ids -> rows ---------------------------------------------------------------------------------------
@@ -295,31 +297,47 @@ def drop_ids(spec: Spec, a: Arrays, rng: np.random.Generator) -> Arrays:
     return out
 
 
-def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
-    """Numpy arrays of one batch -> Batch (KJT key-major: every key's lengths for all rows, then the next key)."""
+def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray] = None) -> Batch:
+    """Numpy arrays of one batch -> Batch (KJT key-major: every key's lengths for all rows, then the next key).
+
+    `owner` (serving: the request of each row, requests contiguous) groups the rows (`RequestGroups`): the context
+    features' values enter the KJTs from each request's first row only, the other rows get none (the model reads
+    them from the first row)."""
     values: List[np.ndarray] = []
     lengths: List[np.ndarray] = []
     b = len(a["labels"])
+    groups = RequestGroups.from_owner(owner) if owner is not None else None
+    shared = set(context_features(spec)) if groups is not None else set()
+    first = groups.first_mask if groups is not None else None
+
+    def rows_of(name: str) -> Optional[np.ndarray]:  # the rows whose values of feature `name` enter the KJT
+        return first if name in shared else None
+
     for f in spec.features:
+        keep = rows_of(f.name)
         if f.kind == "id":
-            values.append(a["id/" + f.name])
-            lengths.append(np.ones(b, dtype=np.int64))
+            values.append(a["id/" + f.name] if keep is None else a["id/" + f.name][keep])
+            lengths.append(np.ones(b, dtype=np.int64) if keep is None else keep.astype(np.int64))
         elif f.kind == "sparse" or is_bucketized(f):
             padded, lens = a["sp/" + f.name], a["sp/" + f.name + "#len"]
+            if keep is not None:
+                lens = np.where(keep, lens, 0)
             values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
             lengths.append(lens)
     seq_lengths: Dict[str, torch.Tensor] = {}
     for f in spec.features:
         if f.kind == "sequence":
             padded, lens = a["seq/" + f.name], a["seq/" + f.name + "#len"]
+            keep = rows_of(f.name)
+            kjt_lens = lens if keep is None else np.where(keep, lens, 0)
             if f.pooling == "mean":  # one key: each row's whole history
-                values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
-                lengths.append(lens.astype(np.int64))
+                values.append(padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]])
+                lengths.append(kjt_lens.astype(np.int64))
             else:
-                mask_t = np.arange(padded.shape[1])[:, None] < lens[None, :]  # [L, B]: key-major over positions
+                mask_t = np.arange(padded.shape[1])[:, None] < kjt_lens[None, :]  # [L, B]: key-major over positions
                 values.append(padded.T[mask_t])
                 lengths.append(mask_t.ravel().astype(np.int64))
-            seq_lengths[f.name] = torch.from_numpy(np.ascontiguousarray(lens))
+            seq_lengths[f.name] = torch.from_numpy(np.ascontiguousarray(lens))  # every row's own length
     kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
     text = {f.name: torch.from_numpy(np.ascontiguousarray(a["txt/" + f.name])) for f in spec.features_of("text")}
@@ -327,4 +345,4 @@ def assemble(spec: Spec, keys: List[str], a: Arrays) -> Batch:
                  seq_lengths=seq_lengths, labels=torch.from_numpy(np.ascontiguousarray(a["labels"])),
                  domain=torch.from_numpy(np.ascontiguousarray(a["domain"])),
                  row_id=torch.from_numpy(np.ascontiguousarray(a["row_id"])),
-                 user=torch.from_numpy(np.ascontiguousarray(a["user"])))
+                 user=torch.from_numpy(np.ascontiguousarray(a["user"])), groups=groups)

@@ -24,8 +24,8 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
-from recsys.data.features import sequence_keys, table_of_key, text_kjt_keys
-from recsys.models.attention import target_attention
+from recsys.data.features import context_features, sequence_keys, table_of_key, text_kjt_keys
+from recsys.models.attention import grouped_target_attention, target_attention
 from recsys.models.fx import fx_tracing
 from recsys.models.precision import dense_autocast
 from recsys.spec.config import Spec, TextFeature
@@ -210,6 +210,8 @@ class UserQueryItemEncoder(nn.Module):
         self.sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "attention"]
         self.mean_sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "mean"]
         self.table_pooling = {t.name: t.pooling for t in spec.tables}
+        # features read from a request's context: with grouped rows (serving) they are looked up once per request
+        self.context = frozenset(context_features(spec))
         self._index_keys(spec)
         self.text_feats: Dict[str, List[TextFeature]] = {s: [] for s in SIDES}
         widths: Dict[Tuple[str, str], int] = {}
@@ -338,6 +340,52 @@ class UserQueryItemEncoder(nn.Module):
             out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
         return out
 
+    def grouped_text_vectors(self, batch: Batch) -> Dict[str, torch.Tensor]:
+        """`text_vectors` for grouped rows (`batch.groups`, serving): a context feature's vectors once per request
+        ([R, dim] or [R, L, dim]), an item feature's per row. Mode llm reads the frozen rows straight from the
+        tables (every text key holds one row, so a bag's sum is that row, bit for bit): no [B, 43 x dim] lookup
+        output to zero-fill and write when 40 of its 43 vectors are the request's two histories (on amazon-sr that
+        fill alone took ~0.4 ms of a 100-candidate request)."""
+        groups = batch.groups
+        feats = [f for side in SIDES for f in self.text_feats[side]]
+        weights = self._text_weights() if self.text_mode == "llm" else None
+        if self.text_mode == "llm" and weights is None:  # a text module whose rows cannot be read directly
+            full = self.text_vectors(Batch(**{**batch.__dict__, "text_ids": None, "groups": None}))
+            return {f.name: full[f.name].index_select(0, groups.first) if f.name in self.context else full[f.name]
+                    for f in feats}
+        out: Dict[str, torch.Tensor] = {}
+        for f in feats:
+            rows = batch.text[f.name]
+            if f.name in self.context:
+                rows = rows.index_select(0, groups.first)
+            if weights is not None:
+                out[f.name] = weights[f.text_table].index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+            else:
+                out[f.name] = self.text_lookup[_key(f.text_table)](rows)
+        return out
+
+    def _text_weights(self) -> Optional[Dict[str, torch.Tensor]]:
+        """Text table name -> its fp32 rows [rows, dim] (views that share the tables' storage, so rows written by
+        `set_text_rows` are seen), or None when the text module keeps them in another form (fp16, int8, sharded)."""
+        from recsys.models.tables import text_table_name
+
+        cached = getattr(self, "_text_weight_views", None)
+        if cached is not None and cached[0] is self.text_ebc:
+            return cached[1]
+        views: Optional[Dict[str, torch.Tensor]] = {}
+        bags = getattr(self.text_ebc, "embedding_bags", None)
+        for t in self.spec.text.tables:
+            w = bags[text_table_name(t.name)].weight if bags is not None and text_table_name(t.name) in bags \
+                else None
+            if w is not None and w.dtype == torch.uint8 and w.shape[1] >= 4 * self.text_dim:
+                w = w.view(torch.float32)[:, :self.text_dim]  # serving's fused fp32 tables: fp32 rows as bytes
+            if w is None or w.dtype != torch.float32 or w.shape[1] != self.text_dim or w.device.type == "meta":
+                views = None
+                break
+            views[t.name] = w.detach()
+        self._text_weight_views = (self.text_ebc, views)
+        return views
+
     @torch.no_grad()
     def set_text_rows(self, table: str, rows: torch.Tensor, values: np.ndarray) -> None:
         """Serving seam (recsys/serving/cold_text.py): texts met at serve time into existing rows of text table
@@ -378,6 +426,12 @@ class UserQueryItemEncoder(nn.Module):
 
     def forward(self, batch: Batch) -> Encoded:
         feats = self._pooled_features(self.ebc(batch.sparse), batch.sparse)  # a KeyedTensor, one vector per key
+        # serving: context features were looked up in each request's first row only (training never groups rows;
+        # while the train pipeline fx-traces forward, `batch.groups` is a Proxy, not None)
+        groups = None if fx_tracing() else batch.groups
+        if groups is not None:  # every row reads them from there (histories stay once per request, below)
+            feats = {n: v.index_select(0, groups.source) if n in self.context and n not in self.positions else v
+                     for n, v in feats.items()}
         parts: Dict[Tuple[str, str], List[torch.Tensor]] = {}
         interactions: List[torch.Tensor] = []
 
@@ -402,10 +456,18 @@ class UserQueryItemEncoder(nn.Module):
             hist = self._history(feats, f)  # [B, L, D]
             lengths = batch.seq_lengths[f.name]
             mask = torch.arange(f.max_len, device=hist.device).unsqueeze(0) < lengths.unsqueeze(1)
-            target = feats[f.target] if f.target else _masked_mean(hist, mask)
-            q = self.seq_query[f.name](target)
             scale = 1.0 / math.sqrt(hist.shape[-1])
-            raw, attended, mean = target_attention(hist, q, mask, scale, fused=not fx_tracing())
+            shared = groups is not None and f.name in self.context
+            if shared and f.target:  # the request's one history against each candidate: no per-row copy
+                q = self.seq_query[f.name](feats[f.target])
+                raw, attended, mean = grouped_target_attention(hist.index_select(0, groups.first), q, mask, scale,
+                                                               groups)
+            else:
+                if shared:
+                    hist = hist.index_select(0, groups.source)
+                target = feats[f.target] if f.target else _masked_mean(hist, mask)
+                q = self.seq_query[f.name](target)
+                raw, attended, mean = target_attention(hist, q, mask, scale, fused=not fx_tracing())
             scores = raw * scale
             add(f.side, "id", attended)
             add(f.side, "id", mean)
@@ -415,11 +477,15 @@ class UserQueryItemEncoder(nn.Module):
             interactions.append((scores * mask).sum(1) / mask.sum(1).clamp_min(1))
 
         if self.text_mode != "none":
-            vectors = self.text_vectors(batch)
+            # grouped rows: context features' vectors are once per request ([R, ...]), item features' per row
+            vectors = self.text_vectors(batch) if groups is None else self.grouped_text_vectors(batch)
             item_texts = [f.name for f in self.text_feats["item"] if not f.sequence]
             for side in SIDES:
                 for f in self.text_feats[side]:
                     v = vectors[f.name]
+                    shared = groups is not None and f.name in self.context
+                    if shared and not (f.sequence and self.text_targets.get(f.name)):
+                        v = v.index_select(0, groups.owner)  # the request's vector in each of its rows
                     if not f.sequence:
                         add(side, "text", v)
                         if side != "item":
@@ -429,8 +495,12 @@ class UserQueryItemEncoder(nn.Module):
                     mask = batch.text[f.name] > 0
                     tgt = self.text_targets.get(f.name)
                     if tgt is not None:
-                        cos, attended, mean = target_attention(v, vectors[tgt], mask, self.text_temperature,
-                                                               fused=not fx_tracing())  # cos [B, L]
+                        if shared:  # the request's one text history against each candidate's text
+                            cos, attended, mean = grouped_target_attention(v, vectors[tgt], mask,
+                                                                           self.text_temperature, groups)
+                        else:
+                            cos, attended, mean = target_attention(v, vectors[tgt], mask, self.text_temperature,
+                                                                   fused=not fx_tracing())  # cos [B, L]
                         add(side, "text", attended)
                         has = mask.any(1)
                         interactions.append(torch.where(has, cos.masked_fill(~mask, -2.0).amax(1),

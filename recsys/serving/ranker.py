@@ -140,14 +140,16 @@ class Ranker:
                              for f in self.spec.features]}
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def _forward(self, arrays: Arrays) -> np.ndarray:
+    def _forward(self, arrays: Arrays, owner: Optional[np.ndarray] = None) -> np.ndarray:
         # A call of few rows (one request) is a chain of small ops that intra-op threads only slow down, and the
         # server's event loop and the clients need the other cores then; large calls (micro-batches, score_table)
         # use every thread the Ranker was given.
         threads = 1 if len(arrays["labels"]) <= SINGLE_THREAD_MAX_ROWS else self.max_threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
-        batch = assemble(self.spec, self.mapper.keys, arrays)
+        # `owner` (requests): each request's context features (user, histories, query) are looked up once and its
+        # histories attended once per request, not once per candidate (recsys.data.batch.RequestGroups)
+        batch = assemble(self.spec, self.mapper.keys, arrays, owner)
         with torch.inference_mode():
             return self.model(batch).logits.float().numpy().astype(np.float64)
 
@@ -190,11 +192,13 @@ class Ranker:
 
     def score_requests(self, requests: Sequence[Any]) -> List[np.ndarray]:
         """Logits per request, candidates in request order; all requests in one model call."""
+        if not requests:  # no rows to group (RequestGroups numbers at least one request)
+            return []
         context, candidates, owner, cold = self._request_tables(requests)
         arrays = self.mapper.map_requests(context, candidates, owner)
         with self._lock:
             self._apply_catalogue_misses(arrays, context, candidates, owner, cold)
-            logits = self._forward(arrays)
+            logits = self._forward(arrays, owner)
         bounds = np.cumsum([0] + [len(r.candidates) for r in requests])
         return [logits[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 

@@ -123,6 +123,7 @@ def test_requests_map_their_context_once_and_score_like_rows(ml_model):
     got = np.concatenate(ranker.score_requests(requests))
     want = ranker.score_table(repeated)
     assert np.nanmax(np.abs(got - want)) <= 1e-5
+    assert ranker.rank([]) == []
 
     # a query text the bundle has never seen is encoded once for its request and reaches every candidate of it,
     # and only those: scored among other requests it scores as it does alone
