@@ -85,6 +85,18 @@ def machine() -> Dict[str, Any]:
             "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "load_avg_1min": load_average()}
 
 
+def shown_path(path: Path) -> str:
+    """A path as a committed report shows it: relative to the checkout or to the shared data folder when inside
+    them (a report names no one's machine layout), else as given."""
+    p = Path(path).resolve()
+    for base, label in ((REPO, ""), (SHARED.resolve(), "../shared/data/")):
+        try:
+            return label + str(p.relative_to(base))
+        except ValueError:
+            continue
+    return str(path)
+
+
 def write_json(path: Path, obj: Any) -> None:
     """Write atomically: a reader (or a re-run that skips finished work) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

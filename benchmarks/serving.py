@@ -296,9 +296,9 @@ def main(argv=None) -> int:
              "p99 at 8 clients": {"target": f"<= 3 x {8 * args.candidates}/R = {GOAL_P99_8_FACTOR * ideal8:.1f} ms",
                                   "measured": f"{eight['p99_ms']:.2f} ms" if eight else "n/a (not run)",
                                   "met": bool(eight and eight["p99_ms"] <= GOAL_P99_8_FACTOR * ideal8)}}
-    report = {"bundle": str(args.bundle), "bundle_quantize": _quantize(args.bundle), "machine": machine,
+    report = {"bundle": common.shown_path(args.bundle), "bundle_quantize": _quantize(args.bundle), "machine": machine,
               "settings": {"candidates": args.candidates, "clients": clients, "seconds": seconds, "quick": args.quick,
-                           "rows": str(args.rows), "server_args": args.server_args},
+                           "rows": common.shown_path(args.rows), "server_args": args.server_args},
               "server": server, "batch_rate_R": R, "in_process": ip, "http": http_rows, "goals": goals,
               "load_avg_end": common.load_average()}
     common.write_json(out.with_suffix(".json"), report)
