@@ -24,11 +24,12 @@ The pipeline (torchdata.nodes, see `_pipeline`): work items are blocks of whole 
 one vectorised Arrow/numpy mapping each) -> mapped (`ParallelMapper` on `workers` threads, in order, for 2 or more;
 a plain `Mapper` otherwise) -> `Unbatcher` -> each batch's tensors -> `PinMemory` (CUDA) -> `Prefetcher` (with
 `prefetch` or `workers=1`: one worker is the Prefetcher's thread itself). The batch sequence does not depend on the
-thread count, so the batch count in `state_dict` stays the exact resume point. The training loop uses `train.loader_workers` (auto: 1 thread on CUDA,
-where the step leaves the CPU free; 0 on CPU, where the step's own threads use every core) and keeps one loader
-for all its epochs. A train-mode loader keeps the mapped arrays of the rows it has read when all its kept rows fit
-STORE_BYTES (`_MappedStore`: MovieLens yes, amazon-sr no), and its later epochs gather them instead of reading and
-mapping again. benchmarks/loader.py compares this loader with the one before it, side by side.
+thread count, so the batch count in `state_dict` stays the exact resume point. The training loop uses
+`train.loader_workers` (auto: 1 thread on CUDA, where the step leaves the CPU free; 0 on CPU, where the step's own
+threads use every core) and keeps one loader for all its epochs. A train-mode loader keeps the mapped arrays of the
+rows it has read when all its kept rows fit STORE_BYTES (`_MappedStore`: MovieLens yes, amazon-sr no), and its later
+epochs gather them instead of reading and mapping again. benchmarks/loader.py compares this loader with the one
+before it, side by side.
 """
 from __future__ import annotations
 
