@@ -8,6 +8,10 @@ iterates `--epochs` epochs: the first epoch (one-time costs) and the median of t
     python benchmarks/loader.py [--specs movielens amazon_sr] [--batch-size 4096] [--repeat 3]
     python benchmarks/loader.py --quick     # movielens only, one repeat (smoke test, under a minute)
 
+The current loader keeps the mapped rows of a train split that fits its store (`recsys.data.loader.STORE_BYTES`:
+MovieLens does, amazon-sr does not) and gathers its later epochs from them: there the later-epoch columns measure
+that gather, and the first-epoch column is where both loaders read and map every row.
+
 Writes benchmarks/results/loader.json and prints a markdown table. Prepares the specs first if needed (not timed).
 Loader construction (schema check, cached validity index) is timed separately from iteration.
 """

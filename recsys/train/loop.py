@@ -146,6 +146,7 @@ class Trainer:
         # what the finite-gradient guard checks before a step: every gradient the step applies
         self.stepped_params: Dict[str, torch.Tensor] = {**dense, **dp_tables}
         self.state = RunState()
+        self._loaders: Dict[str, Any] = {}  # split -> its BatchLoader, kept across epochs (see _loader)
         self.live = None
         if for_training and spec.train.live_metrics_window > 0:
             from recsys.train.live_metrics import LiveMetrics
@@ -165,15 +166,21 @@ class Trainer:
         return self.dmp.module.model
 
     def _loader(self, split: str, epoch: int):
+        """The split's loader, built once and kept across epochs: its decoded row groups and the mapped rows it
+        stores for later epochs (when they fit, e.g. MovieLens) are then read and mapped once per training, not
+        once per epoch. The batch order depends only on (seed, epoch), so reusing it changes no batch."""
         from recsys.data.loader import BatchLoader
 
-        workers = self.spec.train.loader_workers
-        if workers is None:  # auto (see TrainSpec.loader_workers)
-            workers = 1 if self.ctx.device.type == "cuda" else 0
-        loader = BatchLoader(self.spec, split, batch_size=self.spec.train.batch_size // self.ctx.world_size,
-                             rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.spec.train.seed,
-                             shuffle=self.spec.train.shuffle, workers=workers, prefetch=workers > 0,
-                             pin_memory=self.ctx.device.type == "cuda")
+        loader = self._loaders.get(split)
+        if loader is None:
+            workers = self.spec.train.loader_workers
+            if workers is None:  # auto (see TrainSpec.loader_workers)
+                workers = 1 if self.ctx.device.type == "cuda" else 0
+            loader = BatchLoader(self.spec, split, batch_size=self.spec.train.batch_size // self.ctx.world_size,
+                                 rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.spec.train.seed,
+                                 shuffle=self.spec.train.shuffle, workers=workers, prefetch=workers > 0,
+                                 pin_memory=self.ctx.device.type == "cuda")
+            self._loaders[split] = loader
         loader.set_epoch(epoch)
         return loader
 
