@@ -99,7 +99,14 @@ def _text_path_bytes(trainer) -> Dict[str, Any]:
             for _, b in l0.text_projection.named_buffers():
                 add("projection", b)
         grads = sorted({k for k, p in trainer.dmp.named_parameters() if "text_ebc" in k and p.requires_grad})
-    out: Dict[str, Any] = {"version": version, "parts": parts, "total": sum(parts.values())}
+        # text weights DDP synchronises (it all-reduces a bucket whole, used or not)
+        ddp = trainer.dmp._dmp_wrapped_module
+        ignored = getattr(ddp, "parameters_to_ignore", None)  # only DDP has it; names relative to ddp.module
+        if ignored is not None:
+            parts["in_ddp_buckets"] = sum(p.numel() * p.element_size() for n, p in ddp.module.named_parameters()
+                                          if "text_ebc" in n and p.requires_grad and n not in ignored)
+    out: Dict[str, Any] = {"version": version, "parts": parts,
+                           "total": sum(v for k, v in parts.items() if k != "in_ddp_buckets")}
     if grads is not None:
         out["text_params_requiring_grad"] = grads
     return out
