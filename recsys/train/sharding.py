@@ -89,21 +89,7 @@ def data_parallel_wrapper_for(world_size: int):
     from torchrec.distributed.model_parallel import DataParallelWrapper, DefaultDataParallelWrapper
 
     if world_size > 1:
-        class WithoutFrozenText(DefaultDataParallelWrapper):
-            """TorchRec's DDP wrapper minus the replicated (`data_parallel`) frozen text tables. Their weights are
-            trainable parameters of TorchRec's dense kernel, so DDP would bucket them; the encoder detaches their
-            output, so they never get a gradient, yet DDP (static graph) all-reduces their whole bucket every step
-            (5.5 MB of fp16 zeros on amazon-sr) and keeps a gradient bucket of that size per rank. Every rank fills
-            the same stored rows (`fill_text_tables`) and nothing changes them: DDP has nothing to sync there."""
-
-            def wrap(self, dmp, env, device) -> None:
-                from recsys.train.frozen_text import is_text_table_key
-
-                self._additional_params_to_ignore |= {n for n, _ in dmp._dmp_wrapped_module.named_parameters()
-                                                      if is_text_table_key(n)}
-                super().wrap(dmp, env, device)
-
-        return WithoutFrozenText()
+        return DefaultDataParallelWrapper()
 
     class NoDataParallel(DataParallelWrapper):
         def wrap(self, dmp, env, device) -> None:
