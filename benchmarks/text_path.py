@@ -196,6 +196,49 @@ def worker(argv: List[str]) -> None:
     runpy.run_path(job, run_name="__main__")
 
 
+# ------------------------------------------------------------------------------------------- lookup, stand-alone
+def lookup_micro(threads: int = 2, reps: int = 20) -> Dict[str, float]:
+    """ms per batch of amazon-sr's text lookup alone (3 tables of 64-wide rows; 43 single-row bags per sample:
+    item text, 20 history item texts, query text, item category text, 20 history category texts; batch 4,096):
+    fbgemm's CPU TBE forward (what the frozen tables run on CPU) vs the old path's per-key index_select."""
+    import torch
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType, SparseType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
+                                                                         SplitTableBatchedEmbeddingBagsCodegen)
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    b, d, rows = 4096, 64, [21245, 871, 21245]  # items, queries, item_queries (+1 row each for "no text")
+    feats = [0] * 21 + [1] + [2] * 21
+    idx = torch.cat([torch.randint(0, rows[t], (b,)) for t in feats])
+    offsets = torch.arange(0, len(feats) * b + 1)
+
+    def ms(f) -> float:
+        for _ in range(3):
+            f()
+        t = time.perf_counter()
+        for _ in range(reps):
+            f()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    out: Dict[str, float] = {}
+    with torch.no_grad():
+        for name, prec in (("tbe_fp16", SparseType.FP16), ("tbe_fp32", SparseType.FP32)):
+            tbe = SplitTableBatchedEmbeddingBagsCodegen(
+                [(r, d, EmbeddingLocation.HOST, ComputeDevice.CPU) for r in rows], feature_table_map=feats,
+                weights_precision=prec, output_dtype=SparseType.FP32, optimizer=EmbOptimType.EXACT_SGD,
+                learning_rate=0.0, pooling_mode=PoolingMode.SUM)
+            out[name] = ms(lambda: tbe(idx, offsets))
+        tables = [torch.randn(r, d) for r in rows]
+        keys = [idx[k * b:(k + 1) * b] for k in range(len(feats))]
+        out["index_select_fp32"] = ms(lambda: [tables[t].index_select(0, i) for t, i in zip(feats, keys)])
+        half = [t.half() for t in tables]
+        out["index_select_fp16_to_fp32"] = ms(lambda: [half[t].index_select(0, i).float()
+                                                       for t, i in zip(feats, keys)])
+    return out
+
+
 # -------------------------------------------------------------------------------------------------- orchestrator
 def _git(tree: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=tree, capture_output=True, text=True).stdout.strip()
@@ -223,7 +266,8 @@ def _steady(rec: Dict[str, Any], warmup: int) -> Dict[str, float]:
     gaps = [b - a for a, b in zip(t[warmup:], t[warmup + 1:])]
     lt = rec.get("loader_times") or []
     # the pipeline fetches one batch ahead: batch i+1 is read during step i, so the same window of batches
-    loader = sum(lt[warmup + 2:warmup + 2 + steps]) / steps if len(lt) > warmup + 2 else None
+    window = lt[warmup + 2:warmup + 2 + steps]
+    loader = sum(window) / len(window) if window else None
     return {"samples_per_s": rec["global_batch"] * steps / secs, "steps_timed": steps,
             "median_step_s": statistics.median(gaps), "loader_s_per_step": loader}
 
@@ -318,9 +362,13 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              f"{meta['steps']} training steps per launch (global batch {meta['global_batch']}), steady state = "
              f"steps {meta['warmup']}..{meta['steps']}; launches interleaved old/new, {meta['rounds']} round(s); "
              f"1-minute load average {min(r['load_before'] for r in results):.1f}-"
-             f"{max(max(r['load_before'], r['load_after']) for r in results):.1f}.", ""]
-    lines += ["| ranks | version | samples/s (each launch) | median | job's own log (median) | peak RSS per rank, MB "
-              "| text path per rank, MB |", "|---|---|---|---:|---:|---|---|"]
+             f"{max(max(r['load_before'], r['load_after']) for r in results):.1f}."]
+    if meta.get("overrides"):  # diagnostics: then not each version's default spec
+        lines[0] = lines[0].replace("amazon-sr default spec", "amazon-sr, overridden")
+        lines.append(f"Overrides for both versions: `{' '.join(meta['overrides'])}`.")
+    lines.append("")
+    lines += ["| ranks | version | samples/s (each launch) | median | job's own log (median) | peak RSS per rank, MiB "
+              "| text path per rank, MiB |", "|---|---|---|---:|---:|---|---|"]
     summary: Dict[str, Any] = {}
     for nproc in sorted({r["nproc"] for r in results}):
         for ver in ("old", "new"):
@@ -345,7 +393,7 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
         o, n = summary.get((nproc, "old")), summary.get((nproc, "new"))
         if o and n:
             lines.append(f"| {nproc} | {n['sps'] / o['sps']:.2f}x | {n['rss'] / o['rss']:.2f}x | "
-                         f"{_mb(o['text'])} -> {_mb(n['text'])} MB |")
+                         f"{_mb(o['text'])} -> {_mb(n['text'])} MiB |")
     lines += ["", "Per-rank figures: peak RSS = VmHWM after the training steps (rank 0 / rank 1, range over "
               "launches); text path = old: raw fp32 + projected fp32 buffers + PCA basis; new: the rank's shards of "
               "the frozen tables (replicated here by amazon_sr.yaml) + projection buffers."]
@@ -368,9 +416,18 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra spec override for both versions (diagnostics; the result is then not the default "
                         "spec's)")
+    p.add_argument("--lookup-micro", action="store_true",
+                   help="only time the text lookup alone (TBE vs index_select), 1 and 2 threads, and print it")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "text_path")
     args = p.parse_args(argv)
+    if args.lookup_micro:
+        res = {f"{th}_threads": lookup_micro(th) for th in (1, 2)}
+        out = {"machine": _machine(), "lookup_ms_per_batch": res}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        Path(str(args.out) + "_lookup.json").write_text(json.dumps(out, indent=1) + "\n")
+        print(json.dumps(out, indent=1))
+        return 0
     old, new = args.old_tree.resolve(), args.new_tree.resolve()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="text_path_"))
     workdir.mkdir(parents=True, exist_ok=True)
