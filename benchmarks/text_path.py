@@ -192,8 +192,38 @@ def worker(argv: List[str]) -> None:
             yield x
 
     loop._take = take
+    if os.environ.get("TEXT_PATH_DIAG") == "index_select":
+        _diag_index_select_text()
     sys.argv = [job, *job_args]
     runpy.run_path(job, run_name="__main__")
+
+
+def _diag_index_select_text() -> None:
+    """Diagnostic, new tree only (`--diag-index-select`): read the frozen text rows this rank holds whole
+    (replicated, or the one rank's table-wise shard) with index_select on their fp16 weights instead of the text
+    EBC's TBE lookup. Same values (a one-row bag's sum is the row); tells how much of the text path's step cost is
+    the lookup kernel and the text KJT's distribution."""
+    import torch
+
+    import recsys.models.encoding as enc
+    from recsys.models.tables import text_table_name
+
+    def text_vectors(self, batch):
+        if not hasattr(self, "_diag_rows"):
+            self._diag_rows = {}
+            for key, v in self.text_ebc.state_dict().items():
+                t = v.local_shards()[0].tensor if hasattr(v, "local_shards") else v
+                self._diag_rows[key.split(".")[-2]] = t.detach()
+        out = {}
+        for side in enc.SIDES:
+            for f in self.text_feats[side]:
+                w = self._diag_rows[text_table_name(f.text_table)]
+                rows = batch.text[f.name]
+                v = w.index_select(0, rows.reshape(-1)).float()
+                out[f.name] = v.view(-1, f.max_len, self.text_dim) if f.sequence else v
+        return out
+
+    enc.UserQueryItemEncoder.text_vectors = text_vectors
 
 
 # ------------------------------------------------------------------------------------------- lookup, stand-alone
@@ -286,6 +316,8 @@ def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, A
     if args.lock:
         cmd = ["flock", args.lock, *cmd]
     env = dict(os.environ, PYTHONPATH=str(tree))
+    if args.diag_index_select and tag.startswith("new"):
+        env["TEXT_PATH_DIAG"] = "index_select"
     load_before = os.getloadavg()[0]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
@@ -416,6 +448,9 @@ def main(argv=None) -> int:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra spec override for both versions (diagnostics; the result is then not the default "
                         "spec's)")
+    p.add_argument("--diag-index-select", action="store_true",
+                   help="diagnostic: the new tree reads its whole-on-this-rank text tables with index_select "
+                        "instead of the text EBC (same values)")
     p.add_argument("--lookup-micro", action="store_true",
                    help="only time the text lookup alone (TBE vs index_select), 1 and 2 threads, and print it")
     p.add_argument("--workdir", type=Path, default=None)
