@@ -24,7 +24,7 @@ from torch import nn
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
-from recsys.data.features import context_features, sequence_keys, table_of_key, text_kjt_keys
+from recsys.data.features import context_features, kjt_keys, sequence_keys, table_of_key, text_kjt_keys
 from recsys.models.attention import grouped_target_attention, target_attention
 from recsys.models.fx import fx_tracing
 from recsys.models.precision import dense_autocast
@@ -176,6 +176,16 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return sequence_pool((m / m.sum(1, keepdim=True).clamp_min(1.0)).unsqueeze(1), x).squeeze(1)
 
 
+def _cat1(parts: List[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(parts, dim=1), without the copy cat makes of a single tensor (most aspects have one part)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
+def _stack1(parts: List[torch.Tensor]) -> torch.Tensor:
+    """torch.stack(parts, dim=1), a view (no copy) for a side with a single aspect."""
+    return parts[0].unsqueeze(1) if len(parts) == 1 else torch.stack(parts, dim=1)
+
+
 def _key(table_name: str) -> str:
     """ModuleDict key of a text table (prefixed: a table named `items` would shadow ModuleDict.items)."""
     return f"table_{table_name}"
@@ -209,7 +219,6 @@ class UserQueryItemEncoder(nn.Module):
         self.dense_index: Dict[str, List[int]] = {s: [] for s in SIDES}
         self.sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "attention"]
         self.mean_sequences = [f for f in spec.features if f.kind == "sequence" and f.pooling == "mean"]
-        self.table_pooling = {t.name: t.pooling for t in spec.tables}
         # features read from a request's context: with grouped rows (serving) they are looked up once per request
         self.context = frozenset(context_features(spec))
         self._index_keys(spec)
@@ -292,15 +301,45 @@ class UserQueryItemEncoder(nn.Module):
         self.positions: Dict[str, List[str]] = {f.name: sequence_keys(f.name, f.max_len) for f in self.sequences}
         self.chunk_table: Dict[str, str] = {**self.key_table, **{f.name: f.table for f in self.sequences}}
         self.id_layout = PooledLayout(list(self.key_table), self.positions)
+        # The EBC sum-pools every table (recsys.models.tables.embedding_bag_configs); the keys whose bags can hold
+        # several values are made means here where their table pools by mean (sparse features), and a mean-pooled
+        # history is always its mean. Ids, bucketized values and history positions hold at most one value, whose
+        # sum is already its mean.
+        mean_tables = {t.name for t in spec.tables if t.pooling == "mean"}
+        self.kjt_key_order = kjt_keys(spec)  # the batch's key order (recsys.data.batch.Batch)
+        self.mean_keys: List[str] = [f.name for f in spec.features
+                                     if (f.kind == "sparse" and f.table in mean_tables)
+                                     or (f.kind == "sequence" and f.pooling == "mean")]
+        self._key_rows: Dict[Tuple[str, ...], List[int]] = {}
 
-    def _pooled_features(self, pooled, kjt=None) -> Dict[str, torch.Tensor]:
-        """Feature (or whole sequence) name -> its pooled vectors; frozen tables' outputs detached, except the
-        bags made only of rows pretraining never updated (see freeze_tables)."""
+    def _pooled_features(self, pooled, kjt) -> Dict[str, torch.Tensor]:
+        """Feature (or whole sequence) name -> its pooled vectors (`kjt`: the EBC's input); frozen tables' outputs
+        detached, except the bags made only of rows pretraining never updated (see freeze_tables)."""
         feats = self.id_layout.split(pooled)
+        if self.mean_keys:
+            feats = self._bag_means(feats, kjt)
         if self.frozen_tables:
             feats = {n: (self._freeze_chunk(n, v, kjt) if self.chunk_table[n] in self.frozen_tables else v)
                      for n, v in feats.items()}
         return feats
+
+    def _bag_means(self, feats: Dict[str, torch.Tensor], kjt) -> Dict[str, torch.Tensor]:
+        """The sums of the multi-valued mean keys divided by their bag lengths (an empty bag stays zero)."""
+        lengths = kjt.lengths()
+        if fx_tracing():  # a Proxy has no key list; the traced graph only locates the EBC's inputs
+            keys = self.kjt_key_order
+        else:
+            keys = kjt.keys()
+        rows = self._key_rows.get(tuple(keys))
+        if rows is None:
+            where = {k: i for i, k in enumerate(keys)}
+            rows = self._key_rows[tuple(keys)] = [where[k] for k in self.mean_keys]
+        per_key = lengths.view(len(keys), -1)
+        out = dict(feats)
+        for name, row in zip(self.mean_keys, rows):
+            v = feats[name]
+            out[name] = v / per_key[row].clamp_min(1).unsqueeze(1).to(v.dtype)
+        return out
 
     def _freeze_chunk(self, name: str, v: torch.Tensor, kjt) -> torch.Tensor:
         """A frozen table's chunk: detached, but bags whose rows are all fresh (never updated in pretraining) keep
@@ -446,11 +485,8 @@ class UserQueryItemEncoder(nn.Module):
             if self.dense_index[side]:
                 add(side, "sparse", batch.dense[:, self.dense_index[side]])
 
-        for f in self.mean_sequences:  # pooled inside the EBC: a sum-pooled table gives the sum, made a mean here
-            pooled = feats[f.name]
-            if self.table_pooling[f.table] == "sum":
-                pooled = pooled / batch.seq_lengths[f.name].clamp_min(1).unsqueeze(1).to(pooled.dtype)
-            add(f.side, "id", pooled)
+        for f in self.mean_sequences:  # pooled inside the EBC, made a mean by _pooled_features
+            add(f.side, "id", feats[f.name])
 
         for f in self.sequences:
             hist = self._history(feats, f)  # [B, L, D]
@@ -513,8 +549,7 @@ class UserQueryItemEncoder(nn.Module):
 
         with dense_autocast(self.precision, self.text_temperature, training=self.training):
             aspects = {
-                side: torch.stack([self.proj[f"{side}_{a}"](torch.cat(parts[(side, a)], dim=1)) for a in names],
-                                  dim=1)
+                side: _stack1([self.proj[f"{side}_{a}"](_cat1(parts[(side, a)])) for a in names])
                 for side, names in self.aspect_names.items()
             }
         inter = torch.stack(interactions, dim=1) if interactions else batch.dense.new_zeros(batch.size, 0)

@@ -44,6 +44,11 @@ class AspectGate(nn.Module):
         return torch.softmax(batched_dot(self.key(aspects), query) * self.scale, dim=1)
 
     def forward(self, aspects: torch.Tensor, domain: torch.Tensor):
+        if aspects.shape[1] == 1:
+            # One aspect: every gate's softmax (or mean) over a single weight is exactly 1 and the fused vector is
+            # the aspect itself (the domain embedding gets a zero gradient either way), so skip the per-sample
+            # domain lookup, products and softmax (~10 kernels forward and backward on [B, dim])
+            return aspects[:, 0], aspects.new_ones(aspects.shape[:2])
         w = self.weights(aspects, domain)
         return weighted_sum(w, aspects), w
 

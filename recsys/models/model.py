@@ -62,7 +62,13 @@ def load_text_weights(text_ebc: nn.Module, text_tables: Dict[str, np.ndarray]) -
 class ModelOutput:
     logits: torch.Tensor
     regularizer: torch.Tensor
-    representation: torch.Tensor
+    z: torch.Tensor  # L2's representation in the dtype it was computed in (bf16 under bf16 autocast)
+
+    @property
+    def representation(self) -> torch.Tensor:
+        """z as float32. Cast when read, not in forward: a training step never reads it, and under bf16 autocast
+        the cast was a pass over [B, hidden] every step."""
+        return self.z.float()
 
 
 class SRFoundationModel(nn.Module):
@@ -105,7 +111,7 @@ class SRFoundationModel(nn.Module):
         with dense_autocast(self.precision, self.l2.heads.b, training=self.training):
             fused = self.l1(enc.aspects, batch.domain)
             logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
-        return ModelOutput(logits.float(), reg.float(), z.float())
+        return ModelOutput(logits.float(), reg.float(), z)
 
 
 class TrainTask(nn.Module):

@@ -82,7 +82,7 @@ def _mean_over_present_pairs(values: torch.Tensor, present: torch.Tensor) -> tor
 def domain_distributions(z: torch.Tensor, domain: torch.Tensor, num_domains: int, tau: float = 1.0,
                          across_ranks: bool = False):
     """-> (P [num_domains, D] rows summing to 1 where present, present [num_domains] bool)."""
-    p = torch.softmax(z / tau, dim=1)
+    p = torch.softmax(z if tau == 1.0 else z / tau, dim=1)  # x / 1 is x: no pass over [B, D] for it
     sums = torch.zeros(num_domains, z.shape[1], dtype=p.dtype, device=z.device).index_add_(0, domain, p)
     counts = _domain_counts(domain, num_domains, p.dtype)
     both = _global_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1), _world(across_ranks))  # one collective

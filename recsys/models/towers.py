@@ -173,7 +173,12 @@ class DomainHeads(nn.Module):
         self.num_interactions = num_interactions
 
     def forward(self, h: torch.Tensor, interactions: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
-        logit = (h * domain_rows(self.w, domain)).sum(1) + domain_rows(self.b, domain)
+        # Every domain's logit for every sample as one [B, H] x [H, K] product (K domains, a handful), then each
+        # sample's own column: the same sums as (h * w[domain]).sum(1), but one GEMM where the per-sample row
+        # lookup made three element-wise passes over [B, H] (multiply forward, two multiplies backward) and a
+        # scatter of [B, H] gradient rows into the K-row table. A matmul like the tower's, so under bf16 autocast
+        # it runs in bf16 as they do.
+        every = torch.matmul(h, self.w.t())
         if self.num_interactions:
-            logit = logit + (interactions * domain_rows(self.wide, domain)).sum(1)
-        return logit
+            every = every + torch.matmul(interactions, self.wide.t())
+        return (every + self.b).gather(1, domain.unsqueeze(1)).squeeze(1)

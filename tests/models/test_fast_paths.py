@@ -200,3 +200,78 @@ def test_mean_pooled_history_is_one_key_holding_the_history_mean(tiny_spec):
     user_dim = {t.name: t.dim for t in mean.tables}["user"]
     torch.testing.assert_close(seen["x"][:, user_dim:user_dim + table.shape[1]], expected)
     assert model.l0.num_interactions == build_model(att, torch.device("cpu")).l0.num_interactions - 2
+
+
+@pytest.mark.parametrize("pooling", ["mean", "sum"])
+def test_multi_valued_sparse_feature_is_the_mean_or_sum_of_its_rows(tiny_spec, pooling):
+    """Every embedding table sum-pools (FBGEMM's CPU mean pooling is several times slower) and the model divides a
+    mean table's multi-valued bags by their lengths: the model still reads the mean (or, for a sum table, the
+    sum) of a bag's rows, and an empty bag reads zero."""
+    from recsys.data.loader import BatchLoader
+    from recsys.models.tables import embedding_bag_configs
+    from torchrec.modules.embedding_configs import PoolingType
+
+    spec = tiny_spec(f"tables.genre.pooling={pooling}")
+    assert {c.pooling for c in embedding_bag_configs(spec, {t.name: 50 for t in spec.tables})} == {PoolingType.SUM}
+    batch = next(iter(BatchLoader(spec, "train", batch_size=64, shuffle=False)))
+    genres = batch.sparse["item_genres"]
+    assert genres.lengths().max() > 1
+    torch.manual_seed(0)
+    model = build_model(spec, torch.device("cpu"))
+    seen = {}
+    model.l0.proj["item_sparse"].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) and None)
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+        table = model.l0.ebc.embedding_bags["genre"].weight
+    expected = []
+    for r in range(64):
+        rows = table[genres.values()[genres.offsets()[r]:genres.offsets()[r + 1]]]
+        pooled = rows.sum(0) if pooling == "sum" or len(rows) == 0 else rows.mean(0)
+        expected.append(pooled if len(rows) else torch.zeros(table.shape[1]))
+    torch.testing.assert_close(seen["x"][:, :table.shape[1]], torch.stack(expected))
+
+
+def test_domain_heads_product_equals_the_per_sample_row_lookup():
+    """The heads score every domain with one [B, H] x [H, K] product and pick each sample's column: the same
+    values and gradients as the per-sample `(h * w[domain]).sum(1) + b[domain] + (x * wide[domain]).sum(1)`."""
+    from recsys.models.towers import DomainHeads
+
+    g = torch.Generator().manual_seed(0)
+    heads = DomainHeads(8, 3, 4).double()
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64))
+    h = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(50, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    domain = torch.randint(0, 4, (50,), generator=g)
+    up = torch.randn(50, generator=g, dtype=torch.float64)
+
+    def plain():
+        return (h * heads.w[domain]).sum(1) + heads.b[domain] + (x * heads.wide[domain]).sum(1)
+
+    inputs = [h, x, *heads.parameters()]
+    torch.testing.assert_close(heads(h, x, domain), plain())
+    for a, b in zip(torch.autograd.grad((heads(h, x, domain) * up).sum(), inputs),
+                    torch.autograd.grad((plain() * up).sum(), inputs)):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", ["domain", "cls", "mean"])
+def test_a_single_aspect_gate_is_the_aspect_itself(mode):
+    """A side with one aspect skips its gate: the softmax (or mean) of a single weight is exactly 1, so the fused
+    vector is the aspect, in every fusion mode."""
+    from recsys.models.encoding import weighted_sum
+    from recsys.models.fusion import AspectGate
+
+    g = torch.Generator().manual_seed(1)
+    gate = AspectGate(mode, 3, 8)
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.copy_(torch.randn(p.shape, generator=g))
+    aspects = torch.randn(20, 1, 8, generator=g)
+    domain = torch.randint(0, 3, (20,), generator=g)
+    fused, w = gate(aspects, domain)
+    torch.testing.assert_close(w, gate.weights(aspects, domain))
+    torch.testing.assert_close(fused, weighted_sum(gate.weights(aspects, domain), aspects))
+    assert torch.equal(fused, aspects[:, 0])
