@@ -23,11 +23,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bundle", required=True, type=Path)
     p.add_argument("--request", required=True, help="a JSON file or a JSON string")
+    p.add_argument("--verbose", action="store_true", help="show every library's log lines on the console")
     args = p.parse_args(argv)
-    setup_logging()
     from pydantic import ValidationError
 
     from recsys.serving.ranker import Ranker
+
+    # after torch is imported: setup_logging hands torch's own stderr handlers to the console filter, so a library
+    # notice (torch.fx's is_fx_tracing deprecation, met in TorchRec's modules) does not land between the JSON lines
+    setup_logging(verbose=args.verbose)
 
     text = Path(args.request).read_text() if not args.request.lstrip().startswith("{") else args.request
     ranker = Ranker.load(args.bundle)

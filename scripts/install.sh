@@ -17,7 +17,21 @@ if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
 else
   [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 fi
-PIP="$VENV/bin/python -m pip install --quiet --disable-pip-version-check"
+# pip's own notices (its resolver's "ERROR: ... requires fbgemm-gpu, which is not installed" for the deliberate
+# --no-deps installs below, index warnings of the machine's pip configuration) go to a log file; a failed install
+# prints the command and the log's last lines and stops the script.
+LOG="$VENV/install.log"
+: > "$LOG"
+pip_install() {
+  if ! "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$@" >>"$LOG" 2>&1; then
+    echo "install failed: pip install $*" >&2
+    echo "last lines of $LOG:" >&2
+    tail -n 25 "$LOG" >&2
+    exit 1
+  fi
+}
+PIP=pip_install
+echo "installing the pinned stack into $VENV (pip's output: $LOG)" >&2
 if [ "${RECSYS_DEVICE:-cpu}" = "cuda" ]; then
   # torch is already installed with CUDA on GPU hosts; pin fbgemm/torchrec to its minor (2.11<->1.6, 2.12<->1.7, 2.13<->1.8).
   TORCH_MINOR="$("$VENV/bin/python" -c 'import torch;print(torch.__version__.split("+")[0].rsplit(".",1)[0])')"
