@@ -20,8 +20,12 @@ REPO = Path(__file__).resolve().parents[2]
 # that its shards of the text tables still hold the stored rows. The test asks for column-wise text tables with
 # 8-wide shards (TorchRec's default floor is 128 columns) so the 16-wide movie table is really split over both
 # ranks: each rank holds half of every row, and every lookup crosses ranks.
+# Each rank writes its result to its own file: the two ranks share torchrun's stdout pipe, where rank 1's line once
+# landed in front of rank 0's (multi-MB) result line, so no line began with the marker (a print's text and its newline
+# are two writes unbuffered, and a write past the pipe's 4 KiB is not atomic either).
 SCRIPT = r'''
 import itertools, json, sys
+from pathlib import Path
 import numpy as np
 import torch
 import recsys.train.sharding as sharding
@@ -40,7 +44,7 @@ def narrow_column_shards(spec, device_type):
     return out
 sharding._text_constraints = narrow_column_shards
 
-spec_path, init_path, overrides = sys.argv[1], sys.argv[2], sys.argv[3:]
+spec_path, init_path, out_dir, overrides = sys.argv[1], sys.argv[2], Path(sys.argv[3]), sys.argv[4:]
 spec = load_spec(spec_path, overrides)
 ctx = init_distributed("cpu")
 state = torch.load(init_path)
@@ -69,25 +73,29 @@ for key, value in trainer.dmp.state_dict().items():
         for shard in value.local_shards():
             (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             changed += int((shard.tensor.numpy() != rows[r0:r0 + nr, c0:c0 + nc]).sum())
+result = {"changed": changed}
 if ctx.rank == 0:
-    plan = {t.name: [t.sharding_type, t.ranks] for t in trainer.plan.tables}
-    print("OUT " + json.dumps({"plan": plan, "logits": logits.tolist(),
-                               "vectors": {k: v.tolist() for k, v in vectors.items()}}), flush=True)
-print(f"CHANGED {ctx.rank} {changed}", flush=True)
+    result.update(plan={t.name: [t.sharding_type, t.ranks] for t in trainer.plan.tables}, logits=logits.tolist(),
+                  vectors={k: v.tolist() for k, v in vectors.items()})
+tmp = out_dir / f"rank{ctx.rank}.json.tmp"
+tmp.write_text(json.dumps(result))
+tmp.replace(out_dir / f"rank{ctx.rank}.json")  # whole or absent
 shutdown()
 exit_process(0)
 '''
 
 
-def _run(cmd, env):
+def _run(cmd, env, out_dir: Path, world_size: int):
+    """Runs the script (`cmd` ends with its arguments before `out_dir`) and returns rank 0's result and every rank's
+    count of changed text-table values, in rank order."""
+    out_dir.mkdir()
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     if res.returncode != 0 and GLOO_EXIT_ABORT in res.stderr:
         warnings.warn("gloo abort at exit recurred; rerun once")
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    out = json.loads(next(x for x in res.stdout.splitlines() if x.startswith("OUT "))[4:])
-    changed = [int(x.split()[2]) for x in res.stdout.splitlines() if x.startswith("CHANGED ")]
-    return out, changed
+    results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    return results[0], [r["changed"] for r in results]
 
 
 # (placement asked for the movie texts, what the 2-rank plan must show): split by columns over both ranks, or
@@ -114,11 +122,12 @@ def test_sharded_text_table_matches_one_rank_and_stays_frozen(tiny_overrides, ti
     torch.save(TrainTask(build_model(spec, torch.device("cpu")), spec).state_dict(), tmp_path / "init.pt")
     script = tmp_path / "text_shards.py"
     script.write_text(SCRIPT)
-    args = [str(script), str(REPO / "feature_specs" / "movielens.yaml"), str(tmp_path / "init.pt"), *overrides]
+    head = [str(script), str(REPO / "feature_specs" / "movielens.yaml"), str(tmp_path / "init.pt")]
     child_env["OMP_NUM_THREADS"] = "1"
-    one, changed_one = _run([sys.executable, *args], child_env)
+    one, changed_one = _run([sys.executable, *head, str(tmp_path / "one"), *overrides], child_env,
+                            tmp_path / "one", 1)
     two, changed_two = _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             *args], child_env)
+                             *head, str(tmp_path / "two"), *overrides], child_env, tmp_path / "two", 2)
     assert two["plan"]["text_movies"] == planned  # column_wise: really split, half of every row per rank
     assert one["plan"]["text_movies"][1] == [0]
     # the lookups are copies of stored fp16 rows: exactly equal, whatever the sharding
