@@ -406,24 +406,32 @@ class UserQueryItemEncoder(nn.Module):
     def _text_weights(self) -> Optional[Dict[str, torch.Tensor]]:
         """Text table name -> its fp32 rows [rows, dim] (views that share the tables' storage, so rows written by
         `set_text_rows` are seen), or None when the text module keeps them in another form (fp16, int8, sharded)."""
-        from recsys.models.tables import text_table_name
-
         cached = getattr(self, "_text_weight_views", None)
         if cached is not None and cached[0] is self.text_ebc:
             return cached[1]
         views: Optional[Dict[str, torch.Tensor]] = {}
-        bags = getattr(self.text_ebc, "embedding_bags", None)
         for t in self.spec.text.tables:
-            w = bags[text_table_name(t.name)].weight if bags is not None and text_table_name(t.name) in bags \
-                else None
-            if w is not None and w.dtype == torch.uint8 and w.shape[1] >= 4 * self.text_dim:
-                w = w.view(torch.float32)[:, :self.text_dim]  # serving's fused fp32 tables: fp32 rows as bytes
+            w = self._stored_text_rows(t.name)
             if w is None or w.dtype != torch.float32 or w.shape[1] != self.text_dim or w.device.type == "meta":
                 views = None
                 break
             views[t.name] = w.detach()
         self._text_weight_views = (self.text_ebc, views)
         return views
+
+    def _stored_text_rows(self, table: str) -> Optional[torch.Tensor]:
+        """The weight of frozen text table `table` as the text module stores it, with serving's fused fp32 tables
+        (recsys.serving.quantize: fp32 rows kept as bytes) viewed as their [rows, dim] fp32 rows; None when the
+        module holds no such plain table (sharded)."""
+        from recsys.models.tables import text_table_name
+
+        bags = getattr(self.text_ebc, "embedding_bags", None)
+        if bags is None or text_table_name(table) not in bags:
+            return None
+        w = bags[text_table_name(table)].weight
+        if w.dtype == torch.uint8 and w.shape[1] >= 4 * self.text_dim:
+            w = w.view(torch.float32)[:, :self.text_dim]
+        return w
 
     @torch.no_grad()
     def set_text_rows(self, table: str, rows: torch.Tensor, values: np.ndarray) -> None:
@@ -433,13 +441,11 @@ class UserQueryItemEncoder(nn.Module):
         if self.text_mode != "llm":
             self.text_lookup[_key(table)].set_rows(rows, values)
             return
-        from recsys.models.tables import text_table_name
         from recsys.text.frozen import project_vectors
 
-        weight = self.text_ebc.embedding_bags[text_table_name(table)].weight
-        if weight.dtype == torch.uint8:  # serving's fused inference tables (recsys.serving.quantize): fp32 rows
-            # stored as bytes
-            weight = weight.view(torch.float32)[:, :self.text_dim]
+        weight = self._stored_text_rows(table)
+        if weight is None or not weight.is_floating_point():
+            raise TypeError(f"text table {table!r}: its rows are not stored as plain floats here; cannot write them")
         projected = project_vectors(values, self.text_projection.to_projection())
         weight[rows] = torch.from_numpy(projected).to(weight.dtype)
 
