@@ -187,19 +187,27 @@ def test_mean_pooled_history_is_one_key_holding_the_history_mean(tiny_spec):
         ids = [int(k.values()[k.offsets()[r]]) for k in per_pos if k.lengths()[r] > 0]
         start = int(hist.offsets()[r])
         assert hist.values()[start:start + int(lens[r])].tolist() == ids
-    torch.manual_seed(0)
-    model = build_model(mean, torch.device("cpu"))
-    seen = {}
-    model.l0.proj["user_id"].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) and None)
-    model.eval()
+    model, seen = _projection_input(mean, b_mean, "user_id")
+    table = model.l0.ebc.embedding_bags["item"].weight.detach()
     with torch.no_grad():
-        model(b_mean)
-        table = model.l0.ebc.embedding_bags["item"].weight
         expected = torch.stack([table[hist.values()[hist.offsets()[r]:hist.offsets()[r + 1]]].mean(0)
                                 if lens[r] > 0 else torch.zeros(table.shape[1]) for r in range(64)])
     user_dim = {t.name: t.dim for t in mean.tables}["user"]
-    torch.testing.assert_close(seen["x"][:, user_dim:user_dim + table.shape[1]], expected)
+    torch.testing.assert_close(seen[:, user_dim:user_dim + table.shape[1]], expected)
     assert model.l0.num_interactions == build_model(att, torch.device("cpu")).l0.num_interactions - 2
+
+
+def _projection_input(spec, batch, proj: str):
+    """A freshly built model (seed 0, eval) run on `batch`, and the input its L0 projection `proj` got (the
+    aspect's concatenated parts)."""
+    torch.manual_seed(0)
+    model = build_model(spec, torch.device("cpu"))
+    seen = {}
+    model.l0.proj[proj].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) and None)
+    model.eval()
+    with torch.no_grad():
+        model(batch)
+    return model, seen["x"]
 
 
 @pytest.mark.parametrize("pooling", ["mean", "sum"])
@@ -216,20 +224,14 @@ def test_multi_valued_sparse_feature_is_the_mean_or_sum_of_its_rows(tiny_spec, p
     batch = next(iter(BatchLoader(spec, "train", batch_size=64, shuffle=False)))
     genres = batch.sparse["item_genres"]
     assert genres.lengths().max() > 1
-    torch.manual_seed(0)
-    model = build_model(spec, torch.device("cpu"))
-    seen = {}
-    model.l0.proj["item_sparse"].register_forward_hook(lambda m, inp, out: seen.update(x=inp[0]) and None)
-    model.eval()
-    with torch.no_grad():
-        model(batch)
-        table = model.l0.ebc.embedding_bags["genre"].weight
+    model, seen = _projection_input(spec, batch, "item_sparse")
+    table = model.l0.ebc.embedding_bags["genre"].weight.detach()
     expected = []
     for r in range(64):
         rows = table[genres.values()[genres.offsets()[r]:genres.offsets()[r + 1]]]
         pooled = rows.sum(0) if pooling == "sum" or len(rows) == 0 else rows.mean(0)
         expected.append(pooled if len(rows) else torch.zeros(table.shape[1]))
-    torch.testing.assert_close(seen["x"][:, :table.shape[1]], torch.stack(expected))
+    torch.testing.assert_close(seen[:, :table.shape[1]], torch.stack(expected))
 
 
 def test_domain_heads_product_equals_the_per_sample_row_lookup():
