@@ -26,6 +26,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Union
 
+from recsys import startup_errors
 from recsys.errors import RecsysError
 from recsys.logs import attach_log_file, setup_logging  # noqa: F401  (re-exported for the jobs)
 from recsys.spec.config import Spec
@@ -90,34 +91,43 @@ def run_main(main_fn: Callable[[], Union[int, None]]) -> None:
     """Run `main_fn()` and exit with its return code (None = 0).
 
     `RecsysError` / argparse errors -> `error: <message>` on stderr, exit 2, no traceback (RECSYS_DEBUG=1
-    re-raises; under torchrun only the first rank of a host prints an error found before the process group
-    starts, see `_quiet_rank`); Ctrl-C -> exit 130. Other exceptions are bugs and keep their traceback.
+    re-raises; under torchrun an error found before the process group starts is printed once per host, see
+    recsys.startup_errors); Ctrl-C -> exit 130. Other exceptions are bugs and keep their traceback.
     """
     try:
         rc = main_fn()
     except (RecsysError, argparse.ArgumentError, argparse.ArgumentTypeError) as e:
         if _debug():
             raise
-        if not _quiet_rank():
-            _report(str(e))
+        _report_once_per_host(str(e))
         exit_with(EXIT_BAD_INPUT)
     except KeyboardInterrupt:
         if _debug():
             raise
         print("error: interrupted", file=sys.stderr)
         exit_with(EXIT_INTERRUPTED)
+    finally:
+        # a job that ended before starting a group (--dry-run, a bug) tells its host's other ranks it printed nothing
+        startup_errors.publish_outcome("")
     exit_with(rc)
 
 
-def _quiet_rank() -> bool:
-    """True on a torchrun worker other than its host's first (LOCAL_RANK > 0) that failed before joining the
-    process group. Such errors come from the spec, the arguments and the files, which every rank of a host reads
-    alike: the host's first rank prints the line, so a 2-rank job shows it once, not once per rank. Errors after
-    the group exists may differ by rank (a rank's data shard) and are printed by every rank."""
-    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
-        return False
+def _report_once_per_host(message: str) -> None:
+    """Print `message`, except on a torchrun worker other than its host's first whose error came before the process
+    group and whose first rank printed the same line (recsys.startup_errors says why it must be checked, not
+    assumed). Errors after the group exists may differ by rank (a rank's data shard): every rank prints those."""
+    if not startup_errors.under_torchrun() or _group_started():
+        _report(message)
+    elif startup_errors.is_host_first_rank():
+        _report(message)
+        startup_errors.publish_outcome(message)
+    elif not startup_errors.shown_by_first_rank(message):
+        _report(message)
+
+
+def _group_started() -> bool:
     dist_mod = sys.modules.get("torch.distributed")
-    return not (dist_mod is not None and dist_mod.is_available() and dist_mod.is_initialized())
+    return dist_mod is not None and dist_mod.is_available() and dist_mod.is_initialized()
 
 
 def exit_with(code: Optional[int]) -> None:

@@ -11,6 +11,8 @@ from typing import NoReturn, Optional
 import torch
 import torch.distributed as dist
 
+from recsys import startup_errors
+
 log = logging.getLogger("recsys.train.dist")
 
 @dataclass(frozen=True)
@@ -57,6 +59,8 @@ def init_distributed(device: str = "auto") -> DistContext:
         dev = torch.device("cpu")
         backend = "gloo"
     if not dist.is_initialized():
+        # past start-up without an error: a quiet rank that failed there prints its own line (recsys.startup_errors)
+        startup_errors.publish_outcome("")
         global _GLOO_USED
         _GLOO_USED = _GLOO_USED or backend == "gloo"
         if "TORCHELASTIC_RESTART_COUNT" in os.environ:
