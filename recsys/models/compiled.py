@@ -1,4 +1,4 @@
-"""torch.compile of the dense layers in training (`train.compile`: `auto`, `on`, `off`).
+"""torch.compile of the dense layers in training (`train.compile`: `auto`, or true / false, YAML's on / off).
 
 A small model's CPU step is mostly per-op overhead: the peers' configuration runs some 500 ATen ops per step on
 [B, 16..128] tensors (projections, LayerNorms, gating, the tower, the heads, the JS regulariser's softmax and
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import functools
 import shutil
-from typing import Callable, Optional, Tuple
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -50,18 +50,20 @@ def cpp_compiler() -> Optional[str]:
     return None
 
 
-def resolve_compile(setting: str, device_type: str, planned_steps: Optional[int]) -> Tuple[bool, str]:
-    """(whether to compile the dense layers, why) for a `train.compile` setting. `planned_steps`: the training
-    steps this process will run (None: unknown, which `auto` treats as too few to repay a compile)."""
-    if setting == "off":
+def resolve_compile(setting: Union[str, bool], device_type: str,
+                    planned_steps: Optional[int]) -> Tuple[bool, str]:
+    """(whether to compile the dense layers, why) for a `train.compile` setting (`auto`, True, False).
+    `planned_steps`: the training steps this process will run (None: unknown, which `auto` treats as too few to
+    repay a compile)."""
+    if setting is False:
         return False, "train.compile: off set explicitly"
     compiler = cpp_compiler() if device_type == "cpu" else "n/a"
-    if setting == "on":
+    if setting is True:
         if device_type == "cpu" and compiler is None:
             return False, "train.compile: on, but no C++ compiler for inductor's CPU backend is installed: plain"
         return True, "train.compile: on set explicitly"
     if setting != "auto":
-        raise ValueError(f"train.compile: unknown setting {setting!r} (auto, on, off)")
+        raise ValueError(f"train.compile: unknown setting {setting!r} (auto, true/on, false/off)")
     if device_type != "cpu":
         return False, f"train.compile: auto -> off (device {device_type}: only CPU steps were measured compiled)"
     if compiler is None:

@@ -18,13 +18,19 @@ def test_auto_compiles_only_long_cpu_runs_with_a_compiler(monkeypatch):
     assert not resolve_compile("auto", "cpu", COMPILE_MIN_STEPS - 1)[0]
     assert not resolve_compile("auto", "cpu", None)[0]
     assert not resolve_compile("auto", "cuda", 10 * COMPILE_MIN_STEPS)[0]
-    assert resolve_compile("on", "cpu", 1)[0] and not resolve_compile("off", "cpu", 10 ** 9)[0]
+    assert resolve_compile(True, "cpu", 1)[0] and not resolve_compile(False, "cpu", 10 ** 9)[0]
     monkeypatch.setattr(compiled, "cpp_compiler", lambda: None)
     on, why = resolve_compile("auto", "cpu", 10 * COMPILE_MIN_STEPS)
     assert not on and "no C++ compiler" in why
-    assert not resolve_compile("on", "cpu", 1)[0]  # nothing to compile with: the plain layers, said in the log
+    assert not resolve_compile(True, "cpu", 1)[0]  # nothing to compile with: the plain layers, said in the log
     with pytest.raises(ValueError, match="unknown setting"):
         resolve_compile("yes", "cpu", 1)
+
+
+def test_the_spec_reads_on_and_off_as_the_forced_settings(tiny_spec):
+    assert tiny_spec().train.compile == "auto"
+    assert tiny_spec("train.compile=on").train.compile is True
+    assert tiny_spec("train.compile=off").train.compile is False
 
 
 @pytest.mark.slow  # inductor compiles the projections and L1 + L2, forward and backward (~a minute on 2 cores)
