@@ -3,8 +3,9 @@
 A small model's CPU step is mostly per-op overhead: the peers' configuration runs some 500 ATen ops per step on
 [B, 16..128] tensors (projections, LayerNorms, gating, the tower, the heads, the JS regulariser's softmax and
 pairwise terms), each paying dispatch and one pass over memory. Inductor fuses the elementwise chains between the
-GEMMs into a few C++ loops, forward and backward. What is compiled: every aspect projection of L0 (Linear +
-LayerNorm) and L1 + L2 as one graph (`SRFoundationModel.dense`). The embedding lookups (FBGEMM kernels behind
+GEMMs into a few C++ loops, forward and backward. What is compiled: L0's aspect projections (each Linear +
+LayerNorm, with the concatenations before and the stacking after: `UserQueryItemEncoder.project`) as one graph, and
+L1 + L2 as another (`SRFoundationModel.dense`). The embedding lookups (FBGEMM kernels behind
 TorchRec's sharded modules, which the train pipeline rewires) and the history attention (its own fused autograd
 function) stay as they are.
 
@@ -103,7 +104,7 @@ def compile_in_training(module: nn.Module, method: str = "forward") -> None:
 
 
 def compile_dense_layers(model: nn.Module) -> None:
-    """The dense layers of an SRFoundationModel: each L0 aspect projection, and L1 + L2 as one graph."""
-    for proj in model.l0.proj.values():
-        compile_in_training(proj)
+    """The dense layers of an SRFoundationModel: L0's aspect projections as one graph, L1 + L2 as another (two
+    compiled regions a step: each region's entry costs guards and an autograd node)."""
+    compile_in_training(model.l0, "project")
     compile_in_training(model, "dense")
