@@ -23,6 +23,9 @@ recsys model code on benchmarks/plain_reference.py's EmbeddingBag collection wit
 Adam) and DistributedDataParallel on 2 ranks. `*_prebuilt` configurations and the public peers time the step on
 batches built before the timed window (how the peers are timed); the others include our loader. Each measurement
 records the 1-minute load average before and after: figures taken under load are noisy, ratios less so.
+The TorchRec training configurations run `train.compile` as `--compile` says (default on, the plan a training run
+of >= 10,000 steps gets on a CPU with a C++ compiler): the compile happens in the warm-up, outside the timed window,
+and each configuration reports its warm-up seconds with the compile in them.
 
 Writes benchmarks/results/throughput.{json,md,png}.
 """
@@ -59,6 +62,9 @@ CONFIGS: Dict[str, tuple] = {
     # information, not the goal: the peers' configuration with the default spec's wider tower (256-128, 3x the
     # tower FLOPs of EPNet's 128-64-32 MLP; the peers' configuration until 2026-12-01)
     "tr_peer256_train_1_prebuilt": ("torchrec", "train", 1, "peer", ["model.hidden=[256,128]"]),
+    # information: the goal configuration with its dense layers uncompiled (what a run shorter than 10,000 steps
+    # gets under train.compile auto)
+    "tr_peer_train_1_prebuilt_uncompiled": ("torchrec", "train", 1, "peer", ["train.compile=off"]),
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
     "tr_full_train_1": ("torchrec", "train", 1, "full"),
@@ -76,12 +82,13 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_infer_2": ("torchrec", "infer", 2, "full"),
     "plain_full_infer_1": ("plain", "infer", 1, "full"),
 }
-PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt"}
+PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled"}
 PREBUILT_BATCHES = 16  # batches built before the timed window of a pre-built configuration (the peers use as many)
 DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt",
                    "tr_peer_train_1", "tr_peer_train_2", "tr_full_train_1", "tr_full_train_2", "plain_full_train_1",
                    "plain_full_train_2", "loader_1", "tr_full_infer_1"]
-QUICK_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_full_train_1",
+QUICK_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled",
+                 "tr_full_train_1",
                  "plain_full_train_1"]
 QUICK_CONFIGS_MOVIELENS = ["loader_1", "tr_full_train_1", "plain_full_train_1", "tr_full_infer_1"]
 
@@ -103,9 +110,11 @@ def _cycle(loader):
 
 
 def _timed(step, warmup: int, steps: int, barrier) -> Dict[str, float]:
+    t_warm = time.perf_counter()
     for _ in range(warmup):
         step()
     barrier()
+    warmup_s = time.perf_counter() - t_warm  # includes the compile where train.compile is on: paid once, here
     load0 = common.load_average()
     cpu0, t0 = time.process_time(), time.perf_counter()
     samples = 0
@@ -113,7 +122,7 @@ def _timed(step, warmup: int, steps: int, barrier) -> Dict[str, float]:
         samples += step()
     barrier()
     return {"seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - cpu0, "local_samples": samples,
-            "load_avg_before": load0, "load_avg_after": common.load_average()}
+            "load_avg_before": load0, "load_avg_after": common.load_average(), "warmup_seconds": warmup_s}
 
 
 def _top_ops(prof, steps: int, limit: int = 30) -> List[Dict[str, Any]]:
@@ -183,6 +192,9 @@ def worker(cfg: Dict[str, Any]) -> None:
         trainer = Trainer(spec, ctx, for_training=False)
         dmp = trainer.dmp
         if task_kind == "train":
+            # train.compile as the training job applies it; `auto` judges this launch's own few steps too short
+            # to repay a compile, so the benchmark's --compile (default on) states the choice for a long run
+            compiled = trainer.compile_dense(cfg["warmup"] + cfg["steps"])
             dmp.train()
             guard = trainer.finite_grad_guard()  # what training steps (deferred, no host sync, on CUDA)
             pipeline = TrainPipelineSparseDist(dmp, guard, ctx.device, execute_all_batches=True)
@@ -262,6 +274,9 @@ def worker(cfg: Dict[str, Any]) -> None:
                "prebuilt": bool(cfg.get("prebuilt"))}
         if prof_result is not None:
             out["profile_top_ops_rank0"] = prof_result
+        if impl == "torchrec" and task_kind == "train":
+            out["compiled"] = compiled
+            out["warmup_seconds"] = max(r["warmup_seconds"] for r in per_rank)
         common.write_json(Path(cfg["out"]), out)
     shutdown()
 
@@ -402,6 +417,7 @@ def ratios(configs: Dict[str, Any], metric: str = "samples_per_s") -> Dict[str, 
         "peers_config_with_loader_1_rank_vs_fastest_peer": over("tr_peer_train_1", fastest),
         "peers_config_with_loader_2_ranks_vs_fastest_peer": over("tr_peer_train_2", fastest),
         "peers_config_wide_tower_prebuilt_vs_fastest_peer": over("tr_peer256_train_1_prebuilt", fastest),
+        "peers_config_uncompiled_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt_uncompiled", fastest),
         "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
         "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
         "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
@@ -425,6 +441,8 @@ RATIO_LABELS = {
     "peers_config_with_loader_2_ranks_vs_fastest_peer": "the same on 2 gloo ranks / fastest peer",
     "peers_config_wide_tower_prebuilt_vs_fastest_peer": "peers' configuration with the default spec's tower "
                                                         "(hidden 256-128), pre-built / fastest peer (information)",
+    "peers_config_uncompiled_prebuilt_vs_fastest_peer": "peers' configuration with train.compile off, pre-built "
+                                                        "/ fastest peer (information)",
     "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
     "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
     "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",
@@ -452,6 +470,8 @@ def render(report: Dict[str, Any]) -> str:
         rate = f"{r['samples_per_s']:,.0f}" + (f" (median of {' / '.join(f'{x:,.0f}' for x in runs)})"
                                                if len(runs) > 1 else "")
         model = r["variant"] + (" (pre-built batches)" if r.get("prebuilt") else "")
+        if r.get("compiled"):
+            model += f"; compiled (warm-up incl. compile {r['warmup_seconds']:.0f} s)"
         per_cpu = r.get("samples_per_cpu_s")
         rows.append([name, r["impl"], r["task"], model, r["nproc"], f"{batch:,}", rate,
                      f"{per_cpu:,.0f}" if per_cpu else "-",
@@ -462,7 +482,9 @@ def render(report: Dict[str, Any]) -> str:
             f"{m.get('load_avg_1min', float('nan')):.2f}. Training: global batch {report['global_batch']} (unless "
             f"the table says otherwise), {report['steps']} timed steps after {report['warmup']} warm-up steps, "
             f"{report.get('repeat', 1)} interleaved round(s), no evaluation in the window; inference: eval batch "
-            f"{report['eval_batch']} on valid. Samples/s are global (all ranks). Load average = 1-min, before -> "
+            f"{report['eval_batch']} on valid. Overrides of every configuration: "
+            f"`{' '.join(report.get('overrides') or []) or 'none'}` (train.compile: the dense layers compiled in the "
+            f"TorchRec training configurations, the compile paid in the warm-up). Samples/s are global (all ranks). Load average = 1-min, before -> "
             f"after each measurement (above the core count means other jobs shared the CPU).\n\n")
     g = report.get("goals")
     if g:
@@ -559,6 +581,10 @@ def main(argv=None) -> int:
     ap.add_argument("--load-robust", action="store_true", help="for a shared machine: OpenMP threads wait "
                     "passively (OMP_WAIT_POLICY=PASSIVE in every launch, peers and ours alike) and the ratios use "
                     "samples per CPU-second instead of wall-clock samples/s")
+    ap.add_argument("--compile", choices=["auto", "on", "off"], default="on", help="train.compile of the TorchRec "
+                    "configurations (default on: the plan `auto` picks for a training run of >= 10,000 steps; "
+                    "auto judges a benchmark launch's few steps too short). The compile is paid in the warm-up, "
+                    "whose seconds each configuration reports")
     ap.add_argument("--repeat", type=int, help="interleaved rounds, each configuration reporting its median "
                     "(default 3; 1 with --quick)")
     args = ap.parse_args(argv)
@@ -571,6 +597,7 @@ def main(argv=None) -> int:
         args.configs = args.configs or (QUICK_CONFIGS if args.data == "amazon_sr" else QUICK_CONFIGS_MOVIELENS)
         args.steps, args.warmup, args.profile_steps = min(args.steps, 10), min(args.warmup, 2), 0
     args.repeat = args.repeat or (1 if args.quick else 3)
+    args.extra = [f"train.compile={args.compile}", *args.extra]  # an explicit --set train.compile=... wins
     why = common.data_available(args.data)
     if why:
         print(f"skip {args.data}: {why}")

@@ -554,9 +554,12 @@ class UserQueryItemEncoder(nn.Module):
                     add(side, "text", mean)
 
         with dense_autocast(self.precision, self.text_temperature, training=self.training):
-            aspects = {
-                side: _stack1([self.proj[f"{side}_{a}"](_cat1(parts[(side, a)])) for a in names])
-                for side, names in self.aspect_names.items()
-            }
+            aspects = self.project(parts)
         inter = torch.stack(interactions, dim=1) if interactions else batch.dense.new_zeros(batch.size, 0)
         return Encoded(aspects=aspects, interactions=inter)
+
+    def project(self, parts: Dict[Tuple[str, str], List[torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """(side, aspect) -> its vectors => side -> its aspects projected to `model.dim` and stacked [B, A, dim].
+        One method so that `train.compile` compiles all projections as one graph (recsys/models/compiled.py)."""
+        return {side: _stack1([self.proj[f"{side}_{a}"](_cat1(parts[(side, a)])) for a in names])
+                for side, names in self.aspect_names.items()}

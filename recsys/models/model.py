@@ -109,9 +109,13 @@ class SRFoundationModel(nn.Module):
         # bf16 is a training-speed setting; evaluation and scoring run fp32 so that evaluate, a bundle's score and
         # the online service give the same numbers on every machine (auto picks bf16 only on some CPUs).
         with dense_autocast(self.precision, self.l2.heads.b, training=self.training):
-            fused = self.l1(enc.aspects, batch.domain)
-            logits, reg, z = self.l2(fused, enc.interactions, batch.domain)
+            logits, reg, z = self.dense(enc.aspects, enc.interactions, batch.domain)
         return ModelOutput(logits.float(), reg.float(), z)
+
+    def dense(self, aspects: Dict[str, torch.Tensor], interactions: torch.Tensor, domain: torch.Tensor):
+        """L1 then L2: the part `train.compile` compiles as one graph (recsys/models/compiled.py)."""
+        fused = self.l1(aspects, domain)
+        return self.l2(fused, interactions, domain)
 
 
 class TrainTask(nn.Module):

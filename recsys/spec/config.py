@@ -294,6 +294,10 @@ class TrainSpec(StrictModel):
     # slower where it is emulated (AVX2). `auto` picks bf16 only where it is native and logs which and why.
     # Training steps only: evaluation and serving always run fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # torch.compile of the dense layers in training steps (recsys/models/compiled.py): `auto` compiles on CPU where
+    # inductor's C++ compiler is installed and the run is long enough to repay the compile (>= 10,000 steps);
+    # true / false (YAML's on / off too) force it. Evaluation and serving always run the plain layers.
+    compile: Union[Literal["auto"], bool] = "auto"
     # precision of the pooled embeddings (forward) and their gradients (backward) in the sharded all-to-all:
     # fp16/bf16 halve its bytes (TorchRec quantized comms; gloo has no bf16 codec, so bf16 is sent as fp16 on CPU)
     embedding_comm: Literal["fp32", "fp16", "bf16"] = "fp32"

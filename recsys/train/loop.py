@@ -146,6 +146,7 @@ class Trainer:
         # what the finite-gradient guard checks before a step: every gradient the step applies
         self.stepped_params: Dict[str, torch.Tensor] = {**dense, **dp_tables}
         self.state = RunState()
+        self.compiled: Optional[bool] = None  # train.compile's answer, decided when the run's length is known
         self._loaders: Dict[str, Any] = {}  # split -> its BatchLoader, kept across epochs (see _loader)
         self.live = None
         if for_training and spec.train.live_metrics_window > 0:
@@ -159,6 +160,20 @@ class Trainer:
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def compile_dense(self, planned_steps: Optional[int]) -> bool:
+        """Apply `train.compile` (recsys/models/compiled.py) for a run of `planned_steps` training steps in this
+        process; logs the choice and why. Decided once per Trainer: a later call returns the first answer."""
+        from recsys.models.compiled import compile_dense_layers, resolve_compile
+
+        if self.compiled is not None:
+            return self.compiled
+        self.compiled, why = resolve_compile(self.spec.train.compile, self.ctx.device.type, planned_steps)
+        if self.ctx.is_main:
+            log.info("dense layers %s: %s", "compiled" if self.compiled else "plain", why)
+        if self.compiled:
+            compile_dense_layers(self.model)
+        return self.compiled
 
     # ------------------------------------------------------------------------------------------------ model views
     @property
@@ -279,6 +294,10 @@ class Trainer:
         spec = self.spec
         if self.ctx.is_main:  # written here, not at construction: a refused --resume must leave the old one
             (self.out_dir / "spec.resolved.yaml").write_text(dump_resolved(spec))
+        per_epoch = len(self._loader("train", self.state.epoch))
+        if spec.train.max_steps:
+            per_epoch = min(per_epoch, spec.train.max_steps)
+        self.compile_dense(per_epoch * (spec.train.epochs - self.state.epoch) - self.state.step_in_epoch)
         for epoch in range(self.state.epoch, spec.train.epochs):
             self.state.epoch = epoch
             t_epoch = time.perf_counter()
