@@ -65,7 +65,7 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 MAP_BLOCK = 65536  # rows mapped per vectorised call (a block is whole batches of about this many rows)
 PREFETCH_BATCHES = 2  # batches the Prefetcher keeps ready ahead of the consumer
 CACHE_BYTES = 512 << 20  # decoded row groups kept in memory (at least one is always kept)
-STORE_BYTES = 256 << 20  # mapped rows a train-mode loader keeps for its later epochs (see _MappedStore)
+STORE_BYTES = 512 << 20  # stored mapped rows a train-mode loader keeps for its later epochs (see _MappedStore)
 
 
 _BUCKET = re.compile(r"^bucket\(\s*([^,\s()]+)\s*,\s*(\d+)\s*\)$")
@@ -183,8 +183,7 @@ class BatchLoader:
         self.window_chunks = spec.train.shuffle_buffer_row_groups  # None: as many as the row-group cache holds
         self._dropout = not self.eval_mode and any(t.id_dropout > 0 for t in spec.tables)
         # train mode iterates epochs over the same rows: keep them mapped when they fit (eval loaders read once)
-        self._store = None if self.eval_mode else _MappedStore(np.concatenate(self.kept) if self.kept else
-                                                               np.zeros(0, np.int64))
+        self._store = None if self.eval_mode else _MappedStore(rows, self.num_rows)
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
         if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
@@ -304,11 +303,7 @@ class BatchLoader:
         """Map global rows (negative = padding copy of row -1-r) in the given order; rows already mapped in an
         earlier epoch come from the loader's store of mapped rows instead."""
         real = np.where(rows < 0, -1 - rows, rows)
-        out = self._store.gather(real) if self._store is not None else None
-        if out is None:
-            out = self._map_rows(real)
-            if self._store is not None:
-                self._store.put(real, out)
+        out = self._store.read(real, self._map_rows) if self._store is not None else self._map_rows(real)
         if (rows < 0).any():
             out["row_id"] = np.where(rows < 0, -1, out["row_id"])
         return out
@@ -399,50 +394,108 @@ class BatchLoader:
 
 
 class _MappedStore:
-    """The mapped arrays of a train-mode loader's kept rows, filled as its first epoch maps them and gathered from
-    in later epochs, so that an epoch over rows seen before is one numpy gather per array instead of an Arrow take
-    plus the mapping (dictionary lookups, history padding, text rows). On MovieLens (704 mapped bytes a row, 64 MB
-    for the 95k train rows) a block of 65536 rows took 29 ms to gather against ~75 ms to take and map; amazon-sr's
-    train split does not fit STORE_BYTES, and such a loader keeps mapping every epoch as before.
+    """The mapped arrays of the rows a train-mode loader has read, so that a later epoch gathers a row (one numpy
+    take per array) instead of an Arrow take plus the mapping (dictionary lookups, history padding, text rows).
 
-    Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered
-    row is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot
-    change the store. Concurrent mapping threads (`workers` >= 2) write disjoint rows of one epoch (eval padding
-    repeats a row with equal values), and a row's flag is set only after its values are written."""
+    Rows get slots in the order they are first stored, so storing a block is one contiguous copy per array: scattering
+    them to slots in file order cost about as much as the mapping (MovieLens first epochs ran at 0.4-0.5x the loader
+    before the store). A block with some rows not stored yet (the usual case on 2 or more ranks, whose rows change
+    with each epoch's chunk order) gathers the stored ones and maps only the others. Integer arrays are kept in the
+    narrowest integer type their values need so far (embedding rows of tables under 65536 rows fit 2 bytes; widened
+    if a later row needs more) and come back in their mapped type: amazon-sr's 836 mapped bytes a row are ~212
+    stored, which lets its train split fit STORE_BYTES. Whether the store is used is decided on the first block: the
+    kept rows at that block's stored bytes per row must fit STORE_BYTES, else the loader maps every epoch.
 
-    def __init__(self, kept: np.ndarray):
-        self.kept = kept  # global row numbers of the kept rows, ascending: a row's slot is its position here
-        self.arrays: Optional[Arrays] = None
-        self.filled = np.zeros(len(kept), dtype=bool)
-        self.enabled = len(kept) > 0
+    Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered row
+    is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot change
+    the store. Stores happen under a lock (`workers` >= 2 map blocks concurrently) and a row's slot is published only
+    after its values are written, so a gather never reads a slot being filled."""
+
+    def __init__(self, rows_total: int, capacity: int):
+        self.slot = np.full(rows_total, -1, dtype=np.int64)  # global row -> its slot, -1 = not stored
+        self.capacity = capacity  # the kept rows: every row a train epoch can read
+        self.used = 0
+        self.arrays: Optional[Arrays] = None  # slot-indexed, narrow integer types
+        self.dtypes: Dict[str, np.dtype] = {}  # each array's mapped type, restored by a gather
+        self.enabled = capacity > 0
+        self.rows_gathered = self.rows_mapped = 0  # counts, for tests and profiling
         self._lock = threading.Lock()
 
-    def gather(self, real: np.ndarray) -> Optional[Arrays]:
-        """The rows' mapped arrays, or None unless every row has been stored."""
-        if self.arrays is None or not len(real):
-            return None
-        slot = np.searchsorted(self.kept, real)
-        if not self.filled[slot].all():
-            return None
-        return {k: v[slot] for k, v in self.arrays.items()}
+    def read(self, real: np.ndarray, map_rows) -> Arrays:
+        """Mapped arrays of global rows `real` (all real, distinct) in their order: stored rows gathered, the others
+        mapped by `map_rows(rows)` and stored."""
+        if not self.enabled or self.arrays is None:
+            out = map_rows(real)
+            self.rows_mapped += len(real)
+            self.put(real, out)
+            return out
+        slot = self.slot[real]
+        missing = np.flatnonzero(slot < 0)
+        if len(missing) == len(real):
+            out = map_rows(real)
+        else:
+            arrays = self.arrays  # one snapshot: a widening swaps the dict, never edits it
+            out = {k: _widen(np.take(v, slot, axis=0), self.dtypes[k]) for k, v in arrays.items()}
+            if len(missing):
+                new = map_rows(real[missing])
+                for k, v in new.items():
+                    out[k][missing] = v
+        self.rows_gathered += len(real) - len(missing)
+        self.rows_mapped += len(missing)
+        if len(missing):
+            self.put(real[missing], out if len(missing) == len(real) else {k: v[missing] for k, v in out.items()})
+        return out
 
     def put(self, real: np.ndarray, arrays: Arrays) -> None:
-        if not self.enabled or not len(real):
+        """Store rows `real` (none stored yet) with their mapped arrays."""
+        n = len(real)
+        if not self.enabled or not n:
             return
-        with self._lock:  # the first block decides (and allocates) once, whatever thread maps it
-            if self.arrays is None:
-                need = sum(v.nbytes for v in arrays.values()) / len(real) * len(self.kept)
+        with self._lock:
+            narrow = {k: _narrow_type(v) for k, v in arrays.items()}
+            if self.arrays is None:  # the first block decides, whatever thread maps it
+                per_row = sum(narrow[k].itemsize * (v[0].size if n else 0) for k, v in arrays.items())
+                need = per_row * self.capacity
                 if need > STORE_BYTES:
                     self.enabled = False
                     log.info("mapped rows need %.0f MB > %d MB: mapping every epoch", need / 2**20,
                              STORE_BYTES >> 20)
                     return
-                self.arrays = {k: np.empty((len(self.kept),) + v.shape[1:], dtype=v.dtype)
+                self.dtypes = {k: v.dtype for k, v in arrays.items()}
+                self.arrays = {k: np.empty((self.capacity,) + v.shape[1:], dtype=narrow[k])
                                for k, v in arrays.items()}
-        slot = np.searchsorted(self.kept, real)
-        for k, v in arrays.items():
-            self.arrays[k][slot] = v
-        self.filled[slot] = True
+            if self.used + n > self.capacity:  # only if rows were stored twice (an abandoned epoch's last block)
+                return
+            wider = {k: _wider_type(self.arrays[k].dtype, narrow[k], self.dtypes[k]) for k in arrays}
+            if any(wider[k] != self.arrays[k].dtype for k in arrays):  # values past the stored type: widen (rare)
+                self.arrays = {k: v.astype(wider.get(k, v.dtype), copy=False) for k, v in self.arrays.items()}
+            s = self.used
+            for k, v in arrays.items():
+                self.arrays[k][s:s + n] = v
+            self.used += n
+            self.slot[real] = np.arange(s, s + n)  # published last: the values are in place
+
+
+def _narrow_type(v: np.ndarray) -> np.dtype:
+    """The narrowest integer type holding `v`'s values (other types, and values needing all 64 bits, unchanged)."""
+    if v.dtype.kind not in "iu" or not v.size:
+        return v.dtype
+    lo, hi = int(v.min()), int(v.max())
+    for t in (np.uint8, np.uint16, np.uint32) if lo >= 0 else (np.int8, np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(t) if np.dtype(t).itemsize < v.dtype.itemsize else v.dtype
+    return v.dtype
+
+
+def _wider_type(stored: np.dtype, needed: np.dtype, mapped: np.dtype) -> np.dtype:
+    """A stored type that also holds values of type `needed`; at most the mapped type."""
+    t = np.promote_types(stored, needed)
+    return t if t.kind in "iu" and t.itemsize < mapped.itemsize else mapped
+
+
+def _widen(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return v if v.dtype == dtype else v.astype(dtype)
 
 
 def _shutdown(loader) -> None:
