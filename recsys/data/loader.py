@@ -419,8 +419,9 @@ class _MappedStore:
     before the store). A block with some rows not stored yet (the usual case on 2 or more ranks, whose rows change
     with each epoch's chunk order) gathers the stored ones and maps only the others. Integer arrays are kept in the
     narrowest integer type their values need so far (embedding rows of tables under 65536 rows fit 2 bytes; widened
-    if a later row needs more) and come back in their mapped type: amazon-sr's 836 mapped bytes a row are ~212
-    stored, which lets its train split fit STORE_BYTES. Whether the store is used is decided on the first block: the
+    if a later row needs more): amazon-sr's 836 mapped bytes a row are 216 stored, which lets its train split fit
+    STORE_BYTES. Gathered arrays keep the stored types (same values): `assemble` makes every index tensor int64
+    anyway, and widening each gathered array first cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on the first block: the
     kept rows at that block's stored bytes per row must fit STORE_BYTES, else the loader maps every epoch.
 
     Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered row
@@ -433,7 +434,7 @@ class _MappedStore:
         self.capacity = capacity  # the kept rows: every row a train epoch can read
         self.used = 0
         self.arrays: Optional[Arrays] = None  # slot-indexed, narrow integer types
-        self.dtypes: Dict[str, np.dtype] = {}  # each array's mapped type, restored by a gather
+        self.dtypes: Dict[str, np.dtype] = {}  # each array's mapped type
         self.enabled = capacity > 0
         self.rows_gathered = self.rows_mapped = 0  # counts, for tests and profiling
         self._lock = threading.Lock()
@@ -452,9 +453,10 @@ class _MappedStore:
             out = map_rows(real)
         else:
             arrays = self.arrays  # one snapshot: a widening swaps the dict, never edits it
-            out = {k: _widen(np.take(v, slot, axis=0), self.dtypes[k]) for k, v in arrays.items()}
-            if len(missing):
+            out = {k: np.take(v, slot, axis=0) for k, v in arrays.items()}
+            if len(missing):  # mapped values may not fit the stored types
                 new = map_rows(real[missing])
+                out = {k: _widen(v, self.dtypes[k]) for k, v in out.items()}
                 for k, v in new.items():
                     out[k][missing] = v
         self.rows_gathered += len(real) - len(missing)
