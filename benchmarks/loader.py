@@ -9,8 +9,9 @@ iterates `--epochs` epochs: the first epoch (one-time costs) and the median of t
     python benchmarks/loader.py --quick     # movielens only, one repeat (smoke test, under a minute)
 
 The current loader keeps the mapped rows of a train split that fits its store (`recsys.data.loader.STORE_BYTES`:
-MovieLens does, amazon-sr does not) and gathers its later epochs from them: there the later-epoch columns measure
-that gather, and the first-epoch column is where both loaders read and map every row.
+MovieLens and amazon-sr do) and gathers its later epochs from them: there the later-epoch columns measure that
+gather (plus, on 2 instances, mapping the rows an instance had not read before), and the first-epoch column is where
+both loaders read and map every row (the current one in file order, storing them, then gathering its batches).
 
 Writes benchmarks/results/loader.json and prints a markdown table. Prepares the specs first if needed (not timed).
 Loader construction (schema check, cached validity index) is timed separately from iteration.
