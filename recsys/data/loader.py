@@ -415,15 +415,17 @@ class _MappedStore:
     """The mapped arrays of the rows a train-mode loader has read, so that a later epoch gathers a row (one numpy
     take per array) instead of an Arrow take plus the mapping (dictionary lookups, history padding, text rows).
 
-    Rows get slots in the order they are first stored, so storing a block is one contiguous copy per array: scattering
-    them to slots in file order cost about as much as the mapping (MovieLens first epochs ran at 0.4-0.5x the loader
-    before the store). A block with some rows not stored yet (the usual case on 2 or more ranks, whose rows change
-    with each epoch's chunk order) gathers the stored ones and maps only the others. Integer arrays are kept in the
-    narrowest integer type their values need so far (embedding rows of tables under 65536 rows fit 2 bytes; widened
-    if a later row needs more): amazon-sr's 836 mapped bytes a row are 216 stored, which lets its train split fit
-    STORE_BYTES. Gathered arrays keep the stored types (same values): `assemble` makes every index tensor int64
-    anyway, and widening each gathered array first cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on the first block: the
-    kept rows at that block's stored bytes per row must fit STORE_BYTES, else the loader maps every epoch.
+    Before an epoch's first block, `fill` maps the epoch's rows not stored yet in file order (row-group slices: no
+    Arrow take) and stores them; every block then gathers. On 2 or more ranks an epoch's rows change with the chunk
+    order, so a later epoch maps only the rows its rank had not read before (a block with some rows missing was
+    mapped whole and written again: MovieLens on 2 instances ran at 0.91x the loader before the store). Rows get
+    slots in the order they are stored, so storing is one contiguous copy per array (a scatter to file-order slots
+    cost about as much as mapping). Integer arrays are kept in the narrowest integer type their values need so far
+    (embedding rows of tables under 65536 rows fit 2 bytes; widened if a later row needs more): amazon-sr's 836
+    mapped bytes a row are 216 stored, which lets its train split fit STORE_BYTES. Gathered arrays keep the stored
+    types (same values): `assemble` makes every index tensor int64 anyway, and widening each gathered array first
+    cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on its first DECIDE_ROWS rows: all
+    kept rows at their stored bytes per row must fit STORE_BYTES, else the loader maps every block every epoch.
 
     Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered row
     is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot change
