@@ -447,7 +447,8 @@ class _MappedStore:
         mapped by `map_rows(rows)` and stored."""
         if not self.enabled or self.arrays is None:
             out = map_rows(real)
-            self.rows_mapped += len(real)
+            with self._lock:
+                self.rows_mapped += len(real)
             self.put(real, out)
             return out
         slot = self.slot[real]
@@ -462,8 +463,9 @@ class _MappedStore:
                 out = {k: _widen(v, self.dtypes[k]) for k, v in out.items()}
                 for k, v in new.items():
                     out[k][missing] = v
-        self.rows_gathered += len(real) - len(missing)
-        self.rows_mapped += len(missing)
+        with self._lock:  # blocks are read on several threads with workers >= 2
+            self.rows_gathered += len(real) - len(missing)
+            self.rows_mapped += len(missing)
         if len(missing):
             self.put(real[missing], out if len(missing) == len(real) else {k: v[missing] for k, v in out.items()})
         return out
