@@ -27,9 +27,10 @@ a plain `Mapper` otherwise) -> `Unbatcher` -> each batch's tensors -> `PinMemory
 thread count, so the batch count in `state_dict` stays the exact resume point. The training loop uses
 `train.loader_workers` (auto: 1 thread on CUDA, where the step leaves the CPU free; 0 on CPU, where the step's own
 threads use every core) and keeps one loader for all its epochs. A train-mode loader keeps the mapped arrays of the
-rows it has read when all its kept rows fit STORE_BYTES (`_MappedStore`: MovieLens yes, amazon-sr no), and its later
-epochs gather them instead of reading and mapping again. benchmarks/loader.py compares this loader with the one
-before it, side by side.
+rows it has read when all its kept rows fit STORE_BYTES (`_MappedStore`, narrow integer types: MovieLens 15 MB,
+amazon-sr 369 MB): before an epoch's first block it maps the epoch's rows not stored yet in file order (row-group
+slices, no take) and stores them, and every block gathers its rows from the store. benchmarks/loader.py compares
+this loader with the one before it, side by side.
 """
 from __future__ import annotations
 
@@ -65,7 +66,8 @@ _OPS = {"<": operator.lt, "<=": operator.le, ">": operator.gt, ">=": operator.ge
 MAP_BLOCK = 65536  # rows mapped per vectorised call (a block is whole batches of about this many rows)
 PREFETCH_BATCHES = 2  # batches the Prefetcher keeps ready ahead of the consumer
 CACHE_BYTES = 512 << 20  # decoded row groups kept in memory (at least one is always kept)
-STORE_BYTES = 256 << 20  # mapped rows a train-mode loader keeps for its later epochs (see _MappedStore)
+DECIDE_ROWS = 4096  # rows whose stored size decides whether a loader's kept rows fit STORE_BYTES
+STORE_BYTES = 512 << 20  # stored mapped rows a train-mode loader keeps for its later epochs (see _MappedStore)
 
 
 _BUCKET = re.compile(r"^bucket\(\s*([^,\s()]+)\s*,\s*(\d+)\s*\)$")
@@ -183,8 +185,7 @@ class BatchLoader:
         self.window_chunks = spec.train.shuffle_buffer_row_groups  # None: as many as the row-group cache holds
         self._dropout = not self.eval_mode and any(t.id_dropout > 0 for t in spec.tables)
         # train mode iterates epochs over the same rows: keep them mapped when they fit (eval loaders read once)
-        self._store = None if self.eval_mode else _MappedStore(np.concatenate(self.kept) if self.kept else
-                                                               np.zeros(0, np.int64))
+        self._store = None if self.eval_mode else _MappedStore(rows, self.num_rows)
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
         if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
@@ -304,11 +305,7 @@ class BatchLoader:
         """Map global rows (negative = padding copy of row -1-r) in the given order; rows already mapped in an
         earlier epoch come from the loader's store of mapped rows instead."""
         real = np.where(rows < 0, -1 - rows, rows)
-        out = self._store.gather(real) if self._store is not None else None
-        if out is None:
-            out = self._map_rows(real)
-            if self._store is not None:
-                self._store.put(real, out)
+        out = self._store.read(real, self._map_rows) if self._store is not None else self._map_rows(real)
         if (rows < 0).any():
             out["row_id"] = np.where(rows < 0, -1, out["row_id"])
         return out
@@ -329,6 +326,20 @@ class BatchLoader:
         table = (tables[0] if len(tables) == 1 else pa.concat_tables(tables)).take(pa.array(local))
         return self.mapper.map(table, real)
 
+    def _map_in_file_order(self, rows: np.ndarray) -> Arrays:
+        """Read and map ascending global rows: each run of consecutive rows inside a row group is a zero-copy slice
+        of it, so the rows need no Arrow take (the list columns' copy: about a third of mapping a shuffled
+        amazon-sr block) and are mapped in file order (dictionary lookups and history gathers walk memory forwards).
+        Rows too scattered for slices to pay (more than one run per 256 rows) are taken, in file order."""
+        rg = np.searchsorted(self.reader.rg_start, rows, side="right") - 1
+        cut = np.flatnonzero((np.diff(rows) != 1) | (np.diff(rg) != 0)) + 1
+        if len(cut) > len(rows) // 256 + 8:
+            return self._map_rows(rows)
+        starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(rows)]])
+        parts = [self.reader.slice(int(rg[a]), int(rows[a] - self.reader.rg_start[rg[a]]), int(e - a))
+                 for a, e in zip(starts, ends)]
+        return self.mapper.map(parts[0] if len(parts) == 1 else pa.concat_tables(parts), rows)
+
     def _order(self) -> np.ndarray:
         """This rank's global rows (negative = eval padding) in yield order: batch b is rows [b*B, (b+1)*B)."""
         windows = self._windows()
@@ -343,6 +354,8 @@ class BatchLoader:
         order = self._order()[:limit]
         per_block = max(1, MAP_BLOCK // B)
         first = start_batch - start_batch % per_block
+        if self._store is not None:  # the rows this epoch reads that are not stored yet, mapped in file order first
+            self._store.fill(order[first * B:], self._map_in_file_order)
         for b0 in range(first, total, per_block):
             yield b0, max(0, start_batch - b0), order[b0 * B: (b0 + per_block) * B]
 
@@ -399,50 +412,140 @@ class BatchLoader:
 
 
 class _MappedStore:
-    """The mapped arrays of a train-mode loader's kept rows, filled as its first epoch maps them and gathered from
-    in later epochs, so that an epoch over rows seen before is one numpy gather per array instead of an Arrow take
-    plus the mapping (dictionary lookups, history padding, text rows). On MovieLens (704 mapped bytes a row, 64 MB
-    for the 95k train rows) a block of 65536 rows took 29 ms to gather against ~75 ms to take and map; amazon-sr's
-    train split does not fit STORE_BYTES, and such a loader keeps mapping every epoch as before.
+    """The mapped arrays of the rows a train-mode loader has read, so that a later epoch gathers a row (one numpy
+    take per array) instead of an Arrow take plus the mapping (dictionary lookups, history padding, text rows).
 
-    Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered
-    row is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot
-    change the store. Concurrent mapping threads (`workers` >= 2) write disjoint rows of one epoch (eval padding
-    repeats a row with equal values), and a row's flag is set only after its values are written."""
+    Before an epoch's first block, `fill` maps the epoch's rows not stored yet in file order (row-group slices: no
+    Arrow take) and stores them; every block then gathers. On 2 or more ranks an epoch's rows change with the chunk
+    order, so a later epoch maps only the rows its rank had not read before (a block with some rows missing was
+    mapped whole and written again: MovieLens on 2 instances ran at 0.91x the loader before the store). Rows get
+    slots in the order they are stored, so storing is one contiguous copy per array (a scatter to file-order slots
+    cost about as much as mapping). Integer arrays are kept in the narrowest integer type their values need so far
+    (embedding rows of tables under 65536 rows fit 2 bytes; widened if a later row needs more): amazon-sr's 836
+    mapped bytes a row are 216 stored, which lets its train split fit STORE_BYTES. Gathered arrays keep the stored
+    types (same values): `assemble` makes every index tensor int64 anyway, and widening each gathered array first
+    cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on its first DECIDE_ROWS rows: all
+    kept rows at their stored bytes per row must fit STORE_BYTES, else the loader maps every block every epoch.
 
-    def __init__(self, kept: np.ndarray):
-        self.kept = kept  # global row numbers of the kept rows, ascending: a row's slot is its position here
-        self.arrays: Optional[Arrays] = None
-        self.filled = np.zeros(len(kept), dtype=bool)
-        self.enabled = len(kept) > 0
+    Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered row
+    is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot change
+    the store. Stores happen under a lock (`workers` >= 2 map blocks concurrently) and a row's slot is published only
+    after its values are written, so a gather never reads a slot being filled."""
+
+    def __init__(self, rows_total: int, capacity: int):
+        self.slot = np.full(rows_total, -1, dtype=np.int64)  # global row -> its slot, -1 = not stored
+        self.capacity = capacity  # the kept rows: every row a train epoch can read
+        self.used = 0
+        self.arrays: Optional[Arrays] = None  # slot-indexed, narrow integer types
+        self.dtypes: Dict[str, np.dtype] = {}  # each array's mapped type
+        self.enabled = capacity > 0
+        self.rows_gathered = self.rows_mapped = 0  # counts, for tests and profiling
         self._lock = threading.Lock()
 
-    def gather(self, real: np.ndarray) -> Optional[Arrays]:
-        """The rows' mapped arrays, or None unless every row has been stored."""
-        if self.arrays is None or not len(real):
-            return None
-        slot = np.searchsorted(self.kept, real)
-        if not self.filled[slot].all():
-            return None
-        return {k: v[slot] for k, v in self.arrays.items()}
+    def read(self, real: np.ndarray, map_rows) -> Arrays:
+        """Mapped arrays of global rows `real` (all real, distinct) in their order: stored rows gathered, the others
+        mapped by `map_rows(rows)` and stored."""
+        if not self.enabled or self.arrays is None:
+            out = map_rows(real)
+            with self._lock:
+                self.rows_mapped += len(real)
+            self.put(real, out)
+            return out
+        slot = self.slot[real]
+        missing = np.flatnonzero(slot < 0)
+        if len(missing) == len(real):
+            out = map_rows(real)
+        else:
+            arrays = self.arrays  # one snapshot: a widening swaps the dict, never edits it
+            out = {k: np.take(v, slot, axis=0) for k, v in arrays.items()}
+            if len(missing):  # mapped values may not fit the stored types
+                new = map_rows(real[missing])
+                out = {k: _widen(v, self.dtypes[k]) for k, v in out.items()}
+                for k, v in new.items():
+                    out[k][missing] = v
+        with self._lock:  # blocks are read on several threads with workers >= 2
+            self.rows_gathered += len(real) - len(missing)
+            self.rows_mapped += len(missing)
+        if len(missing):
+            self.put(real[missing], out if len(missing) == len(real) else {k: v[missing] for k, v in out.items()})
+        return out
+
+    def fill(self, rows: np.ndarray, map_in_file_order) -> None:
+        """Map and store the rows of `rows` (an epoch's, all real) not stored yet, in file order and pieces of
+        MAP_BLOCK rows, before the epoch's first block: its blocks then only gather. Mapping a shuffled block's rows
+        needs an Arrow take of them (amazon-sr: ~40 of ~115 ms a block); in file order they are slices, and storing
+        plus gathering them costs less than that take (the first epoch was 0.6-0.8x the loader before the store
+        when each block was mapped and then stored). The epoch's first batch waits for this (amazon-sr on one
+        rank: about two seconds), once per row and loader."""
+        if not self.enabled or not len(rows):
+            return
+        todo = np.zeros(len(self.slot), dtype=bool)
+        todo[rows] = True
+        todo &= self.slot < 0
+        need = np.flatnonzero(todo)
+        # an undecided store first maps a small piece: when the rows prove not to fit, only that piece was mapped
+        # for nothing (the blocks then map themselves, as without a store)
+        bounds = list(range(0, len(need), MAP_BLOCK)) + [len(need)]
+        if self.arrays is None and len(need) > DECIDE_ROWS:
+            bounds.insert(1, DECIDE_ROWS)
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            piece = need[a:b]
+            out = map_in_file_order(piece)
+            self.rows_mapped += len(piece)
+            self.put(piece, out)
+            if not self.enabled:
+                return
 
     def put(self, real: np.ndarray, arrays: Arrays) -> None:
-        if not self.enabled or not len(real):
+        """Store rows `real` (none stored yet) with their mapped arrays."""
+        n = len(real)
+        if not self.enabled or not n:
             return
-        with self._lock:  # the first block decides (and allocates) once, whatever thread maps it
-            if self.arrays is None:
-                need = sum(v.nbytes for v in arrays.values()) / len(real) * len(self.kept)
+        with self._lock:
+            narrow = {k: _narrow_type(v) for k, v in arrays.items()}
+            if self.arrays is None:  # the first block decides, whatever thread maps it
+                per_row = sum(narrow[k].itemsize * (v[0].size if n else 0) for k, v in arrays.items())
+                need = per_row * self.capacity
                 if need > STORE_BYTES:
                     self.enabled = False
                     log.info("mapped rows need %.0f MB > %d MB: mapping every epoch", need / 2**20,
                              STORE_BYTES >> 20)
                     return
-                self.arrays = {k: np.empty((len(self.kept),) + v.shape[1:], dtype=v.dtype)
+                self.dtypes = {k: v.dtype for k, v in arrays.items()}
+                self.arrays = {k: np.empty((self.capacity,) + v.shape[1:], dtype=narrow[k])
                                for k, v in arrays.items()}
-        slot = np.searchsorted(self.kept, real)
-        for k, v in arrays.items():
-            self.arrays[k][slot] = v
-        self.filled[slot] = True
+            if self.used + n > self.capacity:  # only if rows were stored twice (an abandoned epoch's last block)
+                return
+            wider = {k: _wider_type(self.arrays[k].dtype, narrow[k], self.dtypes[k]) for k in arrays}
+            if any(wider[k] != self.arrays[k].dtype for k in arrays):  # values past the stored type: widen (rare)
+                self.arrays = {k: v.astype(wider.get(k, v.dtype), copy=False) for k, v in self.arrays.items()}
+            s = self.used
+            for k, v in arrays.items():
+                self.arrays[k][s:s + n] = v
+            self.used += n
+            self.slot[real] = np.arange(s, s + n)  # published last: the values are in place
+
+
+def _narrow_type(v: np.ndarray) -> np.dtype:
+    """The narrowest integer type holding `v`'s values (other types, and values needing all 64 bits, unchanged)."""
+    if v.dtype.kind not in "iu" or not v.size:
+        return v.dtype
+    lo, hi = int(v.min()), int(v.max())
+    for t in (np.uint8, np.uint16, np.uint32) if lo >= 0 else (np.int8, np.int16, np.int32):
+        info = np.iinfo(t)
+        if info.min <= lo and hi <= info.max:
+            return np.dtype(t) if np.dtype(t).itemsize < v.dtype.itemsize else v.dtype
+    return v.dtype
+
+
+def _wider_type(stored: np.dtype, needed: np.dtype, mapped: np.dtype) -> np.dtype:
+    """A stored type that also holds values of type `needed`; at most the mapped type."""
+    t = np.promote_types(stored, needed)
+    return t if t.kind in "iu" and t.itemsize < mapped.itemsize else mapped
+
+
+def _widen(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    return v if v.dtype == dtype else v.astype(dtype)
 
 
 def _shutdown(loader) -> None:

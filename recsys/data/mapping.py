@@ -302,7 +302,8 @@ def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray]
 
     `owner` (serving: the request of each row, requests contiguous) groups the rows (`RequestGroups`): the context
     features' values enter the KJTs from each request's first row only, the other rows get none (the model reads
-    them from the first row)."""
+    them from the first row). Integer arrays may come in narrower types (the loader's store of mapped rows keeps
+    them so); every index tensor of the Batch is int64."""
     values: List[np.ndarray] = []
     lengths: List[np.ndarray] = []
     b = len(a["labels"])
@@ -337,12 +338,15 @@ def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray]
                 mask_t = np.arange(padded.shape[1])[:, None] < kjt_lens[None, :]  # [L, B]: key-major over positions
                 values.append(padded.T[mask_t])
                 lengths.append(mask_t.ravel().astype(np.int64))
-            seq_lengths[f.name] = torch.from_numpy(np.ascontiguousarray(lens))  # every row's own length
+            seq_lengths[f.name] = _long(lens)  # every row's own length
     kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
                             lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
-    text = {f.name: torch.from_numpy(np.ascontiguousarray(a["txt/" + f.name])) for f in spec.features_of("text")}
+    text = {f.name: _long(a["txt/" + f.name]) for f in spec.features_of("text")}
     return Batch(sparse=kjt, dense=torch.from_numpy(np.ascontiguousarray(a["dense"])), text=text,
                  seq_lengths=seq_lengths, labels=torch.from_numpy(np.ascontiguousarray(a["labels"])),
-                 domain=torch.from_numpy(np.ascontiguousarray(a["domain"])),
-                 row_id=torch.from_numpy(np.ascontiguousarray(a["row_id"])),
-                 user=torch.from_numpy(np.ascontiguousarray(a["user"])), groups=groups)
+                 domain=_long(a["domain"]), row_id=_long(a["row_id"]), user=_long(a["user"]), groups=groups)
+
+
+def _long(a: np.ndarray) -> torch.Tensor:
+    """An int64 tensor of an integer array (shares its memory when it already is contiguous int64)."""
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))

@@ -182,7 +182,7 @@ class Trainer:
 
     def _loader(self, split: str, epoch: int):
         """The split's loader, built once and kept across epochs: its decoded row groups and the mapped rows it
-        stores for later epochs (when they fit, e.g. MovieLens) are then read and mapped once per training, not
+        stores for later epochs (when they fit: MovieLens, amazon-sr) are then read and mapped once per training, not
         once per epoch. The batch order depends only on (seed, epoch), so reusing it changes no batch."""
         from recsys.data.loader import BatchLoader
 

@@ -3,6 +3,7 @@ the batch that mapping the rows again would give (ranks, resume mid-epoch, id dr
 batches); a loader whose mapped rows do not fit, and every eval-mode loader, maps every epoch."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,8 @@ from recsys.data.loader import BatchLoader
 
 def _same(a, b) -> None:
     assert a.sparse.keys() == b.sparse.keys()
-    assert torch.equal(a.sparse.values(), b.sparse.values()) and torch.equal(a.sparse.lengths(), b.sparse.lengths())
+    for x, y in ((a.sparse.values(), b.sparse.values()), (a.sparse.lengths(), b.sparse.lengths())):
+        assert x.dtype == y.dtype == torch.int64 and torch.equal(x, y)
     for f in ("dense", "labels", "domain", "row_id", "user"):
         x, y = getattr(a, f), getattr(b, f)
         assert x.dtype == y.dtype and torch.equal(x, y), f
@@ -28,27 +30,13 @@ def _unstored(**kw) -> BatchLoader:
     return ref
 
 
-def _gathers(loader: BatchLoader) -> list:
-    """Counts, per block, whether it came from the store (True) or was mapped (False)."""
-    seen = []
-    inner = loader._store.gather
-
-    def gather(real):
-        out = inner(real)
-        seen.append(out is not None)
-        return out
-
-    loader._store.gather = gather
-    return seen
-
-
 @pytest.mark.parametrize("world_size, workers", [(1, 0), (2, 1), (3, 2)])
 def test_later_epochs_are_gathered_and_equal_mapping_again(ml_spec, world_size, workers):
     for rank in range(world_size):
         kw = dict(spec=ml_spec, split="train", batch_size=2500, rank=rank, world_size=world_size, seed=4)
         stored = BatchLoader(workers=workers, prefetch=workers > 0, **kw)
         ref = _unstored(**kw)
-        seen = _gathers(stored)
+        store = stored._store
         for epoch in range(4):
             stored.set_epoch(epoch)
             ref.set_epoch(epoch)
@@ -56,7 +44,13 @@ def test_later_epochs_are_gathered_and_equal_mapping_again(ml_spec, world_size, 
             assert len(got) == len(want) == len(stored)
             for a, b in zip(got, want):
                 _same(a, b)
-        assert not seen[0] and any(seen), "the first block is mapped, later epochs gather"
+            # each epoch's rows not stored yet are mapped (in file order) before its first block, and every
+            # block is gathered from the store
+            assert store.rows_gathered == (epoch + 1) * stored.rows_per_rank
+            if epoch == 0:
+                assert store.rows_mapped == stored.rows_per_rank
+        # every row is mapped once: later epochs map only rows this rank had not read before
+        assert store.rows_mapped == store.used <= stored.num_rows
 
 
 def test_resume_mid_epoch_from_the_store(ml_spec):
@@ -94,13 +88,62 @@ def test_id_dropout_and_edited_batches_leave_the_store_unchanged(ml_spec):
 def test_rows_that_do_not_fit_are_mapped_every_epoch(ml_spec, monkeypatch):
     monkeypatch.setattr(loader_mod, "STORE_BYTES", 1 << 20)  # MovieLens' mapped train rows are ~64 MB
     loader = BatchLoader(ml_spec, "train", 4096, seed=1)
-    seen = _gathers(loader)
     for epoch in range(2):
         loader.set_epoch(epoch)
         assert sum(b.size for b in loader) == loader.rows_per_rank
-    assert seen and not any(seen) and loader._store.arrays is None
+    store = loader._store
+    # the store's first piece (DECIDE_ROWS) was mapped to learn the size, then every block maps itself
+    assert store.rows_gathered == 0 and store.arrays is None
+    assert store.rows_mapped == 2 * loader.rows_per_rank + loader_mod.DECIDE_ROWS
 
 
 def test_eval_loaders_keep_no_store(ml_spec):
     assert BatchLoader(ml_spec, "valid", 512)._store is None
     assert BatchLoader(ml_spec, "train", 512, shuffle=False, eval_mode=True)._store is None
+
+
+def test_epochs_with_some_rows_stored_map_only_the_rest(ml_spec):
+    """On 2 ranks an epoch's rows change with the chunk order: a later epoch mixes rows read before and rows new to
+    this rank; only the new ones are mapped, and the batches are those of mapping every row."""
+    kw = dict(spec=ml_spec, split="train", batch_size=3000, rank=1, world_size=2, seed=3)
+    loader, ref = BatchLoader(**kw), _unstored(**kw)
+    store = loader._store
+    list(loader)
+    for epoch in (1, 2):
+        loader.set_epoch(epoch)
+        ref.set_epoch(epoch)
+        gathered, mapped = store.rows_gathered, store.rows_mapped
+        for a, b in zip(loader, ref):
+            _same(a, b)
+        assert store.rows_gathered - gathered == loader.rows_per_rank
+        if epoch == 1:
+            assert 0 < store.rows_mapped - mapped < loader.rows_per_rank, "a mixed epoch maps only its new rows"
+
+
+def test_store_keeps_narrow_types_widens_when_needed_and_gives_mapped_types_back(monkeypatch):
+    store = loader_mod._MappedStore(rows_total=10, capacity=8)
+    first = {"ids": np.array([[1, 2], [3, 0]], dtype=np.int64), "x": np.array([0.5, 1.5], dtype=np.float32),
+             "hash": np.array([-(1 << 62), 1 << 62], dtype=np.int64)}
+
+    def mapped(rows):  # the mapping, called only for rows the store lacks
+        calls.append(rows.tolist())
+        return {k: v[: len(rows)] for k, v in later.items()} if rows[0] >= 5 else {k: v[: len(rows)] for k, v in
+                                                                                    first.items()}
+
+    calls = []
+    later = {"ids": np.array([[70000, -3], [4, 5]], dtype=np.int64), "x": np.array([2.5, 3.5], dtype=np.float32),
+             "hash": np.array([7, 8], dtype=np.int64)}
+    got = store.read(np.array([2, 3]), mapped)
+    assert store.arrays["ids"].dtype == np.uint8 and store.arrays["hash"].dtype == np.int64
+    got = store.read(np.array([5, 3, 6]), mapped)  # row 3 stored, rows 5 and 6 mapped; ids need a wider type
+    assert calls == [[2, 3], [5, 6]]
+    assert store.arrays["ids"].dtype == np.int32
+    want = {"ids": [[70000, -3], [3, 0], [4, 5]], "x": [2.5, 1.5, 3.5], "hash": [7, 1 << 62, 8]}
+    for k, v in want.items():  # a block with rows mapped now comes in the mapped types
+        assert got[k].dtype == first[k].dtype and got[k].tolist() == v, k
+    again = store.read(np.array([6, 2, 5, 3]), mapped)
+    assert calls == [[2, 3], [5, 6]], "all stored: nothing mapped"
+    assert again["ids"].tolist() == [[4, 5], [1, 2], [70000, -3], [3, 0]]
+    # a gathered block keeps the stored types (assemble makes the tensors int64)
+    assert again["ids"].dtype == np.int32 and again["x"].dtype == np.float32
+    assert again["hash"].tolist() == [8, -(1 << 62), 7, 1 << 62]
