@@ -46,6 +46,7 @@ HERE = Path(__file__).resolve()
 NEW_TREE = HERE.parents[1]
 RESULTS = NEW_TREE / "benchmarks" / "results"
 OLD_COMMIT_NOTE = "a29f1e9^ (the last commit with the dense text buffers)"
+VERSIONS = ("old", "base", "new")  # tags of the launches, in report order; "base" only with --base-tree
 
 
 # ------------------------------------------------------------------------------------------------ worker (per rank)
@@ -122,7 +123,7 @@ def worker(argv: List[str]) -> None:
     import recsys.train.loop as loop
 
     rank = int(os.environ.get("RANK", "0"))
-    rec: Dict[str, Any] = {"rank": rank, "recsys_file": loop.__file__, "step_times": []}
+    rec: Dict[str, Any] = {"rank": rank, "recsys_file": loop.__file__, "step_times": [], "cpu_times": []}
     pipe_cls = loop.TrainPipelineSparseDist
     orig_progress = pipe_cls.progress
     prof_holder: Dict[str, Any] = {}
@@ -135,6 +136,7 @@ def worker(argv: List[str]) -> None:
             prof_holder["p"] = prof
         out = orig_progress(self, it)
         rec["step_times"].append(time.perf_counter())
+        rec["cpu_times"].append(time.process_time())  # this process's CPU time, all threads
         if "p" in prof_holder and n == profile_step + 2:  # three steps in the profile
             prof = prof_holder.pop("p")
             prof.__exit__(None, None, None)
@@ -298,8 +300,10 @@ def _steady(rec: Dict[str, Any], warmup: int) -> Dict[str, float]:
     # the pipeline fetches one batch ahead: batch i+1 is read during step i, so the same window of batches
     window = lt[warmup + 2:warmup + 2 + steps]
     loader = sum(window) / len(window) if window else None
+    cpu = rec.get("cpu_times") or []
+    cpu_per_step = (cpu[-1] - cpu[warmup]) / steps if len(cpu) == len(t) else None
     return {"samples_per_s": rec["global_batch"] * steps / secs, "steps_timed": steps,
-            "median_step_s": statistics.median(gaps), "loader_s_per_step": loader}
+            "median_step_s": statistics.median(gaps), "loader_s_per_step": loader, "cpu_s_per_step": cpu_per_step}
 
 
 def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, Any]:
@@ -344,6 +348,11 @@ def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, A
         # the slowest rank sets the pace of a synchronous step; rank 0's figure is what the job reports
         "samples_per_s": min(s["samples_per_s"] for s in steady),
         "median_step_s": max(s["median_step_s"] for s in steady),
+        # robust to bursts of other load: the batch over the slowest rank's median step
+        "samples_per_s_median_step": ranks[0]["global_batch"] / max(s["median_step_s"] for s in steady),
+        # CPU time the step costs, all ranks together (less sensitive to waiting for a busy core than wall time)
+        "cpu_ms_per_step": (1e3 * sum(s["cpu_s_per_step"] for s in steady)
+                            if all(s["cpu_s_per_step"] is not None for s in steady) else None),
         "loader_s_per_step": [s["loader_s_per_step"] for s in steady],
         "samples_per_s_job_log": tb_rate, "job_log_points": tb["points"] if tb else None,
         "per_rank": [{
@@ -390,21 +399,24 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
              f"Machine: {meta['machine']['cpu_model']}, {meta['machine']['cores']} cores, torch "
              f"{meta['machine']['torch']} (CPU capability {meta['machine']['cpu_capability']}), "
              f"{meta['machine']['date']}.",
-             f"Old tree: `{meta['old_commit']}` ({OLD_COMMIT_NOTE}); new tree: `{meta['new_commit']}`.",
+             f"Old tree: `{meta['old_commit']}` ({OLD_COMMIT_NOTE}); new tree: `{meta['new_commit']}`"
+             + (f"; base tree (the new path before this tree's changes): `{meta['base_commit']}`"
+                if meta.get("base_commit") else "") + ".",
              f"{meta['steps']} training steps per launch (global batch {meta['global_batch']}), steady state = "
-             f"steps {meta['warmup']}..{meta['steps']}; launches interleaved old/new, {meta['rounds']} round(s); "
+             f"steps {meta['warmup']}..{meta['steps']}; launches interleaved {'/'.join(VERSIONS)}, {meta['rounds']} round(s); "
              f"1-minute load average {min(r['load_before'] for r in results):.1f}-"
              f"{max(max(r['load_before'], r['load_after']) for r in results):.1f}."]
     if meta.get("overrides"):  # diagnostics: then not each version's default spec
         lines[0] = lines[0].replace("amazon-sr default spec", "amazon-sr, overridden")
         lines.append(f"Overrides for both versions: `{' '.join(meta['overrides'])}`.")
     lines.append("")
-    lines += ["| ranks | version | samples/s (each launch) | median | job's own log (median) | peak RSS per rank, MiB "
-              "| text path per rank, MiB |", "|---|---|---|---:|---:|---|---|"]
+    lines += ["| ranks | version | samples/s (each launch) | median | job's own log (median) | median-step rate "
+              "(median) | CPU ms per step, all ranks (median) | peak RSS per rank, MiB | text path per rank, MiB |",
+              "|---|---|---|---:|---:|---:|---:|---|---|"]
     summary: Dict[str, Any] = {}
     for nproc in sorted({r["nproc"] for r in results}):
-        for ver in ("old", "new"):
-            rs = [r for r in results if r["nproc"] == nproc and r["tag"].startswith(ver)]
+        for ver in VERSIONS:
+            rs = [r for r in results if r["nproc"] == nproc and r["tag"].startswith(ver + "_")]
             if not rs:
                 continue
             sps = [r["samples_per_s"] for r in rs]
@@ -412,19 +424,29 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
             rss = [max(p["peak_rss_mb"] for p in r["per_rank"] if p["rank"] == k) for r in rs
                    for k in range(nproc)]
             text = rs[-1]["per_rank"]
+            med_step = [r["samples_per_s_median_step"] for r in rs if r.get("samples_per_s_median_step")]
+            cpu = [r["cpu_ms_per_step"] for r in rs if r.get("cpu_ms_per_step")]
             summary[(nproc, ver)] = {"sps": statistics.median(sps), "rss": statistics.median(rss),
-                                     "text": statistics.median(p["text_path_bytes"] for p in text)}
+                                     "text": statistics.median(p["text_path_bytes"] for p in text),
+                                     "med_step": statistics.median(med_step) if med_step else None,
+                                     "cpu": statistics.median(cpu) if cpu else None}
+            med_s = f"{summary[(nproc, ver)]['med_step']:,.0f}" if med_step else "-"
+            cpu_s = f"{summary[(nproc, ver)]['cpu']:,.0f}" if cpu else "-"
             job_s = f"{statistics.median(job):,.0f}" if job else "-"
             rss_s = " / ".join(_rank_range(rs, k) for k in range(nproc))
             text_s = " / ".join(_mb(p["text_path_bytes"]) for p in text)
             lines.append(f"| {nproc} | {ver} | {', '.join(f'{s:,.0f}' for s in sps)} | "
-                         f"{statistics.median(sps):,.0f} | {job_s} | {rss_s} | {text_s} |")
-    lines += ["", "| ranks | new/old samples/s | new/old peak RSS | text path bytes old -> new per rank |",
-              "|---|---:|---:|---|"]
+                         f"{statistics.median(sps):,.0f} | {job_s} | {med_s} | {cpu_s} | {rss_s} | {text_s} |")
+    lines += ["", "| ranks | version | /old samples/s | /old median-step rate | /old CPU per step | /old peak RSS | "
+              "text path bytes old -> this, per rank |", "|---|---|---:|---:|---:|---:|---|"]
     for nproc in sorted({r["nproc"] for r in results}):
-        o, n = summary.get((nproc, "old")), summary.get((nproc, "new"))
-        if o and n:
-            lines.append(f"| {nproc} | {n['sps'] / o['sps']:.2f}x | {n['rss'] / o['rss']:.2f}x | "
+        o = summary.get((nproc, "old"))
+        for ver in VERSIONS[1:]:
+            n = summary.get((nproc, ver))
+            if not (o and n):
+                continue
+            ratio = (lambda k: f"{n[k] / o[k]:.2f}x" if n.get(k) and o.get(k) else "-")
+            lines.append(f"| {nproc} | {ver} | {ratio('sps')} | {ratio('med_step')} | {ratio('cpu')} | {ratio('rss')} | "
                          f"{_mb(o['text'])} -> {_mb(n['text'])} MiB |")
     lines += ["", "Per-rank figures: peak RSS = VmHWM after the training steps (rank 0 / rank 1, range over "
               "launches); text path = old: raw fp32 + projected fp32 buffers + PCA basis; new: the rank's shards of "
@@ -436,6 +458,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old-tree", type=Path, required=True)
     p.add_argument("--new-tree", type=Path, default=NEW_TREE)
+    p.add_argument("--base-tree", type=Path, default=None,
+                   help="also launch this tree (e.g. the new path before a change) in the same interleaved rounds")
     p.add_argument("--raw-dir", default=os.environ.get("RECSYS_AMAZON_SR", "/work/shared/data/bench/amazon-sr"))
     p.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     p.add_argument("--rounds", type=int, default=2)
@@ -444,7 +468,7 @@ def main(argv=None) -> int:
     p.add_argument("--lock", default=None, help="flock this file around each launch (shared machines)")
     p.add_argument("--profile-step", type=int, default=0,
                    help="rank 0 profiles 3 steps from this one (torch.profiler); 0 = no profile")
-    p.add_argument("--only", choices=["old", "new"], default=None, help="launch one version only")
+    p.add_argument("--only", choices=list(VERSIONS), default=None, help="launch one version only")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="extra spec override for both versions (diagnostics; the result is then not the default "
                         "spec's)")
@@ -467,7 +491,7 @@ def main(argv=None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="text_path_"))
     workdir.mkdir(parents=True, exist_ok=True)
     results: List[Dict[str, Any]] = []
-    versions = [("old", old), ("new", new)]
+    versions = [("old", old)] + ([("base", args.base_tree.resolve())] if args.base_tree else []) + [("new", new)]
     if args.only:
         versions = [v for v in versions if v[0] == args.only]
     for rnd in range(args.rounds):
@@ -481,9 +505,17 @@ def main(argv=None) -> int:
                       f"{[_mb(r['text_path_bytes']) for r in res['per_rank']]} MB, load "
                       f"{res['load_before']:.1f}->{res['load_after']:.1f}", flush=True)
                 results.append(res)
+                _write(results, args, old, new, workdir)  # after every launch: a cut-short run keeps its results
+    md = _write(results, args, old, new, workdir)
+    print(md)
+    return 0
+
+
+def _write(results: List[Dict[str, Any]], args, old: Path, new: Path, workdir: Path) -> str:
     meta = {"machine": _machine(), "old_commit": _git(old, "rev-parse", "HEAD"),
             "new_commit": _git(new, "rev-parse", "HEAD") + ("+dirty" if _git(new, "status", "--porcelain",
                                                                                "--untracked-files=no") else ""),
+            "base_commit": _git(args.base_tree.resolve(), "rev-parse", "HEAD") if args.base_tree else None,
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "overrides": args.set,
             "global_batch": results[0]["per_rank"] and json.loads(
                 (workdir / f"{results[0]['tag']}.rank0.json").read_text())["global_batch"],
@@ -492,8 +524,7 @@ def main(argv=None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"meta": meta, "launches": results}, indent=1) + "\n")
     args.out.with_suffix(".md").write_text(md)
-    print(md)
-    return 0
+    return md
 
 
 if __name__ == "__main__":

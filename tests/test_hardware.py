@@ -44,3 +44,22 @@ def test_without_it_large_allocations_are_mmapped():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, env=ENV,
                          cwd=REPO).stdout.split()
     assert out == ["True"]
+
+
+def test_intra_op_threads_sets_the_count_inside_and_restores_it_after_an_error():
+    import torch
+
+    from recsys.hardware import intra_op_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with intra_op_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError):
+            with intra_op_threads(1):
+                raise ValueError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -41,3 +41,23 @@ def test_window_auc_and_ne_match_exact_metrics_per_domain(tiny_spec):
     whole = torch.cat(logits).numpy(), torch.cat(labels).numpy(), torch.cat(domains).numpy()
     m0 = whole[2] == 0
     assert abs(got[f"{spec.domains[0].name}/auc"] - auc(whole[1][m0], 1 / (1 + np.exp(-whole[0][m0])))) > 1e-3
+
+
+def test_live_metrics_update_runs_on_one_thread(tiny_spec, monkeypatch):
+    """The training-window metrics' tensor work runs on one intra-op thread (see recsys.train.live_metrics)."""
+    import torch
+
+    from recsys.train.live_metrics import LiveMetrics
+
+    spec = tiny_spec("train.live_metrics_window=1024")
+    live = LiveMetrics(spec, 256, world_size=1, rank=0, device=torch.device("cpu"))
+    seen = []
+    original = live.module.update
+    monkeypatch.setattr(live.module, "update", lambda out: (seen.append(torch.get_num_threads()), original(out)))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        live.update(torch.randn(256), torch.randint(0, 2, (256,)).float(), torch.randint(0, len(spec.domains), (256,)))
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
