@@ -36,6 +36,12 @@ def text_token_tables_for(spec: Spec) -> Dict[str, np.ndarray]:
     return {name: text_table_token_ids(spec, name) for name in spec.used_text_tables()}
 
 
+def text_tokens_for(spec: Spec) -> Optional[Dict[str, np.ndarray]]:
+    """What SRFoundationModel takes as `text_tokens`: mode hybrid's token ids (its frozen rows come from
+    `text_inputs_for`), None in the other modes (mode random's token ids ARE its text tables)."""
+    return text_token_tables_for(spec) if spec.text.mode == "hybrid" else None
+
+
 def text_tables_for(spec: Spec) -> Dict[str, np.ndarray]:
     """Text-table name -> frozen rows (modes llm, hybrid) or hashed token ids (mode random) for every table a feature
     reads."""
@@ -57,6 +63,5 @@ def build_model(spec: Spec, device: Optional[torch.device] = None, rows: Optiona
     ids (they are derived from the prepared text tables alone, so a caller never has to supply them)."""
     if text_tables is None:
         text_tables, text_projection = text_inputs_for(spec, text_projection)
-    text_tokens = text_token_tables_for(spec) if spec.text.mode == "hybrid" else None
     return SRFoundationModel(spec, rows if rows is not None else spec_table_rows(spec), text_tables, device=device,
-                             text_projection=text_projection, text_tokens=text_tokens)
+                             text_projection=text_projection, text_tokens=text_tokens_for(spec))

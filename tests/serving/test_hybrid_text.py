@@ -20,7 +20,10 @@ def test_hybrid_bundle_scores_like_the_model_and_takes_new_texts(llm_overrides, 
     from recsys.spec.loader import load_spec
     from recsys.text import text_table_vectors
 
+    from recsys.serving.encoder_ref import encoder_reference
+
     spec = load_spec(ML, llm_overrides("text.mode=hybrid"))
+    assert encoder_reference(spec) is not None, "a hybrid bundle must name its encoder: new texts need LLM vectors"
     torch.manual_seed(0)
     model = build_model(spec, torch.device("cpu")).eval()
     with torch.no_grad():  # token rows away from their initial values, as after training
