@@ -43,6 +43,10 @@ VARIANTS: Dict[str, List[str]] = {
     "reg_mmd": ["model.regularizer=mmd"],
     "reg_none": ["model.regularizer=none"],
     "text_random": ["text.mode=random"],
+    # amazon-sr's default is hybrid (frozen LLM vectors + trainable tokens), MovieLens's llm: the two rows below
+    # are the ablation on one data set and the default on the other
+    "text_llm": ["text.mode=llm"],
+    "text_hybrid": ["text.mode=hybrid"],
     "text_none": ["text.mode=none"],
     "tower_shared_bottom": ["model.tower=shared_bottom"],
     "tower_mmoe": ["model.tower=mmoe"],
@@ -63,7 +67,8 @@ ANALYTIC = ("popularity",)  # no training
 ALL_MODELS = list(VARIANTS) + list(COMPOSITE) + list(ANALYTIC)
 # Default run order: the default model first, then the variants (the priority).
 DEFAULT_ORDER = ["sr_foundation", "popularity", "tower_shared_bottom", "text_none", "fusion_mean", "reg_none",
-                 "tower_mmoe", "tower_ple", "tower_star", "fusion_cls", "reg_mmd", "text_random", "single_domain"]
+                 "tower_mmoe", "tower_ple", "tower_star", "fusion_cls", "reg_mmd", "text_random", "text_llm",
+                 "single_domain"]
 
 # Best public multi-domain model per column (Shared-Bottom, MMoE, PLE, STAR, M2M, AdaSparse; emb 16, no text).
 PEERS = {"overall": 0.796, "domains": {"games_rec": {"auc": 0.812, "cold_auc": 0.50},

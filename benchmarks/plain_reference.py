@@ -69,10 +69,11 @@ class PlainEBC(nn.Module):
 
 def build_plain_task(spec, embedding_optimizer: str = "adagrad") -> Tuple[nn.Module, List[torch.optim.Optimizer]]:
     """(TrainTask on the plain EBC, [table optimiser, dense optimiser]) for `spec`'s prepared data."""
-    from recsys.models.build import spec_table_rows, text_tables_for
+    from recsys.models.build import spec_table_rows, text_tables_for, text_tokens_for
     from recsys.models.model import SRFoundationModel, TrainTask
 
-    model = SRFoundationModel(spec, spec_table_rows(spec), text_tables_for(spec), ebc_factory=PlainEBC)
+    model = SRFoundationModel(spec, spec_table_rows(spec), text_tables_for(spec), ebc_factory=PlainEBC,
+                              text_tokens=text_tokens_for(spec))
     task = TrainTask(model, spec)
     tables = list(model.l0.ebc.parameters())
     table_ids = {id(p) for p in tables}

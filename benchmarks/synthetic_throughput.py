@@ -90,7 +90,11 @@ def measure(spec, ctx, batch: int, steps: int, warmup: int) -> dict:
         v /= np.linalg.norm(v, axis=1, keepdims=True)
         v[0] = 0
         text[name] = v.astype(np.float16 if spec.text.dtype == "fp16" else np.float32)
-    model = SRFoundationModel(spec, ROWS, text if spec.text.mode == "llm" else {}, device=torch.device("meta"))
+    # mode hybrid: token ids beside the frozen rows, random words per text like the rows' random vectors
+    tokens = ({name: rng.integers(1, spec.text.random_buckets, (n, spec.text.random_max_tokens)) for name, n in
+               TEXT_ROWS.items()} if spec.text.mode == "hybrid" else None)
+    model = SRFoundationModel(spec, ROWS, text if spec.text.frozen else {}, device=torch.device("meta"),
+                              text_tokens=tokens)
     task = TrainTask(model, spec)
     apply_optimizer_in_backward(rowwise_adagrad.RowWiseAdagrad, list(model.l0.ebc.parameters()),
                                 {"lr": spec.train.embedding_lr})
@@ -98,7 +102,7 @@ def measure(spec, ctx, batch: int, steps: int, warmup: int) -> dict:
                     batch_size=batch)
     dmp = DistributedModelParallel(module=task, device=ctx.device, plan=plan.plan,
                                    sharders=sharders_for(ctx.device.type, text_dtype=spec.text.dtype))
-    if spec.text.mode == "llm":
+    if spec.text.frozen:
         fill_text_tables(dmp, text)
     dense = {k: v for k, v in in_backward_optimizer_filter(dmp.named_parameters()) if not is_text_table_key(k)}
     opt = CombinedOptimizer([dmp.fused_optimizer,

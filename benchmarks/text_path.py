@@ -222,7 +222,8 @@ def _diag_index_select_text() -> None:
                 w = self._diag_rows[text_table_name(f.text_table)]
                 rows = batch.text[f.name]
                 v = w.index_select(0, rows.reshape(-1)).float()
-                out[f.name] = v.view(-1, f.max_len, self.text_dim) if f.sequence else v
+                v = v.view(-1, f.max_len, self.frozen_text_dim) if f.sequence else v
+                out[f.name] = self._with_tokens(v, f, rows)  # mode hybrid: its token half beside the frozen rows
         return out
 
     enc.UserQueryItemEncoder.text_vectors = text_vectors

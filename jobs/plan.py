@@ -114,7 +114,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(rank=0, level=os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
     spec = load_spec_from_args(args)
     text_rows, text_dim = None, None
-    if spec.text.mode == "llm" and spec.used_text_tables():
+    if spec.text.frozen and spec.used_text_tables():
         from recsys.text.frozen import planned_text_dim, planned_text_rows
 
         text_rows, text_dim = planned_text_rows(spec), planned_text_dim(spec)

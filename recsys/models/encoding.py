@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
 SIDES = ("user", "query", "item")
 ASPECTS = ("id", "sparse", "text")
+HYBRID_SCALE = 1.0 / math.sqrt(2.0)  # text mode hybrid: [LLM vector, token vector] of unit norm (see _with_tokens)
 
 
 @dataclass
@@ -198,9 +199,11 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 class UserQueryItemEncoder(nn.Module):
     def __init__(self, spec: Spec, ebc: EmbeddingBagCollection, text_tables: Dict[str, np.ndarray],
-                 text_ebc: Optional[nn.Module] = None, text_projection: Optional["TextProjection"] = None):
-        """`text_tables`: mode llm, the frozen tables' rows [rows, dim] (`recsys.text.frozen`), read by `text_ebc`
-        (built by the caller from `recsys.models.tables.text_table_configs`); mode random, token ids per row."""
+                 text_ebc: Optional[nn.Module] = None, text_projection: Optional["TextProjection"] = None,
+                 text_tokens: Optional[Dict[str, np.ndarray]] = None):
+        """`text_tables`: modes llm and hybrid, the frozen tables' rows [rows, dim] (`recsys.text.frozen`), read by
+        `text_ebc` (built by the caller from `recsys.models.tables.text_table_configs`); mode random, token ids per
+        row. `text_tokens`: mode hybrid, the token ids per row of the same tables."""
         super().__init__()
         self.spec = spec
         self.ebc = ebc
@@ -246,21 +249,26 @@ class UserQueryItemEncoder(nn.Module):
             elif f.kind == "text" and self.text_mode != "none":
                 self.text_feats[f.side].append(f)
 
-        # text: frozen embedding tables (llm) or trainable hashed tokens (random)
+        # text: frozen embedding tables (llm), trainable hashed tokens (random), or both side by side (hybrid)
         self.text_lookup = nn.ModuleDict()
-        self.text_ebc = text_ebc if self.text_mode == "llm" else None
+        frozen = spec.text.frozen
+        self.text_ebc = text_ebc if frozen else None
         self.text_projection = (TextProjectionBuffers(text_projection)
-                                if self.text_mode == "llm" and text_projection is not None else None)
-        self.text_dim = 0
-        if self.text_mode == "llm" and text_tables:
-            self.text_dim = int(next(iter(text_tables.values())).shape[1])
+                                if frozen and text_projection is not None else None)
+        self.frozen_text_dim = 0  # width of the frozen tables' rows
+        if frozen and text_tables:
+            self.frozen_text_dim = int(next(iter(text_tables.values())).shape[1])
             text_features = [f for f in spec.features if f.kind == "text"]
             self.text_layout = PooledLayout(text_kjt_keys(spec), {f.name: sequence_keys(f.name, f.max_len)
                                                                   for f in text_features if f.sequence})
-        elif self.text_mode == "random":
-            for name, table in text_tables.items():
-                self.text_lookup[_key(name)] = TokenTextLookup(table, spec.text.random_buckets, spec.text.random_dim)
-            self.text_dim = spec.text.random_dim
+        token_tables = text_tables if self.text_mode == "random" else (text_tokens or {})
+        if self.text_mode == "hybrid" and text_tables and set(token_tables) != set(text_tables):
+            raise ValueError(f"text mode hybrid: token ids for {sorted(token_tables)}, frozen rows for "
+                             f"{sorted(text_tables)}; every text table needs both")
+        for name, table in token_tables.items():
+            self.text_lookup[_key(name)] = TokenTextLookup(table, spec.text.random_buckets, spec.text.random_dim)
+        # width of one text vector: hybrid concatenates the frozen LLM row and the token vector
+        self.text_dim = self.frozen_text_dim + (spec.text.random_dim if token_tables else 0)
         if self.text_mode != "none":
             for side in SIDES:
                 w = sum(self.text_dim * (2 if f.sequence else 1) for f in self.text_feats[side])
@@ -365,19 +373,29 @@ class UserQueryItemEncoder(nn.Module):
 
     def text_vectors(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """Text rows -> vectors, per text feature: [B, dim], or [B, L, dim] for a history; unit norm, zero for "no
-        text". Mode llm reads the frozen text tables through the text KJT (`batch.text_ids`), detached: nothing
-        trains them. The one place text vectors come from, so a caller that must supply vectors for texts the
-        tables lack (serving's cold texts) overrides this method."""
+        text". Modes llm and hybrid read the frozen text tables through the text KJT (`batch.text_ids`), detached:
+        nothing trains them. The one place text vectors come from, so a caller that must supply vectors for texts
+        the tables lack (serving's cold texts) overrides this method."""
         feats = [f for side in SIDES for f in self.text_feats[side]]
-        if self.text_mode != "llm":
+        if not self.spec.text.frozen:
             return {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name]) for f in feats}
         chunks = self.text_layout.split(self.text_ebc(batch.text_ids), detach=True)
         out: Dict[str, torch.Tensor] = {}
         for f in feats:
-            v = (self.text_layout.history(chunks, f.name, f.max_len, self.text_dim) if f.sequence
+            v = (self.text_layout.history(chunks, f.name, f.max_len, self.frozen_text_dim) if f.sequence
                  else chunks[f.name])
-            out[f.name] = v.float()  # an unsharded fp16 table returns fp16 (the fused kernels return fp32)
+            # .float(): an unsharded fp16 table returns fp16 (the fused kernels return fp32)
+            out[f.name] = self._with_tokens(v.float(), f, batch.text[f.name])
         return out
+
+    def _with_tokens(self, frozen: torch.Tensor, f: TextFeature, rows: torch.Tensor) -> torch.Tensor:
+        """Mode hybrid: the frozen LLM vectors of text rows `rows` and their token vectors side by side, scaled by
+        1/sqrt(2): two unit vectors make one unit vector, whose cosine with another text's is the mean of the LLM
+        cosine and the token cosine (an exact match still scores 1, so the interactions keep their meaning).
+        Other modes: the frozen vectors as they are."""
+        if self.text_mode != "hybrid":
+            return frozen
+        return torch.cat([frozen, self.text_lookup[_key(f.text_table)](rows)], dim=-1) * HYBRID_SCALE
 
     def grouped_text_vectors(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """`text_vectors` for grouped rows (`batch.groups`, serving): a context feature's vectors once per request
@@ -387,8 +405,9 @@ class UserQueryItemEncoder(nn.Module):
         fill alone took ~0.4 ms of a 100-candidate request)."""
         groups = batch.groups
         feats = [f for side in SIDES for f in self.text_feats[side]]
-        weights = self._text_weights() if self.text_mode == "llm" else None
-        if self.text_mode == "llm" and weights is None:  # a text module whose rows cannot be read directly
+        frozen = self.spec.text.frozen
+        weights = self._text_weights() if frozen else None
+        if frozen and weights is None:  # a text module whose rows cannot be read directly
             full = self.text_vectors(Batch(**{**batch.__dict__, "text_ids": None, "groups": None}))
             return {f.name: full[f.name].index_select(0, groups.first) if f.name in self.context else full[f.name]
                     for f in feats}
@@ -398,7 +417,8 @@ class UserQueryItemEncoder(nn.Module):
             if f.name in self.context:
                 rows = rows.index_select(0, groups.first)
             if weights is not None:
-                out[f.name] = weights[f.text_table].index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+                v = weights[f.text_table].index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
+                out[f.name] = self._with_tokens(v, f, rows)
             else:
                 out[f.name] = self.text_lookup[_key(f.text_table)](rows)
         return out
@@ -412,7 +432,8 @@ class UserQueryItemEncoder(nn.Module):
         views: Optional[Dict[str, torch.Tensor]] = {}
         for t in self.spec.text.tables:
             w = self._stored_text_rows(t.name)
-            if w is None or w.dtype != torch.float32 or w.shape[1] != self.text_dim or w.device.type == "meta":
+            if (w is None or w.dtype != torch.float32 or w.shape[1] != self.frozen_text_dim
+                    or w.device.type == "meta"):
                 views = None
                 break
             views[t.name] = w.detach()
@@ -429,16 +450,20 @@ class UserQueryItemEncoder(nn.Module):
         if bags is None or text_table_name(table) not in bags:
             return None
         w = bags[text_table_name(table)].weight
-        if w.dtype == torch.uint8 and w.shape[1] >= 4 * self.text_dim:
-            w = w.view(torch.float32)[:, :self.text_dim]
+        if w.dtype == torch.uint8 and w.shape[1] >= 4 * self.frozen_text_dim:
+            w = w.view(torch.float32)[:, :self.frozen_text_dim]
         return w
 
     @torch.no_grad()
-    def set_text_rows(self, table: str, rows: torch.Tensor, values: np.ndarray) -> None:
+    def set_text_rows(self, table: str, rows: torch.Tensor, values) -> None:
         """Serving seam (recsys/serving/cold_text.py): texts met at serve time into existing rows of text table
-        `table`: raw encoder vectors (mode llm; projected here exactly as the frozen tables were) or hashed token
-        ids (mode random)."""
-        if self.text_mode != "llm":
+        `table`: raw encoder vectors (mode llm; projected here exactly as the frozen tables were), hashed token
+        ids (mode random), or the pair (raw encoder vectors, hashed token ids) (mode hybrid)."""
+        if self.text_mode == "hybrid":
+            vectors, token_ids = values
+            self.text_lookup[_key(table)].set_rows(rows, token_ids)
+            values = vectors
+        elif self.text_mode == "random":
             self.text_lookup[_key(table)].set_rows(rows, values)
             return
         from recsys.text.frozen import project_vectors

@@ -75,9 +75,11 @@ class SRFoundationModel(nn.Module):
     def __init__(self, spec: Spec, table_rows: Dict[str, int], text_tables: Dict[str, np.ndarray],
                  device: Optional[torch.device] = None,
                  ebc_factory: Optional[Callable[[List[EmbeddingBagConfig]], nn.Module]] = None,
-                 text_projection: Optional["TextProjection"] = None):
-        """`text_tables`: mode llm, the frozen text tables' rows (`recsys.text.frozen.FrozenText.tables`), copied
-        into the text EBC unless it is on the meta device (then `fill_text_tables` fills the sharded copy);
+                 text_projection: Optional["TextProjection"] = None,
+                 text_tokens: Optional[Dict[str, np.ndarray]] = None):
+        """`text_tables`: modes llm and hybrid, the frozen text tables' rows (`recsys.text.frozen.FrozenText.tables`),
+        copied into the text EBC unless it is on the meta device (then `fill_text_tables` fills the sharded copy);
+        mode random, the hashed token ids. `text_tokens`: mode hybrid, the hashed token ids of the same tables.
         `text_projection`: the projection they were written with, kept as buffers for checkpoints and bundles.
         `ebc_factory` (configs -> module with the EmbeddingBagCollection interface: KJT in, KeyedTensor out)
         swaps TorchRec's EBC for another implementation, e.g. the plain-PyTorch reference of
@@ -87,7 +89,7 @@ class SRFoundationModel(nn.Module):
         configs = embedding_bag_configs(spec, table_rows)
         ebc = ebc_factory(configs) if ebc_factory is not None else EmbeddingBagCollection(tables=configs, device=device)
         text_ebc = None
-        if spec.text.mode == "llm" and text_tables:
+        if spec.text.frozen and text_tables:
             dims = {int(t.shape[1]) for t in text_tables.values()}
             if len(dims) != 1:
                 raise ValueError(f"frozen text tables of different widths {sorted(dims)}: one projection makes them")
@@ -97,7 +99,7 @@ class SRFoundationModel(nn.Module):
                         else TextEmbeddingBagCollection(tables=text_configs, device=device))
             if any(p.device.type != "meta" for p in text_ebc.parameters()):
                 load_text_weights(text_ebc, text_tables)
-        self.l0 = UserQueryItemEncoder(spec, ebc, text_tables, text_ebc, text_projection)
+        self.l0 = UserQueryItemEncoder(spec, ebc, text_tables, text_ebc, text_projection, text_tokens)
         sides = [s for s in SIDES if s in self.l0.aspect_names]
         self.l1 = AspectGatingFusion(spec.model.fusion, {s: self.l0.aspect_names[s] for s in sides},
                                      len(spec.domains), spec.model.dim)

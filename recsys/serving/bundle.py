@@ -6,7 +6,8 @@ Layout (every file listed in `manifest.json` with its sha256):
     spec.yaml                 the resolved spec the model was trained with (precision set for serving)
     schema/                   the resolved schema: schema.json, vocab/*.parquet, text_tables/*.parquet
     catalogue/<side>.parquet  the side tables' feature columns (item features of the catalogue)
-    text.safetensors          text tables the model reads: LLM vectors (mode llm) or hashed token ids (random)
+    text.safetensors          text tables the model reads: LLM vectors (mode llm) or hashed token ids (random);
+                              mode hybrid: both, the token ids under `tokens/<table>`
     weights.safetensors       the model's weights, unsharded (int8/fp16 embedding tables in TorchRec's layout)
 
 Loading never unpickles: JSON, YAML (safe loader), parquet and safetensors only.
@@ -35,6 +36,7 @@ SCHEMA_DIR = "schema"
 CATALOGUE_DIR = "catalogue"
 TEXT_FILE = "text.safetensors"
 WEIGHTS_FILE = "weights.safetensors"
+TOKENS_PREFIX = "tokens/"  # text.safetensors of a hybrid model: the token ids of text table T are `tokens/T`
 
 
 class BundleError(RecsysError):

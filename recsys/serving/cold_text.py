@@ -36,17 +36,22 @@ class ColdTextCache:
         self.encoded = 0  # texts encoded so far (misses)
         self.hits = 0
 
-    def _encode(self, texts: List[str]) -> np.ndarray:
+    def _encode(self, texts: List[str]):
+        """What `set_text_rows` writes for `texts`: LLM vectors (mode llm), token ids (random), both (hybrid)."""
         t = self.spec.text
-        if t.mode == "random":
+        token_ids = None
+        if t.tokens:
             from recsys.text.random_tokens import token_id_matrix
 
-            return token_id_matrix(texts, t.random_buckets, t.random_max_tokens)[1:]
+            token_ids = token_id_matrix(texts, t.random_buckets, t.random_max_tokens)[1:]
+            if not t.frozen:
+                return token_ids
         if self._encoder is None:
             if self._encoder_factory is None:
                 raise RecsysError("this bundle names no text encoder; new texts cannot be encoded")
             self._encoder = self._encoder_factory()
-        return self._encoder.encode(texts)
+        vectors = self._encoder.encode(texts)
+        return (vectors, token_ids) if token_ids is not None else vectors
 
     def rows_for(self, table: str, texts: Sequence[str]) -> np.ndarray:
         """Model rows of `texts` in text table `table`, encoding the ones not cached (one encoder call)."""

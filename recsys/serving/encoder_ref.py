@@ -25,8 +25,8 @@ def serving_models_root() -> Path:
 
 
 def encoder_reference(spec: Spec) -> Optional[Dict[str, Any]]:
-    """What serving needs to re-create the spec's text encoder (None unless text mode llm)."""
-    if spec.text.mode != "llm":
+    """What serving needs to re-create the spec's text encoder (None unless text mode llm or hybrid)."""
+    if not spec.text.frozen:
         return None
     from recsys.fileio import sha256_file
     from recsys.text.model_source import PACKAGE_DISTRIBUTIONS, PACKAGE_PREFIX, model_identity, \

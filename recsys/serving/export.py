@@ -44,18 +44,21 @@ def load_checkpoint_unsharded(spec: Spec, checkpoint_path: Path):
 
 
 def split_text_tables(spec: Spec, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """The text tables the model reads, taken out of `state`: mode llm, the frozen (projected) rows held by the
-    text EBC; mode random, the hashed token ids (a non-persistent buffer, read for the spec)."""
-    if spec.text.mode == "llm":
+    """The text tables the model reads, taken out of `state`: modes llm and hybrid, the frozen (projected) rows held
+    by the text EBC; mode random, the hashed token ids (a non-persistent buffer, read for the spec); mode hybrid
+    also the token ids, under `B.TOKENS_PREFIX + <table>`."""
+    out: Dict[str, torch.Tensor] = {}
+    if spec.text.frozen:
         from recsys.models.tables import text_table_name
 
-        return {name: state.pop(f"l0.text_ebc.embedding_bags.{text_table_name(name)}.weight")
-                for name in spec.used_text_tables()}
-    if spec.text.mode == "random":
-        from recsys.models.build import text_tables_for
+        out.update({name: state.pop(f"l0.text_ebc.embedding_bags.{text_table_name(name)}.weight")
+                    for name in spec.used_text_tables()})
+    if spec.text.tokens:
+        from recsys.models.build import text_token_tables_for
 
-        return {k: torch.from_numpy(v) for k, v in text_tables_for(spec).items()}
-    return {}
+        prefix = B.TOKENS_PREFIX if spec.text.frozen else ""
+        out.update({prefix + k: torch.from_numpy(v) for k, v in text_token_tables_for(spec).items()})
+    return out
 
 
 def catalogue_columns(spec: Spec, side_table: str):

@@ -53,13 +53,19 @@ def build_scoring_model(bundle: Bundle, spare_text_rows: int = 0) -> Tuple[torch
     from recsys.models.model import SRFoundationModel
     from recsys.models.tables import table_rows
 
+    from recsys.serving.bundle import TOKENS_PREFIX
+
     spec = bundle.spec
-    text = {}
+    text, tokens = {}, {}
     base_rows: Dict[str, int] = {}
-    for name, arr in bundle.text_tables.items():
-        base_rows[name] = arr.shape[0]
-        text[name] = np.concatenate([arr, np.zeros((spare_text_rows,) + arr.shape[1:], arr.dtype)]) \
+    for key, arr in bundle.text_tables.items():
+        padded = np.concatenate([arr, np.zeros((spare_text_rows,) + arr.shape[1:], arr.dtype)]) \
             if spare_text_rows else arr
+        if key.startswith(TOKENS_PREFIX):  # mode hybrid: the token ids beside the frozen rows of the same table
+            tokens[key[len(TOKENS_PREFIX):]] = padded
+        else:
+            base_rows[key] = arr.shape[0]
+            text[key] = padded
     projection = None
     if "l0.text_projection.center" in bundle.weights:
         from recsys.models.encoding import projection_from_buffers
@@ -67,7 +73,7 @@ def build_scoring_model(bundle: Bundle, spare_text_rows: int = 0) -> Tuple[torch
         projection = projection_from_buffers(bundle.weights["l0.text_projection.center"],
                                              bundle.weights["l0.text_projection.basis"])
     model = SRFoundationModel(spec, table_rows(spec, bundle.schema.table_rows), text, device=torch.device("cpu"),
-                              text_projection=projection)
+                              text_projection=projection, text_tokens=tokens or None)
     model.l0.ebc = quantize_tables(model.l0.ebc, bundle.quantize)
     missing, unexpected = model.load_state_dict(bundle.weights, strict=False)
     missing = [k for k in missing if not k.startswith("l0.text_ebc.")]  # the text tables came from text.safetensors

@@ -220,7 +220,10 @@ class EncoderSpec(StrictModel):
 
 
 class TextSpec(StrictModel):
-    mode: Literal["llm", "random", "none"] = "llm"
+    # llm: frozen LLM vectors; random: trainable hashed word tokens (no LLM); hybrid: both, each text's vector the
+    # concatenation of its frozen LLM vector and its trainable token vector (the LLM carries meaning to texts never
+    # trained on, the tokens learn what the data says about its words); none: no text
+    mode: Literal["llm", "random", "hybrid", "none"] = "llm"
     encoder: EncoderSpec = Field(default_factory=EncoderSpec)
     cache_dir: str = "data_cache/text"
     tables: List[TextTableSpec] = Field(default_factory=list)
@@ -234,6 +237,16 @@ class TextSpec(StrictModel):
     random_buckets: int = Field(default=100_000, gt=1)  # mode `random`: hashed text-token table size
     random_dim: int = Field(default=64, gt=0)
     random_max_tokens: int = Field(default=32, gt=0)
+
+    @property
+    def frozen(self) -> bool:
+        """Texts read frozen LLM vectors (modes llm and hybrid): encoded by jobs/encode_text.py, in frozen tables."""
+        return self.mode in ("llm", "hybrid")
+
+    @property
+    def tokens(self) -> bool:
+        """Texts read trainable hashed-token embeddings (modes random and hybrid)."""
+        return self.mode in ("random", "hybrid")
 
 
 # ---------------------------------------------------------------------------------------------------------- model

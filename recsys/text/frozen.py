@@ -212,8 +212,8 @@ def frozen_text_tables(spec: Spec, projection: Optional[TextProjection] = None,
     `projection`: use this one (a fine-tune passes the pretrained model's); None: the projection fitted on this
     spec's tables (fitted and stored the first time). `raw_vectors(spec, table)`: float32 [rows + 1, width] LLM
     vectors, default the text vector cache (`recsys.text.text_table_vectors`)."""
-    if spec.text.mode != "llm":
-        raise DataError(f"text.mode is '{spec.text.mode}': frozen text tables exist only in mode llm")
+    if not spec.text.frozen:
+        raise DataError(f"text.mode is '{spec.text.mode}': frozen text tables exist only in modes llm and hybrid")
     if raw_vectors is None:
         from recsys.text import text_table_vectors as raw_vectors
     names = spec.used_text_tables()

@@ -118,7 +118,7 @@ def encode_text_tables(spec: Spec, device: Optional[str] = None, progress: bool 
     model, `new` those the cache lacked (a chunk is encoded whole, see `plan_chunks`). The model is loaded only
     when some text is missing, so a fully cached re-run never touches torch.
     """
-    if spec.text.mode != "llm":
+    if not spec.text.frozen:
         log.info("text.mode is %s: nothing to encode", spec.text.mode)
         return {}
     if not 0 <= rank < world_size:
@@ -176,8 +176,8 @@ def check_complete(spec: Spec) -> None:
 
 def text_table_vectors(spec: Spec, table_name: str) -> np.ndarray:
     """float32 [n_rows + 1, dim]: row r = vector of the text table's row r; row 0 and rows without text are 0."""
-    if spec.text.mode != "llm":
-        raise SpecError(f"text.mode is '{spec.text.mode}': text vectors exist only in mode llm")
+    if not spec.text.frozen:
+        raise SpecError(f"text.mode is '{spec.text.mode}': text vectors exist only in modes llm and hybrid")
     table = _read_table(spec, table_name)
     folder = model_dir(spec)
     key = cache_key(spec, folder)
@@ -200,13 +200,15 @@ def text_table_vectors(spec: Spec, table_name: str) -> np.ndarray:
 
 
 def text_table_token_ids(spec: Spec, table_name: str) -> np.ndarray:
-    """int64 [n_rows + 1, text.random_max_tokens]: hashed word tokens per row (mode random); 0 = padding/no text."""
+    """int64 [n_rows + 1, text.random_max_tokens]: hashed word tokens per row (modes random, hybrid); 0 = padding/no
+    text."""
     table = _read_table(spec, table_name)
     return token_id_matrix(table.texts, spec.text.random_buckets, spec.text.random_max_tokens)
 
 
 def text_dim(spec: Spec) -> int:
-    """Width of the text aspect before projection: encoder hidden size (llm), random_dim (random), 0 (none)."""
+    """Width of the text vectors before projection: encoder hidden size (llm; hybrid: its frozen LLM part),
+    random_dim (random), 0 (none)."""
     if spec.text.mode == "none":
         return 0
     if spec.text.mode == "random":

@@ -70,7 +70,7 @@ def dry_run(spec: Spec, world_size: int = 1, device: str = "auto", resume: bool 
 
         text = text_tables_for(spec)  # a missing cache says which job to run, with the user's --set overrides
         lines.append("text tables: " + ", ".join(f"{n}={tuple(a.shape)}" for n, a in text.items()))
-        if spec.text.mode == "llm" and text:
+        if spec.text.frozen and text:
             text_rows = {n: int(a.shape[0]) for n, a in text.items()}
             text_dim = int(next(iter(text.values())).shape[1])
     result = plan_for(spec, rows, world_size, device_type, text_rows=text_rows, text_dim=text_dim)

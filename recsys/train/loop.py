@@ -130,7 +130,7 @@ class Trainer:
                                                                   comm_precision=spec.train.embedding_comm,
                                                                   text_dtype=spec.text.dtype),
                                             data_parallel_wrapper=data_parallel_wrapper_for(ctx.world_size))
-        if spec.text.mode == "llm":
+        if spec.text.frozen:
             fill_text_tables(self.dmp, self.text_tables)  # each rank reads only its shards' rows
         if init_hook is not None:
             init_hook(self)

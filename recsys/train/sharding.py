@@ -292,7 +292,7 @@ def _text_constraints(spec: Spec, device_type: str) -> Dict[str, Any]:
     row per key (each key is one text or one history position)."""
     from torchrec.distributed.planner.types import ParameterConstraints
 
-    if spec.text.mode != "llm":
+    if not spec.text.frozen:
         return {}
     from recsys.data.features import text_kjt_keys
     from recsys.models.tables import text_table_name
@@ -546,7 +546,7 @@ def plan_for(
                                        debug=False)
     if module is not None:
         target = module
-    elif text_rows and spec.text.mode == "llm":
+    elif text_rows and spec.text.frozen:
         target = build_meta_tables(spec, rows, text_rows, text_dim or spec.text.reduce_dim)
     else:
         target = build_meta_ebc(spec, rows)

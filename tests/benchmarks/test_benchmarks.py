@@ -212,3 +212,24 @@ def test_auc_report_names_the_commits_its_runs_were_made_at():
     models = {"a": {"commits": ["abcdef0123", "abcdef0123", "unrecorded"]}, "b": {"commits": ["1234567890+dirty"]}}
     assert run_commits(models) == "`abcdef0` (2 runs), `unrecorded` (1 runs), `1234567+dirty` (1 runs)"
     assert run_commits({}) == "none"
+
+
+def test_plain_task_runs_hybrid_text(llm_overrides):
+    """The plain-PyTorch reference builds a text.mode hybrid model with both halves of its text (frozen rows in its
+    text EBC, token tables beside them) and trains its token tables: the throughput benchmark's amazon-sr default."""
+    from benchmarks.plain_reference import build_plain_task
+    from recsys.data.loader import BatchLoader
+    from recsys.spec.loader import load_spec
+
+    spec = load_spec(REPO / "feature_specs" / "movielens.yaml", llm_overrides("text.mode=hybrid"))
+    task, opts = build_plain_task(spec)
+    l0 = task.model.l0
+    assert l0.text_ebc is not None and set(l0.text_lookup) == {f"table_{t}" for t in spec.used_text_tables()}
+    tokens = [m.tokens.weight for m in l0.text_lookup.values()]
+    before = [w.detach().clone() for w in tokens]
+    loss, _ = task(next(iter(BatchLoader(spec, "train", 64, seed=0))))
+    loss.backward()
+    for o in opts:
+        o.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(b, w) for b, w in zip(before, tokens))

@@ -80,11 +80,11 @@ def _layouts(model, layout: str):
 
 
 @pytest.mark.parametrize("layout", ["plain", "fused fp32", "int8 ids, fp16 text"])
-@pytest.mark.parametrize("mode", ["random", "llm"])
+@pytest.mark.parametrize("mode", ["random", "llm", "hybrid"])
 def test_grouped_rows_score_like_rows_one_by_one(tiny_spec, llm_overrides, mode, layout):
     from recsys.spec.loader import load_spec
 
-    spec = tiny_spec() if mode == "random" else load_spec(ML_SPEC, llm_overrides())
+    spec = tiny_spec() if mode == "random" else load_spec(ML_SPEC, llm_overrides(f"text.mode={mode}"))
     torch.manual_seed(0)
     model = _layouts(build_model(spec, torch.device("cpu")), layout).eval()
     mapper = FeatureMapper(spec)

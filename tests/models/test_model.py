@@ -186,3 +186,44 @@ def test_regularisers_and_towers_have_no_host_sync(kind, tower):
     assert torch.isfinite(reg) and x.grad is not None and torch.isfinite(x.grad).all()
     with pytest.raises(AssertionError, match="host synchronisation"), _NoHostSync():
         torch.unique(domain)  # the check itself works
+
+
+# ------------------------------------------------------------------------------------------------ text mode hybrid
+def test_hybrid_text_is_the_llm_vector_beside_trainable_tokens(llm_overrides, batches):
+    """Mode hybrid: each text vector is [frozen LLM row, token vector] / sqrt(2): the LLM half equals mode llm's
+    vector, the token half mode random's lookup, the norm is 1 (0 for "no text"); the tokens train, the frozen rows
+    do not."""
+    from pathlib import Path
+
+    from recsys.spec.loader import load_spec
+
+    ml = Path(__file__).resolve().parents[2] / "feature_specs" / "movielens.yaml"
+    llm = build_model(load_spec(ml, llm_overrides()), torch.device("cpu"))
+    spec = load_spec(ml, llm_overrides("text.mode=hybrid"))
+    torch.manual_seed(0)
+    task = TrainTask(build_model(spec, torch.device("cpu")), spec)
+    enc = task.model.l0
+    assert enc.text_dim == llm.l0.text_dim + spec.text.random_dim
+    batch = batches[0]
+    with torch.no_grad():
+        got = enc.text_vectors(batch)
+        want_llm = llm.l0.text_vectors(batch)
+    for f in [f for f in spec.features if f.kind == "text"]:
+        v, rows = got[f.name], batch.text[f.name]
+        half = llm.l0.text_dim
+        torch.testing.assert_close(v[..., :half] * math.sqrt(2), want_llm[f.name], atol=1e-6, rtol=0)
+        tokens = enc.text_lookup[f"table_{f.text_table}"](rows)
+        torch.testing.assert_close(v[..., half:] * math.sqrt(2), tokens, atol=1e-6, rtol=0)
+        norms = v.norm(dim=-1)
+        has = rows > 0
+        assert has.any() and (~has).any() if f.sequence else has.any()
+        torch.testing.assert_close(norms[has], torch.ones_like(norms[has]), atol=1e-3, rtol=0)
+        assert (norms[~has] == 0).all()
+    token_weights = [m.tokens.weight for m in enc.text_lookup.values()]
+    before = [w.detach().clone() for w in token_weights]
+    frozen_before = {n: p.detach().clone() for n, p in enc.text_ebc.named_parameters()}
+    losses = _train(task, batches[:1], steps=10)
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.01, losses
+    assert any(not torch.equal(a, w) for a, w in zip(before, token_weights)), "the token tables did not train"
+    for n, p in enc.text_ebc.named_parameters():
+        assert torch.equal(frozen_before[n], p), f"frozen text table {n} changed"
