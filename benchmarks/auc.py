@@ -43,8 +43,8 @@ VARIANTS: Dict[str, List[str]] = {
     "reg_mmd": ["model.regularizer=mmd"],
     "reg_none": ["model.regularizer=none"],
     "text_random": ["text.mode=random"],
-    # amazon-sr's default is hybrid (frozen LLM vectors + trainable tokens), MovieLens's llm: the two rows below
-    # are the ablation on one data set and the default on the other
+    # both data sets default to llm; text_llm is the default's text mode named explicitly (an ablation row that
+    # stays LLM-only if a default changes), text_hybrid the frozen LLM vectors beside trainable tokens
     "text_llm": ["text.mode=llm"],
     "text_hybrid": ["text.mode=hybrid"],
     "text_none": ["text.mode=none"],
