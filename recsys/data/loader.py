@@ -491,7 +491,8 @@ class _MappedStore:
         for a, b in zip(bounds[:-1], bounds[1:]):
             piece = need[a:b]
             out = map_in_file_order(piece)
-            self.rows_mapped += len(piece)
+            with self._lock:  # the counters are kept under the lock everywhere (read() runs on worker threads)
+                self.rows_mapped += len(piece)
             self.put(piece, out)
             if not self.enabled:
                 return

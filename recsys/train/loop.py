@@ -299,9 +299,7 @@ class Trainer:
         spec = self.spec
         if self.ctx.is_main:  # written here, not at construction: a refused --resume must leave the old one
             (self.out_dir / "spec.resolved.yaml").write_text(dump_resolved(spec))
-        per_epoch = len(self._loader("train", self.state.epoch))
-        if spec.train.max_steps:
-            per_epoch = min(per_epoch, spec.train.max_steps)
+        per_epoch = self._steps_in_epoch(self._loader("train", self.state.epoch))
         self.compile_dense(per_epoch * (spec.train.epochs - self.state.epoch) - self.state.step_in_epoch)
         for epoch in range(self.state.epoch, spec.train.epochs):
             self.state.epoch = epoch
@@ -344,12 +342,14 @@ class Trainer:
         for group in tables:
             group["lr"] = self.spec.train.embedding_lr * factor
 
+    def _steps_in_epoch(self, loader) -> int:
+        """Training steps of one epoch over `loader`: its batches, capped by `train.max_steps`."""
+        return min(len(loader), self.spec.train.max_steps or len(loader))
+
     def _train_epoch(self, epoch: int) -> None:
         spec, ctx = self.spec, self.ctx
         loader = self._loader("train", epoch)
-        total = len(loader)
-        if spec.train.max_steps:
-            total = min(total, spec.train.max_steps)
+        total = self._steps_in_epoch(loader)
         skip = self.state.step_in_epoch
         # exact resume: the order is a pure function of (seed, epoch), so the position is a batch count
         loader.load_state_dict(dict(loader.state_dict(), epoch=epoch, batches_yielded=skip))
