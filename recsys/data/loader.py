@@ -185,7 +185,7 @@ class BatchLoader:
         self.window_chunks = spec.train.shuffle_buffer_row_groups  # None: as many as the row-group cache holds
         self._dropout = not self.eval_mode and any(t.id_dropout > 0 for t in spec.tables)
         # train mode iterates epochs over the same rows: keep them mapped when they fit (eval loaders read once)
-        self._store = None if self.eval_mode else _MappedStore(rows, self.num_rows)
+        self._store = None if self.eval_mode else _MappedStore(rows, self.num_rows, self.mapper.value_bounds())
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
         if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
@@ -420,9 +420,12 @@ class _MappedStore:
     order, so a later epoch maps only the rows its rank had not read before (a block with some rows missing was
     mapped whole and written again: MovieLens on 2 instances ran at 0.91x the loader before the store). Rows get
     slots in the order they are stored, so storing is one contiguous copy per array (a scatter to file-order slots
-    cost about as much as mapping). Integer arrays are kept in the narrowest integer type their values need so far
-    (embedding rows of tables under 65536 rows fit 2 bytes; widened if a later row needs more): amazon-sr's 836
-    mapped bytes a row are 216 stored, which lets its train split fit STORE_BYTES. Gathered arrays keep the stored
+    cost about as much as mapping). Integer arrays are kept in the narrowest integer type of their range, which the
+    mapper knows without reading a value (`FeatureMapper.value_bounds`: table rows, list widths, text rows; the row
+    ids' range is the split's): embedding rows of tables under 65536 rows fit 2 bytes, and amazon-sr's 836 mapped
+    bytes a row are 216 stored, which lets its train split fit STORE_BYTES. (Narrowing to the values seen so far
+    cost a min/max pass per array per block plus re-typing the whole store when a later block needed more: a third
+    of storing amazon-sr's first epoch.) A key without a known range keeps its mapped type. Gathered arrays keep the stored
     types (same values): `assemble` makes every index tensor int64 anyway, and widening each gathered array first
     cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on its first DECIDE_ROWS rows: all
     kept rows at their stored bytes per row must fit STORE_BYTES, else the loader maps every block every epoch.
@@ -432,12 +435,13 @@ class _MappedStore:
     the store. Stores happen under a lock (`workers` >= 2 map blocks concurrently) and a row's slot is published only
     after its values are written, so a gather never reads a slot being filled."""
 
-    def __init__(self, rows_total: int, capacity: int):
+    def __init__(self, rows_total: int, capacity: int, bounds: Optional[Dict[str, Tuple[int, int]]] = None):
         self.slot = np.full(rows_total, -1, dtype=np.int64)  # global row -> its slot, -1 = not stored
         self.capacity = capacity  # the kept rows: every row a train epoch can read
+        # inclusive value range of each integer array (the mapper's, plus the row ids'): its stored type
+        self.bounds = {**(bounds or {}), "row_id": (0, max(rows_total - 1, 0))}
         self.used = 0
         self.arrays: Optional[Arrays] = None  # slot-indexed, narrow integer types
-        self.dtypes: Dict[str, np.dtype] = {}  # each array's mapped type
         self.enabled = capacity > 0
         self.rows_gathered = self.rows_mapped = 0  # counts, for tests and profiling
         self._lock = threading.Lock()
@@ -458,9 +462,8 @@ class _MappedStore:
         else:
             arrays = self.arrays  # one snapshot: a widening swaps the dict, never edits it
             out = {k: np.take(v, slot, axis=0) for k, v in arrays.items()}
-            if len(missing):  # mapped values may not fit the stored types
+            if len(missing):  # mapped values fit the stored types (their declared ranges)
                 new = map_rows(real[missing])
-                out = {k: _widen(v, self.dtypes[k]) for k, v in out.items()}
                 for k, v in new.items():
                     out[k][missing] = v
         with self._lock:  # blocks are read on several threads with workers >= 2
@@ -503,23 +506,20 @@ class _MappedStore:
         if not self.enabled or not n:
             return
         with self._lock:
-            narrow = {k: _narrow_type(v) for k, v in arrays.items()}
             if self.arrays is None:  # the first block decides, whatever thread maps it
-                per_row = sum(narrow[k].itemsize * (v[0].size if n else 0) for k, v in arrays.items())
+                stored = {k: _stored_type(v, self.bounds.get(k)) for k, v in arrays.items()}
+                per_row = sum(stored[k].itemsize * (v[0].size if n else 0) for k, v in arrays.items())
                 need = per_row * self.capacity
                 if need > STORE_BYTES:
                     self.enabled = False
                     log.info("mapped rows need %.0f MB > %d MB: mapping every epoch", need / 2**20,
                              STORE_BYTES >> 20)
                     return
-                self.dtypes = {k: v.dtype for k, v in arrays.items()}
-                self.arrays = {k: np.empty((self.capacity,) + v.shape[1:], dtype=narrow[k])
+                _check_bounds(arrays, stored, self.bounds)  # a wrong range would wrap values silently
+                self.arrays = {k: np.empty((self.capacity,) + v.shape[1:], dtype=stored[k])
                                for k, v in arrays.items()}
             if self.used + n > self.capacity:  # only if rows were stored twice (an abandoned epoch's last block)
                 return
-            wider = {k: _wider_type(self.arrays[k].dtype, narrow[k], self.dtypes[k]) for k in arrays}
-            if any(wider[k] != self.arrays[k].dtype for k in arrays):  # values past the stored type: widen (rare)
-                self.arrays = {k: v.astype(wider.get(k, v.dtype), copy=False) for k, v in self.arrays.items()}
             s = self.used
             for k, v in arrays.items():
                 self.arrays[k][s:s + n] = v
@@ -527,11 +527,12 @@ class _MappedStore:
             self.slot[real] = np.arange(s, s + n)  # published last: the values are in place
 
 
-def _narrow_type(v: np.ndarray) -> np.dtype:
-    """The narrowest integer type holding `v`'s values (other types, and values needing all 64 bits, unchanged)."""
-    if v.dtype.kind not in "iu" or not v.size:
+def _stored_type(v: np.ndarray, bounds: Optional[Tuple[int, int]]) -> np.dtype:
+    """The narrowest integer type holding the inclusive range `bounds` of integer array `v`; `v`'s own type for
+    other arrays, unknown ranges and ranges no narrower type holds."""
+    if v.dtype.kind not in "iu" or bounds is None:
         return v.dtype
-    lo, hi = int(v.min()), int(v.max())
+    lo, hi = bounds
     for t in (np.uint8, np.uint16, np.uint32) if lo >= 0 else (np.int8, np.int16, np.int32):
         info = np.iinfo(t)
         if info.min <= lo and hi <= info.max:
@@ -539,14 +540,14 @@ def _narrow_type(v: np.ndarray) -> np.dtype:
     return v.dtype
 
 
-def _wider_type(stored: np.dtype, needed: np.dtype, mapped: np.dtype) -> np.dtype:
-    """A stored type that also holds values of type `needed`; at most the mapped type."""
-    t = np.promote_types(stored, needed)
-    return t if t.kind in "iu" and t.itemsize < mapped.itemsize else mapped
-
-
-def _widen(v: np.ndarray, dtype: np.dtype) -> np.ndarray:
-    return v if v.dtype == dtype else v.astype(dtype)
+def _check_bounds(arrays: Arrays, stored: Dict[str, np.dtype], bounds: Dict[str, Tuple[int, int]]) -> None:
+    """Raise when a narrowed array of the store's first block leaves its declared range (a mapper defect)."""
+    for k, v in arrays.items():
+        if stored[k] != v.dtype and v.size:
+            lo, hi = bounds[k]
+            if int(v.min()) < lo or int(v.max()) > hi:
+                raise AssertionError(f"mapped array {k!r} holds values in [{int(v.min())}, {int(v.max())}], "
+                                     f"outside its declared range [{lo}, {hi}] (FeatureMapper.value_bounds)")
 
 
 def _shutdown(loader) -> None:

@@ -87,6 +87,43 @@ class FeatureMapper:
         present = ~arrowops.apply_distinct(arr, _empty)  # a sparse feature with an empty value has no value
         return r[present], present.astype(np.int64)
 
+    def table_row_range(self, table: str) -> Tuple[int, int]:
+        """Inclusive range of the embedding rows `rows(table, ...)` gives (bucketized tables: `bucket_rows`)."""
+        buckets = self.spec.bucket_tables()
+        if table in buckets:
+            return 0, buckets[table] - 1
+        t = self.spec.table(table)
+        return (0, int(t.num_buckets) - 1) if t.index == "hash" else (0, len(self.vocab[table]))
+
+    def value_bounds(self) -> Dict[str, Tuple[int, int]]:
+        """Inclusive (lowest, highest) value of every integer array `map` returns whose range the spec, the
+        vocabularies and the side tables fix: all but `user` (hashed keys) and `row_id` (the caller's). A consumer
+        that keeps mapped rows (the loader's `_MappedStore`) stores each array in the narrowest type of its range
+        without scanning the values; tests/data/test_mapped_store.py checks every key against mapped data."""
+        out: Dict[str, Tuple[int, int]] = {"domain": (-1, len(self.spec.domains) - 1)}
+
+        def side_range(name: str) -> Tuple[int, int]:
+            a = self.side_arrays[name]
+            return (int(a.min()), int(a.max())) if a.size else (0, 0)
+
+        for f in self.spec.features:
+            if getattr(f, "source", None):
+                if f.kind == "id":
+                    out["id/" + f.name] = side_range(f.name)
+                elif f.kind != "dense" or f.bucketized:
+                    out["sp/" + f.name] = side_range(f.name)
+                    out["sp/" + f.name + "#len"] = side_range(f.name + "#len") if f.kind == "sparse" else (1, 1)
+            elif f.kind == "dense" and f.bucketized:
+                out["sp/" + f.name], out["sp/" + f.name + "#len"] = (0, len(f.boundaries) + 1), (1, 1)
+            elif f.kind == "id":
+                out["id/" + f.name] = self.table_row_range(f.table)
+            elif f.kind in ("sparse", "sequence"):
+                prefix, width = ("sp/", f.max_values) if f.kind == "sparse" else ("seq/", f.max_len)
+                out[prefix + f.name], out[prefix + f.name + "#len"] = self.table_row_range(f.table), (0, width)
+            elif f.kind == "text":
+                out["txt/" + f.name] = (0, len(self.text_keys[f.text_table]))
+        return out
+
     # -- side tables: precompute per side row, one extra last row = "no match" ------------------------------
     def _load_side_features(self, given: Optional[Dict[str, pa.Table]]) -> None:
         self.side_keys: Dict[str, arrowops.KeyIndex] = {}
@@ -191,6 +228,7 @@ class FeatureMapper:
                 pos = arrowops.lookup(col, self.side_keys[st.name], missing=-1)
                 side_idx[st.name] = per_row(np.where(pos < 0, len(self.side_keys[st.name]), pos), sel)
         dense: List[np.ndarray] = []
+        layouts: Dict[Tuple[str, bool], arrowops.PadLayout] = {}  # per (column, keep_last): shared by its features
         for f in spec.features:
             src = getattr(f, "source", None)
             if src:  # read from a side table, already brought to the impression rows by side_idx
@@ -204,7 +242,7 @@ class FeatureMapper:
                         if f.kind == "sparse" else np.ones(n, dtype=np.int64)
                 continue
             col, sel = column(f.column)
-            for key, a in self._map_column(f, col).items():
+            for key, a in self._map_column(f, col, layouts).items():
                 if key == "dense":
                     dense.append(per_row(a, sel))
                 else:
@@ -212,8 +250,18 @@ class FeatureMapper:
         out["dense"] = np.stack(dense, axis=1).astype(np.float32) if dense else np.zeros((n, 0), np.float32)
         return out
 
-    def _map_column(self, f, col) -> Arrays:
-        """Arrays of one feature read from an impression column (not a side table), one row per value of `col`."""
+    def _map_column(self, f, col, layouts: Optional[Dict[Tuple[str, bool], arrowops.PadLayout]] = None) -> Arrays:
+        """Arrays of one feature read from an impression column (not a side table), one row per value of `col`.
+        `layouts`: padding layouts of the columns mapped so far, reused by a feature of the same column."""
+
+        def padded(flat: np.ndarray, lens: np.ndarray, width: int, keep_last: bool):
+            if layouts is None:
+                return arrowops.pad(flat, lens, width, keep_last)
+            key = (f.column, keep_last)
+            if key not in layouts or not layouts[key].fits(lens, width):
+                layouts[key] = arrowops.PadLayout(lens, width, keep_last)
+            return arrowops.pad(flat, lens, width, keep_last, layouts[key])
+
         if f.kind == "dense" and f.bucketized:
             v = pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False)
             return {"sp/" + f.name: bucket_rows(v, f.boundaries)[:, None],
@@ -225,17 +273,17 @@ class FeatureMapper:
             return {"id/" + f.name: self.rows(f.table, col)}
         if f.kind == "sparse":
             flat, lens = self._jagged(f, col)
-            padded, kept = arrowops.pad(flat, lens, f.max_values, False)
-            return {"sp/" + f.name: padded, "sp/" + f.name + "#len": kept}
+            rows, kept = padded(flat, lens, f.max_values, False)
+            return {"sp/" + f.name: rows, "sp/" + f.name + "#len": kept}
         if f.kind == "sequence":
             flat, lens = self._jagged(f, col)
-            padded, kept = arrowops.pad(flat, lens, f.max_len, True)
-            return {"seq/" + f.name: padded, "seq/" + f.name + "#len": kept}
+            rows, kept = padded(flat, lens, f.max_len, True)
+            return {"seq/" + f.name: rows, "seq/" + f.name + "#len": kept}
         keys = self.text_keys[f.text_table]  # text
         if f.sequence:
             flat, lens = arrowops.list_parts(col)
-            padded, _ = arrowops.pad(arrowops.lookup(flat, keys) + 1, lens, f.max_len, True)
-            return {"txt/" + f.name: padded}
+            rows, _ = padded(arrowops.lookup(flat, keys) + 1, lens, f.max_len, True)
+            return {"txt/" + f.name: rows}
         return {"txt/" + f.name: arrowops.lookup(col, keys) + 1}
 
     # -- bad rows ------------------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ import torch
 from recsys.data import loader as loader_mod
 from recsys.data.loader import BatchLoader
 
+from bounds_check import assert_bounds_hold
+
 
 def _same(a, b) -> None:
     assert a.sparse.keys() == b.sparse.keys()
@@ -120,30 +122,46 @@ def test_epochs_with_some_rows_stored_map_only_the_rest(ml_spec):
             assert 0 < store.rows_mapped - mapped < loader.rows_per_rank, "a mixed epoch maps only its new rows"
 
 
-def test_store_keeps_narrow_types_widens_when_needed_and_gives_mapped_types_back(monkeypatch):
-    store = loader_mod._MappedStore(rows_total=10, capacity=8)
+def test_store_types_come_from_declared_ranges_not_values():
+    bounds = {"ids": (0, 300), "signed": (-1, 2)}
+    store = loader_mod._MappedStore(rows_total=70000, capacity=8, bounds=bounds)
     first = {"ids": np.array([[1, 2], [3, 0]], dtype=np.int64), "x": np.array([0.5, 1.5], dtype=np.float32),
-             "hash": np.array([-(1 << 62), 1 << 62], dtype=np.int64)}
+             "hash": np.array([-(1 << 62), 1 << 62], dtype=np.int64), "signed": np.array([-1, 2], dtype=np.int64)}
+    calls = []
 
     def mapped(rows):  # the mapping, called only for rows the store lacks
         calls.append(rows.tolist())
-        return {k: v[: len(rows)] for k, v in later.items()} if rows[0] >= 5 else {k: v[: len(rows)] for k, v in
-                                                                                    first.items()}
+        return {"row_id": rows.astype(np.int64),
+                **{k: v[: len(rows)] for k, v in (later if rows[0] >= 5 else first).items()}}
 
-    calls = []
-    later = {"ids": np.array([[70000, -3], [4, 5]], dtype=np.int64), "x": np.array([2.5, 3.5], dtype=np.float32),
-             "hash": np.array([7, 8], dtype=np.int64)}
-    got = store.read(np.array([2, 3]), mapped)
-    assert store.arrays["ids"].dtype == np.uint8 and store.arrays["hash"].dtype == np.int64
-    got = store.read(np.array([5, 3, 6]), mapped)  # row 3 stored, rows 5 and 6 mapped; ids need a wider type
+    later = {"ids": np.array([[300, 299], [4, 5]], dtype=np.int64), "x": np.array([2.5, 3.5], dtype=np.float32),
+             "hash": np.array([7, 8], dtype=np.int64), "signed": np.array([0, 1], dtype=np.int64)}
+    store.read(np.array([2, 3]), mapped)
+    # ids fit 2 bytes by their range (not 1 by the first values), row ids by the split's 70,000 rows
+    types = {k: v.dtype for k, v in store.arrays.items()}
+    assert types == {"ids": np.uint16, "x": np.float32, "hash": np.int64, "signed": np.int8, "row_id": np.uint32}
+    got = store.read(np.array([5, 3, 6]), mapped)  # row 3 stored, rows 5 and 6 mapped
     assert calls == [[2, 3], [5, 6]]
-    assert store.arrays["ids"].dtype == np.int32
-    want = {"ids": [[70000, -3], [3, 0], [4, 5]], "x": [2.5, 1.5, 3.5], "hash": [7, 1 << 62, 8]}
-    for k, v in want.items():  # a block with rows mapped now comes in the mapped types
-        assert got[k].dtype == first[k].dtype and got[k].tolist() == v, k
+    want = {"ids": [[300, 299], [3, 0], [4, 5]], "x": [2.5, 1.5, 3.5], "hash": [7, 1 << 62, 8], "signed": [0, 2, 1]}
+    for k, v in want.items():
+        assert got[k].tolist() == v, k
     again = store.read(np.array([6, 2, 5, 3]), mapped)
     assert calls == [[2, 3], [5, 6]], "all stored: nothing mapped"
-    assert again["ids"].tolist() == [[4, 5], [1, 2], [70000, -3], [3, 0]]
-    # a gathered block keeps the stored types (assemble makes the tensors int64)
-    assert again["ids"].dtype == np.int32 and again["x"].dtype == np.float32
-    assert again["hash"].tolist() == [8, -(1 << 62), 7, 1 << 62]
+    assert again["ids"].tolist() == [[4, 5], [1, 2], [300, 299], [3, 0]]
+    assert again["hash"].tolist() == [8, -(1 << 62), 7, 1 << 62] and again["signed"].tolist() == [1, -1, 0, 2]
+    assert {k: v.dtype for k, v in again.items()} == types  # gathered in the stored types: assemble widens
+
+
+def test_a_value_outside_its_declared_range_is_refused():
+    store = loader_mod._MappedStore(rows_total=10, capacity=4, bounds={"ids": (0, 255)})
+    with pytest.raises(AssertionError, match="ids.*outside its declared range"):
+        store.put(np.array([0, 1]), {"ids": np.array([3, 256], dtype=np.int64)})
+
+
+def test_declared_ranges_hold_on_movielens(ml_spec):
+    assert assert_bounds_hold(ml_spec) > 1000
+
+
+def test_declared_ranges_hold_on_amazon_sr(amazon_spec):
+    assert assert_bounds_hold(amazon_spec) > 100000
+

@@ -125,3 +125,18 @@ def test_walkthrough_prepares_trains_and_predicts(spec_file, example, tmp_path, 
     assert scores.shape == surface.shape and scores.dtype == np.float32  # one logit per row, file order
     assert np.isnan(scores[surface == "other_feed"]).all() and (surface == "other_feed").any()
     assert np.isfinite(scores[surface != "other_feed"]).all()
+
+
+def test_declared_ranges_hold_on_the_example(spec_file, tmp_path):
+    """The example's spec has what MovieLens lacks (bucketized dense, side-table features): the store's declared
+    ranges (FeatureMapper.value_bounds) hold for every mapped integer array of it too."""
+    from bounds_check import assert_bounds_hold
+
+    from recsys.data.prepare import prepare
+    from recsys.spec.loader import load_spec
+
+    spec = load_spec(spec_file, [f"data.prepared_dir={tmp_path / 'prepared'}"])
+    prepare(spec)
+    kinds = {f.kind + ("/bucketized" if getattr(f, "bucketized", False) else "") for f in spec.features}
+    assert {"dense/bucketized", "sparse", "id"} <= kinds, kinds
+    assert assert_bounds_hold(spec) > 100
