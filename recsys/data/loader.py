@@ -185,7 +185,8 @@ class BatchLoader:
         self.window_chunks = spec.train.shuffle_buffer_row_groups  # None: as many as the row-group cache holds
         self._dropout = not self.eval_mode and any(t.id_dropout > 0 for t in spec.tables)
         # train mode iterates epochs over the same rows: keep them mapped when they fit (eval loaders read once)
-        self._store = None if self.eval_mode else _MappedStore(rows, self.num_rows, self.mapper.value_bounds())
+        self._store = None if self.eval_mode else _MappedStore(
+            rows, self.num_rows, self.mapper.value_bounds(), self.mapper.side_derived())
         log.info("%s: %d rows, %d kept, %d per rank, %d chunks, bad %s", self.path, rows, self.num_rows,
                  self.rows_per_rank, len(self.chunks), self.bad_row_counts or "none")
         if self.bad_row_counts:  # skipped rows are news the user must see, not only a line in the log file
@@ -411,6 +412,13 @@ class BatchLoader:
 
 
 
+def fill_threads() -> int:
+    """Threads that map and store an epoch's new rows before its first batch (`_MappedStore.fill`): torch's
+    intra-op threads, i.e. the cores this rank's training step uses. The step waits for the fill, so those cores are
+    otherwise idle then; on 2 ranks of a 2-core machine each rank fills on its one core."""
+    return max(1, torch.get_num_threads())
+
+
 class _MappedStore:
     """The mapped arrays of the rows a train-mode loader has read, so that a later epoch gathers a row (one numpy
     take per array) instead of an Arrow take plus the mapping (dictionary lookups, history padding, text rows).
@@ -435,11 +443,15 @@ class _MappedStore:
     the store. Stores happen under a lock (`workers` >= 2 map blocks concurrently) and a row's slot is published only
     after its values are written, so a gather never reads a slot being filled."""
 
-    def __init__(self, rows_total: int, capacity: int, bounds: Optional[Dict[str, Tuple[int, int]]] = None):
+    def __init__(self, rows_total: int, capacity: int, bounds: Optional[Dict[str, Tuple[int, int]]] = None,
+                 derived: Optional[Dict[str, Tuple[str, np.ndarray]]] = None):
         self.slot = np.full(rows_total, -1, dtype=np.int64)  # global row -> its slot, -1 = not stored
         self.capacity = capacity  # the kept rows: every row a train epoch can read
         # inclusive value range of each integer array (the mapper's, plus the row ids'): its stored type
         self.bounds = {**(bounds or {}), "row_id": (0, max(rows_total - 1, 0))}
+        # arrays not stored but rebuilt from a stored row key (FeatureMapper.side_derived), tables narrowed too
+        self.derived = {k: (row_key, table.astype(_stored_type(table, self.bounds.get(k)), copy=False))
+                        for k, (row_key, table) in (derived or {}).items()}
         self.used = 0
         self.arrays: Optional[Arrays] = None  # slot-indexed, narrow integer types
         self.enabled = capacity > 0
@@ -460,8 +472,9 @@ class _MappedStore:
         if len(missing) == len(real):
             out = map_rows(real)
         else:
-            arrays = self.arrays  # one snapshot: a widening swaps the dict, never edits it
-            out = {k: np.take(v, slot, axis=0) for k, v in arrays.items()}
+            out = {k: np.take(v, slot, axis=0) for k, v in self.arrays.items()}
+            out.update({k: np.take(table, out[row_key], axis=0) for k, (row_key, table) in self.derived.items()
+                        if row_key in out})
             if len(missing):  # mapped values fit the stored types (their declared ranges)
                 new = map_rows(real[missing])
                 for k, v in new.items():
@@ -491,20 +504,35 @@ class _MappedStore:
         bounds = list(range(0, len(need), MAP_BLOCK)) + [len(need)]
         if self.arrays is None and len(need) > DECIDE_ROWS:
             bounds.insert(1, DECIDE_ROWS)
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            piece = need[a:b]
+        pieces = [need[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+        def map_and_put(piece: np.ndarray) -> None:
             out = map_in_file_order(piece)
             with self._lock:  # the counters are kept under the lock everywhere (read() runs on worker threads)
                 self.rows_mapped += len(piece)
             self.put(piece, out)
-            if not self.enabled:
-                return
+
+        while pieces and self.arrays is None and self.enabled:  # the first piece decides (types, whether it fits)
+            map_and_put(pieces.pop(0))
+        if not self.enabled or not pieces:
+            return
+        threads = min(fill_threads(), len(pieces))
+        if threads <= 1:
+            for piece in pieces:
+                map_and_put(piece)
+            return
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="recsys-fill") as pool:
+            for done in pool.map(map_and_put, pieces):  # re-raises a piece's error here
+                del done
 
     def put(self, real: np.ndarray, arrays: Arrays) -> None:
         """Store rows `real` (none stored yet) with their mapped arrays."""
         n = len(real)
         if not self.enabled or not n:
             return
+        arrays = {k: v for k, v in arrays.items() if k not in self.derived or self.derived[k][0] not in arrays}
         with self._lock:
             if self.arrays is None:  # the first block decides, whatever thread maps it
                 stored = {k: _stored_type(v, self.bounds.get(k)) for k, v in arrays.items()}
@@ -520,10 +548,12 @@ class _MappedStore:
                                for k, v in arrays.items()}
             if self.used + n > self.capacity:  # only if rows were stored twice (an abandoned epoch's last block)
                 return
-            s = self.used
-            for k, v in arrays.items():
-                self.arrays[k][s:s + n] = v
+            s = self.used  # slots [s, s + n) are this call's: concurrent puts copy into their own slots
             self.used += n
+            stored = self.arrays
+        for k, v in arrays.items():  # outside the lock: the fill's threads copy (and fault in fresh pages) at once
+            stored[k][s:s + n] = v
+        with self._lock:
             self.slot[real] = np.arange(s, s + n)  # published last: the values are in place
 
 

@@ -152,6 +152,20 @@ def test_store_types_come_from_declared_ranges_not_values():
     assert {k: v.dtype for k, v in again.items()} == types  # gathered in the stored types: assemble widens
 
 
+def test_side_table_arrays_are_rebuilt_from_the_stored_side_row():
+    """Arrays read from a side table are not stored: the store keeps each row's side-table row and gathers them
+    from the side table's own arrays (narrowed by their ranges), giving the mapped values back."""
+    brands = np.array([[3, 4], [5, 0], [0, 0]], dtype=np.int64)  # side rows 0, 1 and the no-match row 2
+    store = loader_mod._MappedStore(rows_total=6, capacity=6, bounds={"side/items": (0, 2), "sp/brand": (0, 5)},
+                                    derived={"sp/brand": ("side/items", brands)})
+    mapped = {"side/items": np.array([1, 2, 0]), "sp/brand": brands[[1, 2, 0]], "x": np.array([1., 2., 3.])}
+    store.put(np.array([4, 0, 2]), mapped)
+    assert set(store.arrays) == {"side/items", "x"}, "the side table's array is not stored"
+    got = store.read(np.array([2, 4]), lambda rows: pytest.fail("every row is stored"))
+    assert got["sp/brand"].tolist() == [[3, 4], [5, 0]] and got["side/items"].tolist() == [0, 1]
+    assert got["sp/brand"].dtype == np.uint8
+
+
 def test_a_value_outside_its_declared_range_is_refused():
     store = loader_mod._MappedStore(rows_total=10, capacity=4, bounds={"ids": (0, 255)})
     with pytest.raises(AssertionError, match="ids.*outside its declared range"):
