@@ -123,6 +123,24 @@ def _feature_tables(tbe: nn.Module) -> list:
     return [max(t for t, s in enumerate(starts) if s == off) for off in tbe.weights_offsets.tolist()]
 
 
+def drop_data_parallel_wrappers(sharded: nn.Module) -> int:
+    """Unwrap the DistributedDataParallel that TorchRec puts around each data_parallel (replicated) lookup of
+    sharded module `sharded` (the frozen text tables' sharded EBC). DDP is there to all-reduce the replicas'
+    gradients, and a frozen table gets none (the encoder detaches its output). Kept, it cost ~8 ms of CPU a step
+    on each of 2 amazon-sr ranks (benchmarks/text_path.py's profile): its forward bookkeeping, and an output sink
+    that clones the [batch, 43 x 64] lookup output on every step, because a detached output never runs the sink's
+    backward that ends static_graph's first iteration. Returns the number of lookups unwrapped."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    lookups = getattr(sharded, "_lookups", None)
+    unwrapped = 0
+    for i, lookup in enumerate(lookups or []):
+        while isinstance(lookup, DistributedDataParallel):
+            lookup, unwrapped = lookup.module, unwrapped + 1
+        lookups[i] = lookup
+    return unwrapped
+
+
 class SingleRowGatherKernel:
     """Marks a TorchRec batched embedding kernel (BatchedFusedEmbeddingBag, BatchedDenseEmbeddingBag) of the frozen
     text tables on CPU whose forward is `single_row_gather`, else the kernel's own (see `_gather_kernel_class`)."""

@@ -170,10 +170,14 @@ def _make_text_sharder_class():
             return [k for k in super().compute_kernels(sharding_type, compute_device_type) if k in allowed]
 
         def shard(self, module, params, env, device=None, module_fqn=None):
-            """The stock sharded EBC; on CPU its kernels read the one-row bags of the text KJT by index_select
-            (recsys.train.frozen_text.use_single_row_gather: same tables, same output, several times faster than
-            fbgemm's CPU forward there)."""
+            """The stock sharded EBC, its replicated lookups without the DistributedDataParallel wrapper
+            (recsys.train.frozen_text.drop_data_parallel_wrappers: nothing to all-reduce); on CPU its kernels read
+            the one-row bags of the text KJT by index_select (recsys.train.frozen_text.use_single_row_gather: same
+            tables, same output, several times faster than fbgemm's CPU forward there)."""
             sharded = super().shard(module, params, env, device=device, module_fqn=module_fqn)
+            from recsys.train.frozen_text import drop_data_parallel_wrappers
+
+            drop_data_parallel_wrappers(sharded)
             if device is None or device.type == "cpu":
                 from recsys.train.frozen_text import use_single_row_gather
 

@@ -73,7 +73,9 @@ for key, value in trainer.dmp.state_dict().items():
         for shard in value.local_shards():
             (r0, c0), (nr, nc) = shard.metadata.shard_offsets, shard.metadata.shard_sizes
             changed += int((shard.tensor.numpy() != rows[r0:r0 + nr, c0:c0 + nc]).sum())
-result = {"changed": changed}
+from torch.nn.parallel import DistributedDataParallel
+text_ddp = sum(isinstance(m, DistributedDataParallel) for m in trainer.model.l0.text_ebc.modules())
+result = {"changed": changed, "text_ddp": text_ddp}
 if ctx.rank == 0:
     result.update(plan={t.name: [t.sharding_type, t.ranks] for t in trainer.plan.tables}, logits=logits.tolist(),
                   vectors={k: v.tolist() for k, v in vectors.items()})
@@ -95,11 +97,13 @@ def _run(cmd, env, out_dir: Path, world_size: int):
         res = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(world_size)]
+    assert all(r["text_ddp"] == 0 for r in results), "a frozen text lookup under DistributedDataParallel"
     return results[0], [r["changed"] for r in results]
 
 
 # (placement asked for the movie texts, what the 2-rank plan must show): split by columns over both ranks, or
-# replicated on request (TorchRec's data_parallel kernel under DDP, whose gradient never comes: the output is detached)
+# replicated on request (TorchRec's data_parallel kernel, without the DDP wrapper TorchRec gives it: no gradient comes,
+# the output is detached)
 PLACEMENTS = [("column_wise", ["column_wise", [0, 1]]), ("data_parallel", ["data_parallel", [0, 1]])]
 
 
