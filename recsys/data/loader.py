@@ -339,7 +339,9 @@ class BatchLoader:
         starts, ends = np.concatenate([[0], cut]), np.concatenate([cut, [len(rows)]])
         parts = [self.reader.slice(int(rg[a]), int(rows[a] - self.reader.rg_start[rg[a]]), int(e - a))
                  for a, e in zip(starts, ends)]
-        return self.mapper.map(parts[0] if len(parts) == 1 else pa.concat_tables(parts), rows)
+        # the store rebuilds the side-table arrays from the stored side rows: not mapped here only to be dropped
+        return self.mapper.map(parts[0] if len(parts) == 1 else pa.concat_tables(parts), rows,
+                               side_rows_only=self._store is not None and bool(self._store.derived))
 
     def _order(self) -> np.ndarray:
         """This rank's global rows (negative = eval padding) in yield order: batch b is rows [b*B, (b+1)*B)."""

@@ -208,8 +208,10 @@ class FeatureMapper:
     def domain_index(self, table: pa.Table) -> np.ndarray:
         return arrowops.lookup(table[self.spec.data.domain_column], self.domain_values, missing=-1)
 
-    def map(self, table: pa.Table, row_ids: np.ndarray) -> Arrays:
-        return self._map(table, table, None, row_ids)
+    def map(self, table: pa.Table, row_ids: np.ndarray, side_rows_only: bool = False) -> Arrays:
+        """`side_rows_only`: leave out the arrays `side_derived` rebuilds from the side-table rows (for a consumer
+        that stores the rows and rebuilds them itself: the loader's store)."""
+        return self._map(table, table, None, row_ids, side_rows_only)
 
     def map_requests(self, context: pa.Table, candidates: pa.Table, owner: np.ndarray) -> Arrays:
         """Arrays of ranking requests without repeating their context: `context` has one row per request (the domain
@@ -219,7 +221,8 @@ class FeatureMapper:
         n = candidates.num_rows
         return self._map(context, candidates, np.asarray(owner, dtype=np.int64), np.arange(n, dtype=np.int64))
 
-    def _map(self, context: pa.Table, rows: pa.Table, owner: Optional[np.ndarray], row_ids: np.ndarray) -> Arrays:
+    def _map(self, context: pa.Table, rows: pa.Table, owner: Optional[np.ndarray], row_ids: np.ndarray,
+             side_rows_only: bool = False) -> Arrays:
         """`rows` holds the impression rows; a column it lacks is read from `context` and repeated by `owner`."""
         spec, d = self.spec, self.spec.data
         n = rows.num_rows
@@ -252,6 +255,8 @@ class FeatureMapper:
         for f in spec.features:
             src = getattr(f, "source", None)
             if src:  # read from a side table, already brought to the impression rows by side_idx
+                if side_rows_only and (f.kind != "dense" or f.bucketized):
+                    continue  # rebuilt from the side rows (side_derived)
                 if f.kind == "dense" and not f.bucketized:
                     dense.append(self.side_arrays[f.name][side_idx[src]])
                 elif f.kind == "id":
