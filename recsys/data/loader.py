@@ -29,8 +29,8 @@ thread count, so the batch count in `state_dict` stays the exact resume point. T
 threads use every core) and keeps one loader for all its epochs. A train-mode loader keeps the mapped arrays of the
 rows it has read when all its kept rows fit STORE_BYTES (`_MappedStore`, narrow integer types: MovieLens 14 MB,
 amazon-sr 272 MB): before an epoch's first block it maps the epoch's rows not stored yet in file order (row-group
-slices, no take) on the rank's torch threads and stores them, and every block gathers its rows from the store. benchmarks/loader.py compares
-this loader with the one before it, side by side.
+slices, no take) on the rank's torch threads and stores them, and every block gathers its rows from the store.
+benchmarks/loader.py compares this loader with the one before it, side by side.
 """
 from __future__ import annotations
 
@@ -426,21 +426,21 @@ class _MappedStore:
     take per array) instead of an Arrow take plus the mapping (dictionary lookups, history padding, text rows).
 
     Before an epoch's first block, `fill` maps the epoch's rows not stored yet in file order (row-group slices: no
-    Arrow take) and stores them, on `fill_threads()` threads; every block then gathers. On 2 or more ranks an epoch's rows change with the chunk
-    order, so a later epoch maps only the rows its rank had not read before (a block with some rows missing was
-    mapped whole and written again: MovieLens on 2 instances ran at 0.91x the loader before the store). Rows get
-    slots in the order they are stored, so storing is one contiguous copy per array (a scatter to file-order slots
-    cost about as much as mapping). Integer arrays are kept in the narrowest integer type of their range, which the
-    mapper knows without reading a value (`FeatureMapper.value_bounds`: table rows, list widths, text rows; the row
-    ids' range is the split's): embedding rows of tables under 65536 rows fit 2 bytes. (Narrowing to the values seen
-    so far cost a min/max pass per array per block plus re-typing the whole store when a later block needed more: a
-    third of storing amazon-sr's first epoch.) A key without a known range keeps its mapped type. Arrays read from a
-    side table are not stored: each row's side-table row is, and a read gathers them from the side table's arrays
-    (`FeatureMapper.side_derived`). amazon-sr's 836 mapped bytes a row are 152 stored, which lets its train split
-    fit STORE_BYTES. Gathered arrays keep the stored
-    types (same values): `assemble` makes every index tensor int64 anyway, and widening each gathered array first
-    cost ~0.5 s of a 5 s amazon-sr epoch. Whether the store is used is decided on its first DECIDE_ROWS rows: all
-    kept rows at their stored bytes per row must fit STORE_BYTES, else the loader maps every block every epoch.
+    Arrow take) and stores them, on `fill_threads()` threads; every block then gathers. On 2 or more ranks an
+    epoch's rows change with the chunk order, so a later epoch maps only the rows its rank had not read before (a
+    block with some rows missing was mapped whole and written again: MovieLens on 2 instances ran at 0.91x the loader
+    before the store). Rows get slots in the order they are stored, so storing is one contiguous copy per array (a
+    scatter to file-order slots cost about as much as mapping). Integer arrays are kept in the narrowest integer type
+    of their range, which the mapper knows without reading a value (`FeatureMapper.value_bounds`: table rows, list
+    widths, text rows; the row ids' range is the split's): embedding rows of tables under 65536 rows fit 2 bytes.
+    (Narrowing to the values seen so far cost a min/max pass per array per block plus re-typing the whole store when
+    a later block needed more: a third of storing amazon-sr's first epoch.) A key without a known range keeps its
+    mapped type. Arrays read from a side table are not stored: each row's side-table row is, and a read gathers them
+    from the side table's arrays (`FeatureMapper.side_derived`). amazon-sr's 836 mapped bytes a row are 152 stored,
+    which lets its train split fit STORE_BYTES. Gathered arrays keep the stored types (same values): `assemble` makes
+    every index tensor int64 anyway, and widening each gathered array first cost ~0.5 s of a 5 s amazon-sr epoch.
+    Whether the store is used is decided on its first DECIDE_ROWS rows: all kept rows at their stored bytes per row
+    must fit STORE_BYTES, else the loader maps every block every epoch.
 
     Mapping is a pure function of the row (the id dropout of train batches comes after, per batch), so a gathered row
     is the row the mapping would give; gathering copies, so a consumer that changes its batch in place cannot change
