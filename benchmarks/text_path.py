@@ -8,7 +8,8 @@ replicates its small text tables). Each launch is the training job itself (`jobs
 through torchrun with that tree on PYTHONPATH), wrapped by this file's `--worker` entry point, which only observes:
 
 * samples/s from the steady state: the wrapper timestamps every training step (the class method
-  `TrainPipelineSparseDist.progress`, which both versions' loops call once per step) and reports
+  `progress` of TrainPipelineSparseDist or of recsys.train.step.OneProcessStep, whichever the version's loop calls
+  once per step) and reports
   global batch x steps / time over steps `--warmup`..end; the job's own TensorBoard figure
   (`train/samples_per_s`, cumulative since the epoch began, every `train.log_every_steps`) is read as well and
   turned into the rate between two of its log points, so the warm-up steps drop out of it too.
@@ -124,27 +125,38 @@ def worker(argv: List[str]) -> None:
 
     rank = int(os.environ.get("RANK", "0"))
     rec: Dict[str, Any] = {"rank": rank, "recsys_file": loop.__file__, "step_times": [], "cpu_times": []}
-    pipe_cls = loop.TrainPipelineSparseDist
-    orig_progress = pipe_cls.progress
     prof_holder: Dict[str, Any] = {}
 
-    def progress(self, it):
-        n = len(rec["step_times"])
-        if profile_step and rank == 0 and n == profile_step:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
-            prof.__enter__()
-            prof_holder["p"] = prof
-        out = orig_progress(self, it)
-        rec["step_times"].append(time.perf_counter())
-        rec["cpu_times"].append(time.process_time())  # this process's CPU time, all threads
-        if "p" in prof_holder and n == profile_step + 2:  # three steps in the profile
-            prof = prof_holder.pop("p")
-            prof.__exit__(None, None, None)
-            rec["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-            rec["profile_steps"] = 3
-        return out
+    def timed(orig_progress):
+        def progress(self, it):
+            n = len(rec["step_times"])
+            if profile_step and rank == 0 and n == profile_step:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=False)
+                prof.__enter__()
+                prof_holder["p"] = prof
+            out = orig_progress(self, it)
+            rec["step_times"].append(time.perf_counter())
+            rec["cpu_times"].append(time.process_time())  # this process's CPU time, all threads
+            if "p" in prof_holder and n == profile_step + 2:  # three steps in the profile
+                prof = prof_holder.pop("p")
+                prof.__exit__(None, None, None)
+                rec["profile"] = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+                rec["profile_steps"] = 3
+            return out
+        return progress
 
-    pipe_cls.progress = progress
+    # every step class a tree's loop may drive: TorchRec's pipeline, and (newer trees, one CPU process) the plain
+    # recsys.train.step.OneProcessStep
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    step_classes = [TrainPipelineSparseDist]
+    try:
+        from recsys.train.step import OneProcessStep
+        step_classes.append(OneProcessStep)
+    except ImportError:
+        pass
+    for cls in step_classes:
+        cls.progress = timed(cls.progress)
 
     orig_init = loop.Trainer.__init__
 

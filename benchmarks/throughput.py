@@ -18,7 +18,8 @@ as the training job does, warm up, barrier, time N steps, barrier (no evaluation
 `--repeat R` the configurations are launched in R interleaved rounds (A B C, A B C, ...) and each reports its median:
 a machine that gets busier or quieter during the run then shifts every configuration alike, not the last ones only.
 The TorchRec configurations run the job's own pieces (Trainer: planner-sharded DistributedModelParallel, fused
-in-backward row-wise Adagrad, TrainPipelineSparseDist, the finite-gradient guard); the plain ones run the same
+in-backward row-wise Adagrad, the job's training step (TrainPipelineSparseDist; one CPU process: recsys.train.step's
+plain step), the finite-gradient guard); the plain ones run the same
 recsys model code on benchmarks/plain_reference.py's EmbeddingBag collection with torch.optim (sparse Adagrad +
 Adam) and DistributedDataParallel on 2 ranks. `*_prebuilt` configurations and the public peers time the step on
 batches built before the timed window (how the peers are timed); the others include our loader. Each measurement
@@ -185,9 +186,8 @@ def worker(cfg: Dict[str, Any]) -> None:
         def step() -> int:
             return next(batches).size
     elif impl == "torchrec":
-        from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-
         from recsys.train.loop import Trainer
+        from recsys.train.step import make_train_step
 
         trainer = Trainer(spec, ctx, for_training=False)
         dmp = trainer.dmp
@@ -197,7 +197,7 @@ def worker(cfg: Dict[str, Any]) -> None:
             compiled = trainer.compile_dense(cfg["warmup"] + cfg["steps"])
             dmp.train()
             guard = trainer.finite_grad_guard()  # what training steps (deferred, no host sync, on CUDA)
-            pipeline = TrainPipelineSparseDist(dmp, guard, ctx.device, execute_all_batches=True)
+            pipeline = make_train_step(dmp, guard, ctx.device, ctx.world_size)  # the job's step for this launch
 
             def step() -> int:
                 return int(pipeline.progress(batches)[2].shape[0])

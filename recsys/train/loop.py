@@ -1,6 +1,7 @@
 """The one training loop: meta-device model -> in-backward embedding optimiser -> DistributedModelParallel (the
-planner's sharding) -> dense Adam -> TrainPipelineSparseDist, with per-epoch evaluation on valid, best-epoch
-selection, crash-safe checkpoints, exact resume, TensorBoard scalars and a progress bar on rank 0."""
+planner's sharding) -> dense Adam -> the training step (TorchRec's TrainPipelineSparseDist; one CPU process: a plain
+step, recsys.train.step), with per-epoch evaluation on valid, best-epoch selection, crash-safe checkpoints, exact
+resume, TensorBoard scalars and a progress bar on rank 0."""
 from __future__ import annotations
 
 import json
@@ -18,7 +19,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -40,6 +40,7 @@ from recsys.train.frozen_text import fill_text_tables, is_text_table_key
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
 from recsys.train.sharding import data_parallel_wrapper_for, plan_for, sharders_for
+from recsys.train.step import make_train_step
 
 log = logging.getLogger("recsys.train.loop")
 
@@ -355,9 +356,9 @@ class Trainer:
         loader.load_state_dict(dict(loader.state_dict(), epoch=epoch, batches_yielded=skip))
         it = _take(iter(loader), total - skip)
         self.dmp.train()
-        # The pipeline steps a guard that refuses non-finite dense gradients (the sparse step runs in backward).
+        # The step runs a guard that refuses non-finite dense gradients (the sparse step runs in backward).
         guard = self.finite_grad_guard()
-        pipeline = TrainPipelineSparseDist(self.dmp, guard, ctx.device, execute_all_batches=True)
+        pipeline = make_train_step(self.dmp, guard, ctx.device, ctx.world_size)
         bar = None
         if ctx.is_main:
             from tqdm import tqdm
