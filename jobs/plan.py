@@ -9,7 +9,6 @@ Output is markdown: one row per table, memory per rank (summarised), and the pla
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -111,7 +110,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None,
                         help="per-rank batch (default: train.batch_size / world size)")
     args = parser.parse_args(argv)
-    setup_logging(rank=0, level=os.environ.get("RECSYS_LOG_LEVEL", "WARNING"))
+    setup_logging(rank=0)  # library warnings (TorchRec's "Sharding spec not found" per table) off the console
     spec = load_spec_from_args(args)
     text_rows, text_dim = None, None
     if spec.text.frozen and spec.used_text_tables():

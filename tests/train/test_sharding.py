@@ -298,3 +298,17 @@ def test_text_table_constraints_survive_other_text_modes(mode):
     spec = load_spec(AMAZON, [f"text.mode={mode}"])
     assert "text_items" in spec.train.sharding_constraints
     assert set(constraints_from_spec(spec, "cpu", 2)) == set(AMAZON_ROWS)
+
+
+def test_plan_cli_console_is_the_plan_only(child_env):
+    """TorchRec's planner warns once per table ("Sharding spec not found for ebc.<table>") through the root logger:
+    library noise, kept off the console like every job's."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, str(ROOT / "jobs" / "plan.py"), "--spec", str(PROD), "--world-size", "8",
+                          "--device", "cuda", "--hbm-gb", "80"], capture_output=True, text=True, env=child_env,
+                         cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "| user |" in res.stdout
+    assert "Sharding spec not found" not in res.stderr and "WARNING" not in res.stderr, res.stderr[-2000:]
