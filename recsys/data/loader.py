@@ -414,11 +414,15 @@ class BatchLoader:
 
 
 
+FILL_THREADS_MAX = 4  # each thread holds one mapped piece in flight (amazon-sr: ~100 MB of temporaries)
+
+
 def fill_threads() -> int:
     """Threads that map and store an epoch's new rows before its first batch (`_MappedStore.fill`): torch's
-    intra-op threads, i.e. the cores this rank's training step uses. The step waits for the fill, so those cores are
-    otherwise idle then; on 2 ranks of a 2-core machine each rank fills on its one core."""
-    return max(1, torch.get_num_threads())
+    intra-op threads, i.e. the cores this rank's training step uses, at most FILL_THREADS_MAX. The step waits for
+    the fill, so those cores are otherwise idle then; on 2 ranks of a 2-core machine each rank fills on its one core.
+    The cap bounds the fill's transient memory on a many-core rank (64 threads would hold ~6 GB of pieces)."""
+    return max(1, min(torch.get_num_threads(), FILL_THREADS_MAX))
 
 
 class _MappedStore:

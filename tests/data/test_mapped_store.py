@@ -201,3 +201,9 @@ def _without_store(loader):
     ref.__dict__.update(loader.__dict__)
     ref._store = None
     return ref
+
+
+def test_fill_threads_follow_the_ranks_torch_threads_up_to_a_cap(monkeypatch):
+    for threads, want in ((1, 1), (2, 2), (64, loader_mod.FILL_THREADS_MAX)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=threads: n)
+        assert loader_mod.fill_threads() == want
