@@ -532,8 +532,7 @@ class _MappedStore:
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads, thread_name_prefix="recsys-fill") as pool:
-            for done in pool.map(map_and_put, pieces):  # re-raises a piece's error here
-                del done
+            list(pool.map(map_and_put, pieces))  # consumed: re-raises a piece's error here
 
     def put(self, real: np.ndarray, arrays: Arrays) -> None:
         """Store rows `real` (none stored yet) with their mapped arrays."""

@@ -240,9 +240,9 @@ class Trainer:
         return checkpoint.table_shapes(self.spec, self.rows)
 
     def finite_grad_guard(self) -> FiniteGradGuard:
-        """The optimiser the pipeline steps: refuses non-finite dense gradients. On CUDA the check is deferred (no
-        host sync per step): the fused Adam skips a bad step on the device, and the data-parallel tables' optimiser
-        (small tables, by the planner's choice) is undone there."""
+        """The optimiser the training step runs: refuses non-finite dense gradients. On CUDA the check is deferred
+        (no host sync per step): the fused Adam skips a bad step on the device, and the data-parallel tables'
+        optimiser (small tables, by the planner's choice) is undone there."""
         tables = [self.table_optimizer._optimizer] if self.table_optimizer else []
         return FiniteGradGuard(self.optimizer, self.stepped_params, defer=self.ctx.device.type == "cuda",
                                device_skippable=[self.dense_optimizer._optimizer], restorable=tables)
@@ -358,7 +358,7 @@ class Trainer:
         self.dmp.train()
         # The step runs a guard that refuses non-finite dense gradients (the sparse step runs in backward).
         guard = self.finite_grad_guard()
-        pipeline = make_train_step(self.dmp, guard, ctx.device, ctx.world_size)
+        train_step = make_train_step(self.dmp, guard, ctx.device, ctx.world_size)
         bar = None
         if ctx.is_main:
             from tqdm import tqdm
@@ -372,9 +372,9 @@ class Trainer:
         crash_at = _test_crash_step()
         recent: List[Any] = [None, None]  # the batches of the previous and the current step (deferred errors)
         while True:
-            recent = [recent[1], pipeline.batches[0] if pipeline.batches else None]
+            recent = [recent[1], train_step.batches[0] if train_step.batches else None]
             try:
-                loss, logits, labels, domain, reg = pipeline.progress(it)
+                loss, logits, labels, domain, reg = train_step.progress(it)
             except StopIteration:
                 break
             except NumericsError as e:  # from the guard: the step counters still name the previous step
@@ -405,7 +405,7 @@ class Trainer:
                 self._flush_guard(guard, epoch, recent)  # never checkpoint right after a skipped bad step
                 self.save()
         self._flush_guard(guard, epoch, recent)
-        pipeline.detach()  # restore the modules' own forwards so evaluation can call the model directly
+        train_step.detach()  # restore the modules' own forwards so evaluation can call the model directly
         if bar is not None:
             bar.close()
         self.epoch_rate = seen * ctx.world_size / max(time.perf_counter() - t0, 1e-9)

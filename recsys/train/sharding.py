@@ -174,13 +174,11 @@ def _make_text_sharder_class():
             (recsys.train.frozen_text.drop_data_parallel_wrappers: nothing to all-reduce); on CPU its kernels read
             the one-row bags of the text KJT by index_select (recsys.train.frozen_text.use_single_row_gather: same
             tables, same output, several times faster than fbgemm's CPU forward there)."""
-            sharded = super().shard(module, params, env, device=device, module_fqn=module_fqn)
-            from recsys.train.frozen_text import drop_data_parallel_wrappers
+            from recsys.train.frozen_text import drop_data_parallel_wrappers, use_single_row_gather
 
+            sharded = super().shard(module, params, env, device=device, module_fqn=module_fqn)
             drop_data_parallel_wrappers(sharded)
             if device is None or device.type == "cpu":
-                from recsys.train.frozen_text import use_single_row_gather
-
                 use_single_row_gather(sharded)
             return sharded
 

@@ -184,23 +184,16 @@ def test_declared_ranges_hold_on_amazon_sr(amazon_spec):
 def test_side_rows_only_leaves_out_exactly_what_the_store_rebuilds(amazon_spec):
     """amazon-sr's brands and categories come from its items side table: mapped for the store they are left out,
     and rebuilt from the stored side rows they equal the full mapping, key for key."""
-    loader = BatchLoader(amazon_spec, "train", 4096, seed=0)
+    kw = dict(spec=amazon_spec, split="train", batch_size=4096, seed=0)
+    loader = BatchLoader(**kw)
     rows = np.arange(5000, dtype=np.int64)
-    full = _without_store(loader)._map_in_file_order(rows)
+    full = _unstored(**kw)._map_in_file_order(rows)
     lean = loader._map_in_file_order(rows)
     derived = loader.mapper.side_derived()
     assert set(derived) == {"sp/item_brand", "sp/item_brand#len", "sp/item_category", "sp/item_category#len"}
     assert set(full) - set(lean) == set(derived)
     for k, (row_key, table) in derived.items():
         np.testing.assert_array_equal(table[lean[row_key]], full[k], err_msg=k)
-
-
-def _without_store(loader):
-    """A copy of `loader` without a store: its mapping gives every array."""
-    ref = BatchLoader.__new__(BatchLoader)
-    ref.__dict__.update(loader.__dict__)
-    ref._store = None
-    return ref
 
 
 def test_fill_threads_follow_the_ranks_torch_threads_up_to_a_cap(monkeypatch):
