@@ -172,8 +172,14 @@ def worker(cfg: Dict[str, Any]) -> None:
     world, impl, task_kind = ctx.world_size, cfg["impl"], cfg["task"]
     split = "train" if task_kind in ("train", "loader") else "valid"
     bs = (spec.train.batch_size if task_kind != "infer" else spec.train.eval_batch_size) // world
+    trainer = None
+    if impl == "torchrec":
+        from recsys.train.loop import Trainer
+
+        trainer = Trainer(spec, ctx, for_training=False)
+    # batches in the key order the sharded tables read, as the training job's loaders assemble them
     loader = BatchLoader(spec, split, bs, rank=ctx.rank, world_size=world, seed=spec.train.seed,
-                         eval_mode=task_kind == "infer")
+                         eval_mode=task_kind == "infer", kjt_order=trainer.kjt_order if trainer else None)
     if cfg.get("prebuilt"):  # built before timing, as the peers are timed; cycled (the step never sees the loader)
         it = iter(_cycle(loader))
         built = [next(it) for _ in range(PREBUILT_BATCHES)]
@@ -186,10 +192,8 @@ def worker(cfg: Dict[str, Any]) -> None:
         def step() -> int:
             return next(batches).size
     elif impl == "torchrec":
-        from recsys.train.loop import Trainer
         from recsys.train.step import make_train_step
 
-        trainer = Trainer(spec, ctx, for_training=False)
         dmp = trainer.dmp
         if task_kind == "train":
             # train.compile as the training job applies it; `auto` judges this launch's own few steps too short

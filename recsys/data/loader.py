@@ -54,7 +54,7 @@ import torch
 from recsys.data import arrowops, paths, schema
 from recsys.data.hashing import hash_user_keys
 from recsys.data.batch import Batch
-from recsys.data.features import active_domains
+from recsys.data.features import KjtOrder, active_domains
 from recsys.data.mapping import REASONS, Arrays, FeatureMapper, assemble, drop_ids
 from recsys.errors import DataError
 from recsys.spec.config import Spec
@@ -149,13 +149,16 @@ class BatchLoader:
     def __init__(self, spec: Spec, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  shuffle: bool = True, drop_last: bool = False, with_row_filter: bool = True,
                  eval_mode: Optional[bool] = None, prefetch: bool = False, workers: int = 0,
-                 pin_memory: bool = False):
+                 pin_memory: bool = False, kjt_order: Optional[KjtOrder] = None):
+        """`kjt_order`: the feature order of the batches' KJTs (the one the model's sharded embedding modules read,
+        `recsys.train.sharding.sharded_kjt_order`, so that they need not permute each batch); None: the spec's."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.spec, self.split, self.batch_size = spec, split, int(batch_size)
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.shuffle, self.drop_last, self.prefetch = shuffle, drop_last, prefetch
         self.workers, self.pin_memory = int(workers), bool(pin_memory)
+        self.kjt_order = kjt_order
         self.eval_mode = (split != "train") if eval_mode is None else eval_mode
         self.path = paths.split_path(spec, split)
         self.columns = list(schema.row_columns(spec, split, with_row_filter))
@@ -378,7 +381,7 @@ class BatchLoader:
         b, part = item
         if self._dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
             part = drop_ids(self.spec, part, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
-        return b, assemble(self.spec, self.mapper.keys, part)
+        return b, assemble(self.spec, part, order=self.kjt_order)
 
     def _pipeline(self, start_batch: int) -> "tn.BaseNode":
         """torchdata.nodes graph of one epoch from `start_batch`: blocks -> mapped on `workers` threads (in order)

@@ -17,8 +17,8 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data import arrowops, paths, schema
-from recsys.data.batch import Batch, RequestGroups
-from recsys.data.features import context_features, is_bucketized, kjt_keys
+from recsys.data.batch import Batch, RequestGroups, text_rows_kjt
+from recsys.data.features import KjtOrder, context_features, is_bucketized, kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
 from recsys.spec.config import Spec
 
@@ -363,15 +363,16 @@ def drop_ids(spec: Spec, a: Arrays, rng: np.random.Generator) -> Arrays:
     return out
 
 
-def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray] = None) -> Batch:
+def assemble(spec: Spec, a: Arrays, owner: Optional[np.ndarray] = None, order: Optional[KjtOrder] = None) -> Batch:
     """Numpy arrays of one batch -> Batch (KJT key-major: every key's lengths for all rows, then the next key).
 
     `owner` (serving: the request of each row, requests contiguous) groups the rows (`RequestGroups`): the context
     features' values enter the KJTs from each request's first row only, the other rows get none (the model reads
-    them from the first row). Integer arrays may come in narrower types (the loader's store of mapped rows keeps
-    them so); every index tensor of the Batch is int64."""
-    values: List[np.ndarray] = []
-    lengths: List[np.ndarray] = []
+    them from the first row). `order`: the order of the features in the KJTs (`KjtOrder`, the one the model's
+    sharded embedding modules read, so they need not permute them); None: the spec's (`kjt_keys`,
+    `text_kjt_keys`). Integer arrays may come in narrower types (the loader's store of mapped rows keeps them so);
+    every index tensor of the Batch is int64."""
+    blocks: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # feature -> (values, lengths) of its keys
     b = len(a["labels"])
     groups = RequestGroups.from_owner(owner) if owner is not None else None
     shared = set(context_features(spec)) if groups is not None else set()
@@ -383,14 +384,13 @@ def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray]
     for f in spec.features:
         keep = rows_of(f.name)
         if f.kind == "id":
-            values.append(a["id/" + f.name] if keep is None else a["id/" + f.name][keep])
-            lengths.append(np.ones(b, dtype=np.int64) if keep is None else keep.astype(np.int64))
+            blocks[f.name] = (a["id/" + f.name] if keep is None else a["id/" + f.name][keep],
+                              np.ones(b, dtype=np.int64) if keep is None else keep.astype(np.int64))
         elif f.kind == "sparse" or is_bucketized(f):
             padded, lens = a["sp/" + f.name], a["sp/" + f.name + "#len"]
             if keep is not None:
                 lens = np.where(keep, lens, 0)
-            values.append(padded[np.arange(padded.shape[1])[None, :] < lens[:, None]])
-            lengths.append(lens)
+            blocks[f.name] = (padded[np.arange(padded.shape[1])[None, :] < lens[:, None]], lens)
     seq_lengths: Dict[str, torch.Tensor] = {}
     for f in spec.features:
         if f.kind == "sequence":
@@ -398,19 +398,24 @@ def assemble(spec: Spec, keys: List[str], a: Arrays, owner: Optional[np.ndarray]
             keep = rows_of(f.name)
             kjt_lens = lens if keep is None else np.where(keep, lens, 0)
             if f.pooling == "mean":  # one key: each row's whole history
-                values.append(padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]])
-                lengths.append(kjt_lens.astype(np.int64))
+                blocks[f.name] = (padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]],
+                                  kjt_lens.astype(np.int64))
             else:
                 mask_t = np.arange(padded.shape[1])[:, None] < kjt_lens[None, :]  # [L, B]: key-major over positions
-                values.append(padded.T[mask_t])
-                lengths.append(mask_t.ravel().astype(np.int64))
+                blocks[f.name] = (padded.T[mask_t], mask_t.ravel().astype(np.int64))
             seq_lengths[f.name] = _long(lens)  # every row's own length
-    kjt = KeyedJaggedTensor(keys=keys, values=torch.from_numpy(np.concatenate(values).astype(np.int64)),
-                            lengths=torch.from_numpy(np.concatenate(lengths).astype(np.int64)))
+    order = order or KjtOrder()
+    names = order.sparse or list(blocks)  # blocks fill in kjt_keys order
+    kjt = KeyedJaggedTensor(keys=order.sparse_keys(spec),
+                            values=torch.from_numpy(np.concatenate([blocks[n][0] for n in names]).astype(np.int64)),
+                            lengths=torch.from_numpy(np.concatenate([blocks[n][1] for n in names]).astype(np.int64)))
     text = {f.name: _long(a["txt/" + f.name]) for f in spec.features_of("text")}
+    text_ids = (text_rows_kjt({n: text[n] for n in order.text})
+                if order.text is not None and text and groups is None else None)
     return Batch(sparse=kjt, dense=torch.from_numpy(np.ascontiguousarray(a["dense"])), text=text,
                  seq_lengths=seq_lengths, labels=torch.from_numpy(np.ascontiguousarray(a["labels"])),
-                 domain=_long(a["domain"]), row_id=_long(a["row_id"]), user=_long(a["user"]), groups=groups)
+                 domain=_long(a["domain"]), row_id=_long(a["row_id"]), user=_long(a["user"]), text_ids=text_ids,
+                 groups=groups)
 
 
 def _long(a: np.ndarray) -> torch.Tensor:

@@ -31,10 +31,11 @@ def predict(model: torch.nn.Module, spec: Spec, split: str, ctx: DistContext) ->
     """Logits for every row of `split` in file order; NaN for rows the model does not score (inactive domains)."""
     from recsys.data.loader import BatchLoader
     from recsys.data.paths import split_path
+    from recsys.train.sharding import sharded_kjt_order
 
     loader = BatchLoader(spec, split, batch_size=max(1, spec.train.eval_batch_size // ctx.world_size),
                          rank=ctx.rank, world_size=ctx.world_size, seed=spec.train.seed, shuffle=False,
-                         eval_mode=True)
+                         eval_mode=True, kjt_order=sharded_kjt_order(model, spec))
     was_training = model.training
     model.eval()
     rows: List[np.ndarray] = []

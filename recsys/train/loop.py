@@ -39,7 +39,7 @@ from recsys.train.evaluation import evaluate_split, json_safe
 from recsys.train.frozen_text import fill_text_tables, is_text_table_key
 from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
-from recsys.train.sharding import data_parallel_wrapper_for, plan_for, sharders_for
+from recsys.train.sharding import data_parallel_wrapper_for, pin_kjt_order, plan_for, sharders_for
 from recsys.train.step import make_train_step
 
 log = logging.getLogger("recsys.train.loop")
@@ -133,6 +133,7 @@ class Trainer:
                                             data_parallel_wrapper=data_parallel_wrapper_for(ctx.world_size))
         if spec.text.frozen:
             fill_text_tables(self.dmp, self.text_tables)  # each rank reads only its shards' rows
+        self.kjt_order = pin_kjt_order(self.dmp, spec)  # batches the sharded tables read without a permute
         if init_hook is not None:
             init_hook(self)
         dense = dict(in_backward_optimizer_filter(self.dmp.named_parameters()))
@@ -200,7 +201,7 @@ class Trainer:
             loader = BatchLoader(self.spec, split, batch_size=self.spec.train.batch_size // self.ctx.world_size,
                                  rank=self.ctx.rank, world_size=self.ctx.world_size, seed=self.spec.train.seed,
                                  shuffle=self.spec.train.shuffle, workers=workers, prefetch=workers > 0,
-                                 pin_memory=self.ctx.device.type == "cuda")
+                                 pin_memory=self.ctx.device.type == "cuda", kjt_order=self.kjt_order)
             self._loaders[split] = loader
         loader.set_epoch(epoch)
         return loader

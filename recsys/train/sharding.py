@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from recsys.data.features import kjt_keys, table_of_key
+from recsys.data.features import KjtOrder, kjt_keys, table_of_key
 from recsys.errors import SpecError
 from recsys.models.tables import embedding_bag_configs
 from recsys.spec.config import Spec
@@ -588,3 +588,74 @@ def plan_for(
                              {t.name for t in spec.tables})
     result.text_bytes = [r.hbm_bytes for r in _memory_from_weights(text_plan, world_size, facts)]
     return result
+
+
+def _sharded_input_keys(module: Optional[nn.Module]) -> Optional[List[str]]:
+    """The feature order in which sharded EmbeddingBagCollection `module` distributes its input: its shardings'
+    features, one sharding after the other (what TorchRec's input dist compares the KJT's keys with); None for a
+    module that is not sharded that way."""
+    shardings = getattr(module, "_embedding_shardings", None)
+    if not shardings:
+        return None
+    return [f for sharding in shardings for f in sharding.feature_names()]
+
+
+def _l0_of(model: nn.Module) -> Optional[nn.Module]:
+    while hasattr(model, "module") and not hasattr(model, "l0"):  # DMP -> (DDP ->) TrainTask
+        model = model.module
+    return getattr(getattr(model, "model", model), "l0", None)
+
+
+class _InputKeyOrder:
+    """A sharded EmbeddingBagCollection's `input_dist`, fed its features in one fixed key order.
+
+    TorchRec's sharded EBC compares the keys of the FIRST KJT it receives with the order its shardings read and
+    from then on permutes every KJT by that comparison's indices without looking at its keys again: a later KJT in
+    another key order would be permuted wrongly, silently. With batches assembled in the shardings' own order
+    (`KjtOrder`) as well as in the spec's (serving, other producers), each KJT is therefore brought to the
+    shardings' order here first (a no-op for batches already in it, which then skip TorchRec's permute too)."""
+
+    def __init__(self, module: nn.Module, keys: List[str]):
+        self.input_dist, self.keys = module.input_dist, list(keys)
+        self._indices: Dict[Tuple[str, ...], List[int]] = {}
+
+    def __call__(self, ctx, features, *args, **kwargs):
+        keys = features.keys()
+        if keys != self.keys:
+            indices = self._indices.get(tuple(keys))
+            if indices is None:
+                where = {k: i for i, k in enumerate(keys)}
+                missing = [k for k in self.keys if k not in where]
+                if missing or len(keys) != len(self.keys):
+                    raise RuntimeError(f"the embedding input has keys {keys}; its sharded tables read {self.keys}")
+                indices = self._indices[tuple(keys)] = [where[k] for k in self.keys]
+            features = features.permute(indices)
+        return self.input_dist(ctx, features, *args, **kwargs)
+
+
+def pin_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
+    """Make the sharded embedding modules of `model` (DistributedModelParallel or what it wraps) read every KJT in
+    their shardings' own key order (`_InputKeyOrder`) and return that order as a `KjtOrder`, for loaders to
+    assemble batches in: those need no permute before their input distribution. A module whose order is not a
+    reordering of whole features (column-wise shards read a feature once each) is left to TorchRec, and its KJT
+    stays in the spec's order."""
+    l0 = _l0_of(model)
+    found: Dict[str, Optional[List[str]]] = {}
+    for name in ("ebc", "text_ebc"):
+        module = getattr(l0, name, None)
+        keys = _sharded_input_keys(module)
+        found[name] = keys
+        if keys is None or len(set(keys)) != len(keys):
+            continue
+        if not isinstance(module.__dict__.get("input_dist"), _InputKeyOrder):
+            module.input_dist = _InputKeyOrder(module, keys)
+    return KjtOrder.from_keys(spec, found["ebc"], found["text_ebc"])
+
+
+def sharded_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
+    """The `KjtOrder` that `pin_kjt_order` gave `model`'s sharded embedding modules (spec order where it gave none:
+    their input is then never in another order than the spec's)."""
+    l0 = _l0_of(model)
+    pinned = {name: getattr(getattr(l0, name, None), "__dict__", {}).get("input_dist") for name in ("ebc", "text_ebc")}
+    return KjtOrder.from_keys(spec, *(p.keys if isinstance(p, _InputKeyOrder) else None
+                                      for p in (pinned["ebc"], pinned["text_ebc"])))

@@ -92,8 +92,8 @@ def test_grouped_rows_score_like_rows_one_by_one(tiny_spec, llm_overrides, mode,
     arrays = mapper.map(table, np.arange(table.num_rows, dtype=np.int64))
     assert arrays["seq/hist_items#len"].max() > 0, "the picked contexts hold no history"
     with torch.inference_mode():
-        want = model(assemble(spec, mapper.keys, arrays)).logits
-        grouped = assemble(spec, mapper.keys, arrays, owner)
+        want = model(assemble(spec, arrays)).logits
+        grouped = assemble(spec, arrays, owner)
         # the context features' ids are in each request's first row only: 6 histories, not one per candidate
         assert int(grouped.sparse["hist_items__pos0"].lengths().sum()) <= len(SIZES)
         got = model(grouped).logits
