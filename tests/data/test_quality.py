@@ -137,7 +137,7 @@ def test_hashing_is_stable():
 @pytest.mark.data
 def test_amazon_sr_bench(amazon_spec):
     sizes = table_num_rows(amazon_spec)
-    assert sizes["item"] > 10000 and sizes["user"] > 50000
+    assert sizes["item"] > 10000 and sizes["query"] > 500
     items = pq.read_table(paths.text_table_path(amazon_spec, "items"))
     assert items.num_rows == pq.ParquetFile(paths.side_table_path(amazon_spec, "items")).metadata.num_rows
     tables = lookup_tables(amazon_spec)

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROD = ROOT / "feature_specs" / "production_example.yaml"
 AMAZON = ROOT / "feature_specs" / "amazon_sr.yaml"
 # amazon_sr sizes its tables from prepared vocabularies; these stand in for them (the plan only needs shapes).
-AMAZON_ROWS = {"user": 120_000, "item": 60_000, "brand": 4_000, "category": 1_500, "query": 20_000}
+AMAZON_ROWS = {"item": 60_000, "brand": 4_000, "category": 1_500, "query": 20_000}
 AMAZON_TEXT = {"text_items", "text_queries", "text_item_queries"}  # its frozen text tables (text.mode llm)
 HUGE = ("user", "item", "query")
 
@@ -121,7 +121,7 @@ def _with_constraints(path: Path, constraints: str):
 
 
 def test_cpu_constraints_never_row_wise(caplog):
-    spec = _with_constraints(AMAZON, '{"user": ["row_wise"], "item": ["table_row_wise", "column_wise"]}')
+    spec = _with_constraints(AMAZON, '{"query": ["row_wise"], "item": ["table_row_wise", "column_wise"]}')
     with caplog.at_level(logging.WARNING, logger="recsys.train.sharding"):
         cons = constraints_from_spec(spec, "cpu")
     assert set(cons) == set(AMAZON_ROWS) | AMAZON_TEXT
@@ -131,15 +131,15 @@ def test_cpu_constraints_never_row_wise(caplog):
         assert c.sharding_types and not set(c.sharding_types) & set(ROW_WISE_TYPES), (name, c.sharding_types)
         assert set(c.sharding_types) <= set(CPU_SHARDING_TYPES)
     assert cons["item"].sharding_types == ["column_wise"]
-    assert "user" in caplog.text and "row_wise" in caplog.text and "not available on CPU" in caplog.text
+    assert "query" in caplog.text and "row_wise" in caplog.text and "not available on CPU" in caplog.text
     # the sharder itself never offers row-wise on CPU either
     assert not set(sharders_for("cpu")[0].sharding_types("cpu")) & set(ROW_WISE_TYPES)
 
 
 def test_cuda_constraints_follow_the_spec():
-    spec = _with_constraints(AMAZON, '{"user": ["row_wise"]}')
+    spec = _with_constraints(AMAZON, '{"query": ["row_wise"]}')
     cons = constraints_from_spec(spec, "cuda")
-    assert cons["user"].sharding_types == ["row_wise"]
+    assert cons["query"].sharding_types == ["row_wise"]
     assert cons["item"].sharding_types is None  # the planner chooses
     # item is read by item_id and by the 20 history positions: one pooling factor per KJT key
     assert len(cons["item"].pooling_factors) == 21
