@@ -59,6 +59,10 @@ def _baseline_module(rev: str):
     spec = importlib.util.spec_from_file_location(f"loader_{rev}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
+    if hasattr(mod, "assemble"):  # it calls the helper's older signature, assemble(spec, keys, arrays, owner=None)
+        from recsys.data.mapping import assemble
+
+        mod.assemble = lambda spec, keys, arrays, owner=None: assemble(spec, arrays, owner)
     return mod
 
 
