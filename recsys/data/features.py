@@ -115,7 +115,7 @@ class KjtOrder:
     come in another order is permuted at every step before its input distribution (fbgemm permute_2D_sparse_data:
     on amazon-sr ~0.8 ms per KJT a step on one process, two KJTs). Batches assembled in the order the sharded
     modules read need no permute: the loader builds each feature's values and lengths anyway and only concatenates
-    them in this order (`recsys.train.sharding.sharded_kjt_order` reads it off the model)."""
+    them in this order (`recsys.train.sharding.pin_kjt_order` sets a model up for it and returns it)."""
 
     sparse: Optional[Tuple[str, ...]] = None
     text: Optional[Tuple[str, ...]] = None

@@ -151,7 +151,7 @@ class BatchLoader:
                  eval_mode: Optional[bool] = None, prefetch: bool = False, workers: int = 0,
                  pin_memory: bool = False, kjt_order: Optional[KjtOrder] = None):
         """`kjt_order`: the feature order of the batches' KJTs (the one the model's sharded embedding modules read,
-        `recsys.train.sharding.sharded_kjt_order`, so that they need not permute each batch); None: the spec's."""
+        `recsys.train.sharding.pin_kjt_order`, so that they need not permute each batch); None: the spec's."""
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world_size {world_size}")
         self.spec, self.split, self.batch_size = spec, split, int(batch_size)
