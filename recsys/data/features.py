@@ -28,14 +28,7 @@ def is_bucketized(f) -> bool:
 
 def kjt_keys(spec: Spec) -> List[str]:
     """KJT keys in batch order: id and sparse features in spec order, then each sequence's keys."""
-    keys: List[str] = []
-    for f in spec.features:
-        if f.kind in ("id", "sparse") or is_bucketized(f):
-            keys.append(f.name)
-    for f in spec.features:
-        if f.kind == "sequence":
-            keys.extend(sequence_kjt_keys(f))
-    return keys
+    return [k for keys in sparse_key_blocks(spec).values() for k in keys]
 
 
 def table_of_key(spec: Spec) -> Dict[str, str]:
@@ -53,11 +46,7 @@ def table_of_key(spec: Spec) -> Dict[str, str]:
 def text_kjt_keys(spec: Spec) -> List[str]:
     """Keys of the text-row KJT (mode llm), in spec order: a scalar text feature is one key, a text history one key
     per position. Each key holds exactly one row per sample (0 = no text / padding)."""
-    keys: List[str] = []
-    for f in spec.features:
-        if f.kind == "text":
-            keys.extend(sequence_keys(f.name, f.max_len) if f.sequence else [f.name])
-    return keys
+    return [k for keys in text_key_blocks(spec).values() for k in keys]
 
 
 def context_features(spec: Spec) -> List[str]:
@@ -129,10 +118,3 @@ class KjtOrder:
         sparse = block_order(sparse_keys, sparse_key_blocks(spec)) if sparse_keys else None
         text = block_order(text_keys, text_key_blocks(spec)) if text_keys else None
         return KjtOrder(tuple(sparse) if sparse else None, tuple(text) if text else None)
-
-    def sparse_keys(self, spec: Spec) -> List[str]:
-        """The id KJT's keys in this order."""
-        if self.sparse is None:
-            return kjt_keys(spec)
-        blocks = sparse_key_blocks(spec)
-        return [k for name in self.sparse for k in blocks[name]]

@@ -18,7 +18,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from recsys.data import arrowops, paths, schema
 from recsys.data.batch import Batch, RequestGroups, text_rows_kjt
-from recsys.data.features import KjtOrder, context_features, is_bucketized, kjt_keys
+from recsys.data.features import KjtOrder, context_features, is_bucketized, sequence_kjt_keys
 from recsys.data.hashing import hash_buckets, hash_user_keys
 from recsys.spec.config import Spec
 
@@ -46,7 +46,6 @@ class FeatureMapper:
 
         self.spec = spec
         self.schema = schema if schema is not None else schema_for(spec)
-        self.keys = kjt_keys(spec)
         self._hashers: Dict[str, object] = {}  # one function object per hash table (memo key of arrowops)
         # keys with a hash index built once (arrowops.KeyIndex): a request's few ids are looked up by dict
         self.vocab: Dict[str, arrowops.KeyIndex] = {t.name: arrowops.KeyIndex(self.schema.vocab[t.name])
@@ -372,7 +371,7 @@ def assemble(spec: Spec, a: Arrays, owner: Optional[np.ndarray] = None, order: O
     sharded embedding modules read, so they need not permute them); None: the spec's (`kjt_keys`,
     `text_kjt_keys`). Integer arrays may come in narrower types (the loader's store of mapped rows keeps them so);
     every index tensor of the Batch is int64."""
-    blocks: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}  # feature -> (values, lengths) of its keys
+    blocks: Dict[str, Tuple[List[str], np.ndarray, np.ndarray]] = {}  # feature -> (its keys, values, lengths)
     b = len(a["labels"])
     groups = RequestGroups.from_owner(owner) if owner is not None else None
     shared = set(context_features(spec)) if groups is not None else set()
@@ -384,13 +383,13 @@ def assemble(spec: Spec, a: Arrays, owner: Optional[np.ndarray] = None, order: O
     for f in spec.features:
         keep = rows_of(f.name)
         if f.kind == "id":
-            blocks[f.name] = (a["id/" + f.name] if keep is None else a["id/" + f.name][keep],
+            blocks[f.name] = ([f.name], a["id/" + f.name] if keep is None else a["id/" + f.name][keep],
                               np.ones(b, dtype=np.int64) if keep is None else keep.astype(np.int64))
         elif f.kind == "sparse" or is_bucketized(f):
             padded, lens = a["sp/" + f.name], a["sp/" + f.name + "#len"]
             if keep is not None:
                 lens = np.where(keep, lens, 0)
-            blocks[f.name] = (padded[np.arange(padded.shape[1])[None, :] < lens[:, None]], lens)
+            blocks[f.name] = ([f.name], padded[np.arange(padded.shape[1])[None, :] < lens[:, None]], lens)
     seq_lengths: Dict[str, torch.Tensor] = {}
     for f in spec.features:
         if f.kind == "sequence":
@@ -398,17 +397,17 @@ def assemble(spec: Spec, a: Arrays, owner: Optional[np.ndarray] = None, order: O
             keep = rows_of(f.name)
             kjt_lens = lens if keep is None else np.where(keep, lens, 0)
             if f.pooling == "mean":  # one key: each row's whole history
-                blocks[f.name] = (padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]],
+                blocks[f.name] = ([f.name], padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]],
                                   kjt_lens.astype(np.int64))
             else:
                 mask_t = np.arange(padded.shape[1])[:, None] < kjt_lens[None, :]  # [L, B]: key-major over positions
-                blocks[f.name] = (padded.T[mask_t], mask_t.ravel().astype(np.int64))
+                blocks[f.name] = (sequence_kjt_keys(f), padded.T[mask_t], mask_t.ravel().astype(np.int64))
             seq_lengths[f.name] = _long(lens)  # every row's own length
     order = order or KjtOrder()
-    names = order.sparse or list(blocks)  # blocks fill in kjt_keys order
-    kjt = KeyedJaggedTensor(keys=order.sparse_keys(spec),
-                            values=torch.from_numpy(np.concatenate([blocks[n][0] for n in names]).astype(np.int64)),
-                            lengths=torch.from_numpy(np.concatenate([blocks[n][1] for n in names]).astype(np.int64)))
+    parts = [blocks[n] for n in order.sparse or blocks]  # blocks fill in kjt_keys order
+    kjt = KeyedJaggedTensor(keys=[k for keys, _, _ in parts for k in keys],
+                            values=torch.from_numpy(np.concatenate([v for _, v, _ in parts]).astype(np.int64)),
+                            lengths=torch.from_numpy(np.concatenate([n for _, _, n in parts]).astype(np.int64)))
     text = {f.name: _long(a["txt/" + f.name]) for f in spec.features_of("text")}
     text_ids = (text_rows_kjt({n: text[n] for n in order.text})
                 if order.text is not None and text and groups is None else None)

@@ -640,16 +640,14 @@ def pin_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
     reordering of whole features (column-wise shards read a feature once each) is left to TorchRec, and its KJT
     stays in the spec's order."""
     l0 = _l0_of(model)
-    found: Dict[str, Optional[List[str]]] = {}
     for name in ("ebc", "text_ebc"):
         module = getattr(l0, name, None)
         keys = _sharded_input_keys(module)
-        found[name] = keys
         if keys is None or len(set(keys)) != len(keys):
             continue
         if not isinstance(module.__dict__.get("input_dist"), _InputKeyOrder):
             module.input_dist = _InputKeyOrder(module, keys)
-    return KjtOrder.from_keys(spec, found["ebc"], found["text_ebc"])
+    return sharded_kjt_order(model, spec)
 
 
 def sharded_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
