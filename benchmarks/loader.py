@@ -59,9 +59,16 @@ def _baseline_module(rev: str):
     spec = importlib.util.spec_from_file_location(f"loader_{rev}", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    if hasattr(mod, "assemble"):  # it calls the helper's older signature, assemble(spec, keys, arrays, owner=None)
-        from recsys.data.mapping import assemble
+    if hasattr(mod, "assemble"):  # written against older helpers: assemble(spec, keys, arrays) and FeatureMapper.keys
+        from recsys.data.features import kjt_keys
+        from recsys.data.mapping import FeatureMapper, assemble
 
+        class _Mapper(FeatureMapper):
+            @property
+            def keys(self):  # the key order those batches were assembled in: the spec's
+                return kjt_keys(self.spec)
+
+        mod.FeatureMapper = _Mapper
         mod.assemble = lambda spec, keys, arrays, owner=None: assemble(spec, arrays, owner)
     return mod
 
