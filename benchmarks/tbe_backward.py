@@ -10,8 +10,8 @@ trained here) takes one of two paths per table:
   plain compiled loop over the rows.
 
 Both apply the same update. On the 2-core Xeon this was written on (AVX512, AMX) the JIT path costs ~400-450 ns
-per updated row whatever the width (its generated row-wise kernel mixes legacy SSE scalar instructions with
-256-bit AVX ones: in gdb samples the time sits on those), against ~15-60 ns per entry on the loop: the user table's
+per updated row whatever the width (its generated row-wise kernel switches six times a row between legacy-SSE
+scalar and VEX-encoded 256-bit instructions, ~105 ns a switch here: benchmarks/sse_avx_transition.c), against ~15-60 ns per entry on the loop: the user table's
 4,096 rows a step take ~1.8 ms, a third of the peers' configuration's embedding backward. Whether that holds on
 another CPU is what this measures: each table shape is timed with one feature (JIT path) and with the same entries
 split over two features of the one table (loop path), forward subtracted.

@@ -1,7 +1,9 @@
 #!/usr/bin/env python
 """Issue 14 item 3: the frozen text tables (commit a29f1e9) against the text path they replaced, side by side.
 
-Two checkouts train amazon-sr with *each version's own default spec* (feature_specs/amazon_sr.yaml of that tree):
+Two checkouts train amazon-sr with *each version's own default spec* (feature_specs/amazon_sr.yaml of that tree;
+`--old-spec` gives the old tree another, e.g. its spec without the user id that the new default dropped, so both
+train the same features):
 the old one (a worktree at a29f1e9^: every rank holds each text table as dense fp32 buffers, raw 384-wide and
 projected 64-wide) and the new one (this tree: frozen fp16 TorchRec tables, placed by the planner; amazon_sr.yaml
 replicates its small text tables). Each launch is the training job itself (`jobs/pretrain.py` of that tree, run
@@ -47,6 +49,7 @@ HERE = Path(__file__).resolve()
 NEW_TREE = HERE.parents[1]
 RESULTS = NEW_TREE / "benchmarks" / "results"
 OLD_COMMIT_NOTE = "a29f1e9^ (the last commit with the dense text buffers)"
+DEFAULT_SPEC = "feature_specs/amazon_sr.yaml"
 VERSIONS = ("old", "base", "new")  # tags of the launches, in report order; "base" only with --base-tree
 
 
@@ -322,7 +325,8 @@ def _steady(rec: Dict[str, Any], warmup: int) -> Dict[str, float]:
 def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, Any]:
     out_json = workdir / f"{tag}.json"
     run_dir = workdir / f"run_{tag}"
-    job = [str(tree / "jobs" / "pretrain.py"), "--spec", "feature_specs/amazon_sr.yaml",
+    spec = args.old_spec if tag.startswith("old") else DEFAULT_SPEC
+    job = [str(tree / "jobs" / "pretrain.py"), "--spec", spec,
            "--set", f"data.raw_dir={args.raw_dir}", "--set", f"train.max_steps={args.steps}",
            "--set", "train.epochs=1", "--set", f"train.output_dir={run_dir}"]
     for kv in args.set:  # extra overrides for both versions (diagnostics: e.g. text.mode=none isolates the rest)
@@ -422,6 +426,9 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     if meta.get("overrides"):  # diagnostics: then not each version's default spec
         lines[0] = lines[0].replace("amazon-sr default spec", "amazon-sr, overridden")
         lines.append(f"Overrides for both versions: `{' '.join(meta['overrides'])}`.")
+    if meta.get("old_spec", DEFAULT_SPEC) != DEFAULT_SPEC:
+        lines[0] = lines[0].replace("amazon-sr default spec", "amazon-sr, same features")
+        lines.append(f"Old tree's spec: `{meta['old_spec']}` (the new tree: its default `{DEFAULT_SPEC}`).")
     lines.append("")
     lines += ["| ranks | version | samples/s (each launch) | median | job's own log (median) | median-step rate "
               "(median) | CPU ms per step, all ranks (median) | peak RSS per rank, MiB | text path per rank, MiB |",
@@ -470,6 +477,10 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old-tree", type=Path, required=True)
+    p.add_argument("--old-spec", default=DEFAULT_SPEC,
+                   help="the old tree's spec, relative to it (default its own amazon_sr.yaml). The default specs "
+                        "differ in features since amazon_sr.yaml dropped its user id: a copy of the old spec without "
+                        "it compares the text paths on the same features (prepare its data in the old tree first)")
     p.add_argument("--new-tree", type=Path, default=NEW_TREE)
     p.add_argument("--base-tree", type=Path, default=None,
                    help="also launch this tree (e.g. the new path before a change) in the same interleaved rounds")
@@ -530,6 +541,7 @@ def _write(results: List[Dict[str, Any]], args, old: Path, new: Path, workdir: P
                                                                                "--untracked-files=no") else ""),
             "base_commit": _git(args.base_tree.resolve(), "rev-parse", "HEAD") if args.base_tree else None,
             "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "overrides": args.set,
+            "old_spec": args.old_spec,
             "global_batch": results[0]["per_rank"] and json.loads(
                 (workdir / f"{results[0]['tag']}.rank0.json").read_text())["global_batch"],
             "workdir": str(workdir)}
