@@ -322,15 +322,21 @@ def _steady(rec: Dict[str, Any], warmup: int) -> Dict[str, float]:
             "median_step_s": statistics.median(gaps), "loader_s_per_step": loader, "cpu_s_per_step": cpu_per_step}
 
 
-def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, Any]:
-    out_json = workdir / f"{tag}.json"
-    run_dir = workdir / f"run_{tag}"
+def job_command(tree: Path, tag: str, args, run_dir: Path) -> List[str]:
+    """The training job of one launch: the tree's pretrain.py on its spec (`--old-spec` for the old tree)."""
     spec = args.old_spec if tag.startswith("old") else DEFAULT_SPEC
     job = [str(tree / "jobs" / "pretrain.py"), "--spec", spec,
            "--set", f"data.raw_dir={args.raw_dir}", "--set", f"train.max_steps={args.steps}",
            "--set", "train.epochs=1", "--set", f"train.output_dir={run_dir}"]
     for kv in args.set:  # extra overrides for both versions (diagnostics: e.g. text.mode=none isolates the rest)
         job += ["--set", kv]
+    return job
+
+
+def launch(tree: Path, nproc: int, args, tag: str, workdir: Path) -> Dict[str, Any]:
+    out_json = workdir / f"{tag}.json"
+    run_dir = workdir / f"run_{tag}"
+    job = job_command(tree, tag, args, run_dir)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            str(HERE), "--worker", str(out_json), str(args.warmup),
            str(args.profile_step if args.profile_step else 0), *job]
@@ -474,7 +480,7 @@ def report(results: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--old-tree", type=Path, required=True)
     p.add_argument("--old-spec", default=DEFAULT_SPEC,
@@ -503,7 +509,11 @@ def main(argv=None) -> int:
                    help="only time the text lookup alone (TBE vs index_select), 1 and 2 threads, and print it")
     p.add_argument("--workdir", type=Path, default=None)
     p.add_argument("--out", type=Path, default=RESULTS / "text_path")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     if args.lookup_micro:
         res = {f"{th}_threads": lookup_micro(th) for th in (1, 2)}
         out = {"machine": _machine(), "lookup_ms_per_batch": res}

@@ -48,3 +48,21 @@ def test_report_ratios_are_each_version_over_old_medians():
     assert "overridden" not in md
     with_override = text_path.report(runs, dict(meta, overrides=["text.mode=none"]))
     assert "Overrides for both versions: `text.mode=none`" in with_override
+
+
+def test_old_spec_goes_to_the_old_tree_only_and_is_named_in_the_report(tmp_path):
+    args = text_path.parser().parse_args(["--old-tree", str(tmp_path), "--old-spec", "feature_specs/old_no_user.yaml",
+                                   "--set", "model.regularizer=none"])
+    old = text_path.job_command(tmp_path / "old", "old_2r_0", args, tmp_path / "run")
+    new = text_path.job_command(tmp_path / "new", "new_2r_0", args, tmp_path / "run")
+    assert old[old.index("--spec") + 1] == "feature_specs/old_no_user.yaml"
+    assert new[new.index("--spec") + 1] == text_path.DEFAULT_SPEC
+    assert old[-2:] == new[-2:] == ["--set", "model.regularizer=none"]
+    runs = [_launch("old_1r_0", 1, 100.0, 1000.0, 2 ** 20), _launch("new_1r_0", 1, 110.0, 900.0, 2 ** 20)]
+    meta = {"machine": {"cpu_model": "cpu", "cores": 2, "torch": "t", "cpu_capability": "c", "date": "d"},
+            "old_commit": "o", "new_commit": "n", "steps": 10, "warmup": 2, "rounds": 1, "global_batch": 4096,
+            "old_spec": "feature_specs/old_no_user.yaml"}
+    md = text_path.report(runs, meta)
+    assert md.startswith("# Text path: dense buffers (old) vs frozen text tables (new), amazon-sr, same features")
+    assert "Old tree's spec: `feature_specs/old_no_user.yaml`" in md
+    assert "same features" not in text_path.report(runs, dict(meta, old_spec=text_path.DEFAULT_SPEC))
