@@ -19,7 +19,7 @@ PROD = ROOT / "feature_specs" / "production_example.yaml"
 AMAZON = ROOT / "feature_specs" / "amazon_sr.yaml"
 # amazon_sr sizes its tables from prepared vocabularies; these stand in for them (the plan only needs shapes).
 AMAZON_ROWS = {"item": 60_000, "brand": 4_000, "category": 1_500, "query": 20_000}
-AMAZON_TEXT = {"text_items", "text_queries", "text_item_queries", "text_item_brands"}  # its frozen text tables (text.mode llm)
+AMAZON_TEXT = {"text_items", "text_queries", "text_item_queries"}  # its frozen text tables (text.mode llm)
 HUGE = ("user", "item", "query")
 
 
