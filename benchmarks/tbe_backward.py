@@ -13,8 +13,9 @@ Both apply the same update. On the 2-core Xeon this was written on (AVX512, AMX)
 per updated row whatever the width (its generated row-wise kernel switches six times a row between legacy-SSE
 scalar and VEX-encoded 256-bit instructions, ~105 ns a switch here: benchmarks/sse_avx_transition.c), against
 ~15-60 ns per entry on the loop: the user table's 4,096 rows a step take ~1.8 ms, a third of the peers'
-configuration's embedding backward. Whether that holds on another CPU is what this measures: each table shape is timed with one feature (JIT path) and with the same entries
-split over two features of the one table (loop path), forward subtracted.
+configuration's embedding backward. Whether that holds on another CPU is what this measures: each table shape is
+timed with one feature (JIT path) and with the same entries split over two features of the one table (loop path),
+forward subtracted.
 
     python benchmarks/tbe_backward.py [--threads 2] [--repeat 20]
 
