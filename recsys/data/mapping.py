@@ -396,12 +396,13 @@ def assemble(spec: Spec, a: Arrays, owner: Optional[np.ndarray] = None, order: O
             padded, lens = a["seq/" + f.name], a["seq/" + f.name + "#len"]
             keep = rows_of(f.name)
             kjt_lens = lens if keep is None else np.where(keep, lens, 0)
+            keys = sequence_kjt_keys(f)
             if f.pooling == "mean":  # one key: each row's whole history
-                blocks[f.name] = ([f.name], padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]],
+                blocks[f.name] = (keys, padded[np.arange(padded.shape[1])[None, :] < kjt_lens[:, None]],
                                   kjt_lens.astype(np.int64))
             else:
                 mask_t = np.arange(padded.shape[1])[:, None] < kjt_lens[None, :]  # [L, B]: key-major over positions
-                blocks[f.name] = (sequence_kjt_keys(f), padded.T[mask_t], mask_t.ravel().astype(np.int64))
+                blocks[f.name] = (keys, padded.T[mask_t], mask_t.ravel().astype(np.int64))
             seq_lengths[f.name] = _long(lens)  # every row's own length
     order = order or KjtOrder()
     parts = [blocks[n] for n in order.sparse or blocks]  # blocks fill in kjt_keys order
