@@ -66,6 +66,9 @@ CONFIGS: Dict[str, tuple] = {
     # information: the goal configuration with its dense layers uncompiled (what a run shorter than 10,000 steps
     # gets under train.compile auto)
     "tr_peer_train_1_prebuilt_uncompiled": ("torchrec", "train", 1, "peer", ["train.compile=off"]),
+    # information: the goal configuration with every one-feature table on FBGEMM's JIT backward path, whichever
+    # path `train.embedding_update_path: auto` picks on this CPU (recsys/train/update_path.py)
+    "tr_peer_train_1_prebuilt_jit": ("torchrec", "train", 1, "peer", ["train.embedding_update_path=jit"]),
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
     "tr_full_train_1": ("torchrec", "train", 1, "full"),
@@ -83,7 +86,8 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_infer_2": ("torchrec", "infer", 2, "full"),
     "plain_full_infer_1": ("plain", "infer", 1, "full"),
 }
-PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled"}
+PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled",
+            "tr_peer_train_1_prebuilt_jit"}
 PREBUILT_BATCHES = 16  # batches built before the timed window of a pre-built configuration (the peers use as many)
 DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt",
                    "tr_peer_train_1", "tr_peer_train_2", "tr_full_train_1", "tr_full_train_2", "plain_full_train_1",
@@ -422,6 +426,8 @@ def ratios(configs: Dict[str, Any], metric: str = "samples_per_s") -> Dict[str, 
         "peers_config_with_loader_2_ranks_vs_fastest_peer": over("tr_peer_train_2", fastest),
         "peers_config_wide_tower_prebuilt_vs_fastest_peer": over("tr_peer256_train_1_prebuilt", fastest),
         "peers_config_uncompiled_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt_uncompiled", fastest),
+        "peers_config_jit_path_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt_jit", fastest),
+        "peers_config_auto_vs_jit_update_path": over("tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_jit"),
         "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
         "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
         "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
@@ -447,6 +453,10 @@ RATIO_LABELS = {
                                                         "(hidden 256-128), pre-built / fastest peer (information)",
     "peers_config_uncompiled_prebuilt_vs_fastest_peer": "peers' configuration with train.compile off, pre-built "
                                                         "/ fastest peer (information)",
+    "peers_config_jit_path_prebuilt_vs_fastest_peer": "peers' configuration with train.embedding_update_path jit, "
+                                                      "pre-built / fastest peer (information)",
+    "peers_config_auto_vs_jit_update_path": "peers' configuration, update path auto / jit (what the start-up probe "
+                                            "buys on this CPU)",
     "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
     "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
     "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",

@@ -124,6 +124,7 @@ class PooledLayout:
         self.keys = list(keys)  # every key the EBC must return
         self.positions = positions  # sequence name -> its position keys, in order
         self._cache: Dict[Tuple[str, ...], Tuple[List[str], List[int]]] = {}
+        self._unread: Dict[Tuple[str, ...], List[str]] = {}  # output keys that are none of `keys`
 
     def layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int]]:
         cached = self._cache.get(tuple(keys))
@@ -146,6 +147,8 @@ class PooledLayout:
                 names.append(first_of.get(k, k))
                 sizes.append(n)
         self._cache[tuple(keys)] = (names, sizes)
+        read = set(self.keys) | set(self.positions)
+        self._unread[tuple(keys)] = [n for n in names if n not in read]
         return names, sizes
 
     def split(self, pooled, detach: bool = False) -> Dict[str, torch.Tensor]:
@@ -157,7 +160,10 @@ class PooledLayout:
             return {k: d[k] for k in self.keys}
         names, sizes = self.layout(pooled.keys(), pooled.length_per_key())
         values = pooled.values().detach() if detach else pooled.values()
-        return dict(zip(names, torch.split(values, sizes, dim=1)))
+        chunks = dict(zip(names, torch.split(values, sizes, dim=1)))
+        for n in self._unread[tuple(pooled.keys())]:  # e.g. the empty pad features of recsys.train.update_path
+            del chunks[n]
+        return chunks
 
     def history(self, feats: Dict[str, torch.Tensor], name: str, max_len: int, dim: int) -> torch.Tensor:
         """[B, L, D] history of sequence `name`: a view of its chunk when the positions are side by side."""

@@ -11,6 +11,10 @@ from typing import Annotated, Dict, List, Literal, Optional, Tuple, Union
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationInfo, model_validator
 
+# KJT key suffix of the empty second feature that moves a table to FBGEMM's loop backward path
+# (recsys/train/update_path.py); reserved in feature names
+PAD_SUFFIX = "__update_pad"
+
 NAME_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -311,6 +315,11 @@ class TrainSpec(StrictModel):
     # inductor's C++ compiler is installed and the run is long enough to repay the compile (>= 10,000 steps);
     # true / false (YAML's on / off too) force it. Evaluation and serving always run the plain layers.
     compile: Union[Literal["auto"], bool] = "auto"
+    # which of FBGEMM's two CPU backward paths trains a row-wise Adagrad table that one feature reads
+    # (recsys/train/update_path.py): its JIT kernels, or the loop it uses for tables several features read. Same
+    # update; which is faster depends on the CPU (4-6x either way measured), so `auto` times both at start (~0.1 s)
+    # and logs which and why; `jit` / `loop` force one. GPUs have one path.
+    embedding_update_path: Literal["auto", "jit", "loop"] = "auto"
     # precision of the pooled embeddings (forward) and their gradients (backward) in the sharded all-to-all:
     # fp16/bf16 halve its bytes (TorchRec quantized comms; gloo has no bf16 codec, so bf16 is sent as fp16 on CPU)
     embedding_comm: Literal["fp32", "fp16", "bf16"] = "fp32"
@@ -417,6 +426,9 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
     for i, f in enumerate(spec.features):
         if "__pos" in f.name:  # reserved: history positions become KJT keys `<sequence>__pos<i>`
             issues.append((("features", i, "name"), f"feature name '{f.name}' may not contain '__pos' (reserved)"))
+        if f.name.endswith(PAD_SUFFIX):  # reserved: the empty second feature of recsys/train/update_path.py
+            issues.append((("features", i, "name"), f"feature name '{f.name}' may not end with '{PAD_SUFFIX}' "
+                           f"(reserved)"))
 
     side_names = [t.name for t in spec.data.side_tables]
     for i, t in enumerate(spec.data.side_tables):

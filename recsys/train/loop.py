@@ -33,7 +33,7 @@ from recsys.models.model import SRFoundationModel, TrainTask
 from recsys.models.precision import resolve_precision
 from recsys.spec.config import Spec
 from recsys.spec.loader import dump_resolved, resolve_path, resolved_values, spec_hash
-from recsys.train import checkpoint
+from recsys.train import checkpoint, update_path
 from recsys.train.dist import DistContext
 from recsys.train.evaluation import evaluate_split, json_safe
 from recsys.train.frozen_text import fill_text_tables, is_text_table_key
@@ -111,6 +111,11 @@ class Trainer:
         self.rows = spec_table_rows(spec)
         self.text_tables, self.text_projection = text_inputs_for(spec, text_projection)
         model = build_model(spec, torch.device("meta"), self.rows, self.text_tables, self.text_projection)
+        self.update_path, why = update_path.choose(spec, ctx)
+        if self.update_path == "loop":
+            why += f"; tables {', '.join(update_path.take_loop_path(model.l0)) or '(none read by one feature)'}"
+        if ctx.is_main:
+            log.info("embedding update path %s: %s", self.update_path, why)
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
         frozen_tables |= {t.name for t in spec.tables if not t.trainable}

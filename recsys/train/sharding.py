@@ -16,11 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from recsys.data.features import KjtOrder, kjt_keys, table_of_key
+from recsys.data.features import KjtOrder, kjt_keys, table_of_key, text_kjt_keys
 from recsys.errors import SpecError
 from recsys.models.tables import embedding_bag_configs
 from recsys.spec.config import Spec
+from recsys.train.update_path import is_pad_key
 
 log = logging.getLogger("recsys.train.sharding")
 
@@ -607,30 +609,50 @@ def _l0_of(model: nn.Module) -> Optional[nn.Module]:
 
 
 class _InputKeyOrder:
-    """A sharded EmbeddingBagCollection's `input_dist`, fed its features in one fixed key order.
+    """A sharded EmbeddingBagCollection's `input_dist`, fed its features in one fixed key order, with the empty
+    pad features of the tables trained on FBGEMM's loop path added (`recsys.train.update_path`).
 
     TorchRec's sharded EBC compares the keys of the FIRST KJT it receives with the order its shardings read and
     from then on permutes every KJT by that comparison's indices without looking at its keys again: a later KJT in
     another key order would be permuted wrongly, silently. With batches assembled in the shardings' own order
     (`KjtOrder`) as well as in the spec's (serving, other producers), each KJT is therefore brought to the
-    shardings' order here first (a no-op for batches already in it, which then skip TorchRec's permute too)."""
+    shardings' order here first (a no-op for batches already in it, which then skip TorchRec's permute too). Pad
+    keys hold no values, so adding them only inserts zero lengths: the values stay as they are."""
 
     def __init__(self, module: nn.Module, keys: List[str]):
         self.input_dist, self.keys = module.input_dist, list(keys)
+        self.real = [k for k in self.keys if not is_pad_key(k)]  # the keys a batch brings
         self._indices: Dict[Tuple[str, ...], List[int]] = {}
+        self._pad_index: Dict[int, torch.Tensor] = {}  # batch size -> where each length of the padded KJT comes from
 
     def __call__(self, ctx, features, *args, **kwargs):
         keys = features.keys()
-        if keys != self.keys:
+        if keys != self.real:
             indices = self._indices.get(tuple(keys))
             if indices is None:
                 where = {k: i for i, k in enumerate(keys)}
-                missing = [k for k in self.keys if k not in where]
-                if missing or len(keys) != len(self.keys):
-                    raise RuntimeError(f"the embedding input has keys {keys}; its sharded tables read {self.keys}")
-                indices = self._indices[tuple(keys)] = [where[k] for k in self.keys]
+                missing = [k for k in self.real if k not in where]
+                if missing or len(keys) != len(self.real):
+                    raise RuntimeError(f"the embedding input has keys {keys}; its sharded tables read {self.real}")
+                indices = self._indices[tuple(keys)] = [where[k] for k in self.real]
             features = features.permute(indices)
+        if len(self.real) != len(self.keys):
+            features = self._padded(features)
         return self.input_dist(ctx, features, *args, **kwargs)
+
+    def _padded(self, features: KeyedJaggedTensor) -> KeyedJaggedTensor:
+        b = features.stride()
+        index = self._pad_index.get(b)
+        if index is None:
+            at = {k: i for i, k in enumerate(self.real)}
+            zero = len(self.real) * b  # the one zero appended after the batch's lengths
+            index = self._pad_index[b] = torch.cat([
+                torch.arange(at[k] * b, (at[k] + 1) * b) if k in at else torch.full((b,), zero)
+                for k in self.keys])
+        lengths = features.lengths()
+        lengths = torch.cat([lengths, lengths.new_zeros(1)]).index_select(0, index.to(lengths.device))
+        return KeyedJaggedTensor(keys=self.keys, values=features.values(), lengths=lengths,
+                                 weights=features.weights_or_none(), stride=b)
 
 
 def pin_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
@@ -638,13 +660,18 @@ def pin_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
     their shardings' own key order (`_InputKeyOrder`) and return that order as a `KjtOrder`, for loaders to
     assemble batches in: those need no permute before their input distribution. A module whose order is not a
     reordering of whole features (column-wise shards read a feature once each) is left to TorchRec, and its KJT
-    stays in the spec's order."""
+    stays in the spec's order (with its pad features, if any, added after the spec's keys)."""
     l0 = _l0_of(model)
     for name in ("ebc", "text_ebc"):
         module = getattr(l0, name, None)
         keys = _sharded_input_keys(module)
-        if keys is None or len(set(keys)) != len(keys):
+        if keys is None:
             continue
+        if len(set(keys)) != len(keys):
+            pads = list(dict.fromkeys(k for k in keys if is_pad_key(k)))
+            if not pads:
+                continue
+            keys = (kjt_keys(spec) if name == "ebc" else text_kjt_keys(spec)) + pads
         if not isinstance(module.__dict__.get("input_dist"), _InputKeyOrder):
             module.input_dist = _InputKeyOrder(module, keys)
     return sharded_kjt_order(model, spec)
@@ -655,5 +682,5 @@ def sharded_kjt_order(model: nn.Module, spec: Spec) -> KjtOrder:
     their input is then never in another order than the spec's)."""
     l0 = _l0_of(model)
     pinned = {name: getattr(getattr(l0, name, None), "__dict__", {}).get("input_dist") for name in ("ebc", "text_ebc")}
-    return KjtOrder.from_keys(spec, *(p.keys if isinstance(p, _InputKeyOrder) else None
+    return KjtOrder.from_keys(spec, *(p.real if isinstance(p, _InputKeyOrder) else None
                                       for p in (pinned["ebc"], pinned["text_ebc"])))

@@ -61,6 +61,8 @@ CASES = {
     "side_table_named_rows": ([("    - name: items\n", "    - name: rows\n"), ("    source: items\n", "    source: rows\n"),
                                ("      source: items\n", "      source: rows\n")],
                               ("- name: rows", 0), "data.side_tables.0.name", "'rows' is reserved"),
+    "pad_suffix_reserved": ([("    name: cats\n", "    name: cats__update_pad\n")], ("name: cats__update_pad", 0),
+                            "features.3.name", "may not end with '__update_pad' (reserved)"),
     "dup_text_table": ([("      text: title\n", "      text: title\n    - {name: item_texts, source: rows, key: q}\n")],
                        ("source: rows", 0), "text.tables.1.name", "duplicate text table name 'item_texts'"),
     "unknown_table": ([("    table: cat", "    table: kat")], ("table: kat", 0), "features.3.table",
