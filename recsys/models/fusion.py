@@ -14,6 +14,7 @@ from typing import Dict, List
 import torch
 from torch import nn
 
+from recsys.models.domain_ops import domain_rows
 from recsys.models.encoding import batched_dot, weighted_sum
 
 
@@ -37,7 +38,7 @@ class AspectGate(nn.Module):
         """aspects [B, A, D], domain [B] -> gate weights [B, A]."""
         if self.mode == "mean":
             return aspects.new_full(aspects.shape[:2], 1.0 / aspects.shape[1])
-        e_d = self.domain_embedding(domain)
+        e_d = domain_rows(self.domain_embedding.weight, domain)
         if self.mode == "domain":
             return torch.softmax(batched_dot(aspects, e_d) * self.scale, dim=1)
         query = self.cls + e_d

@@ -69,3 +69,26 @@ def test_compiled_dense_layers_compute_the_plain_loss_and_gradients(tiny_spec):
         plain.eval(), fast.eval()
         assert torch.equal(fast.model(batch).logits, plain.model(batch).logits)
         assert torch.equal(fast.model(other).logits, plain.model(other).logits)
+
+
+@pytest.mark.skipif(compiled.cpp_compiler() is None, reason="no C++ compiler for inductor's CPU backend")
+@pytest.mark.parametrize("shape", [(3,), (3, 5)])
+def test_compiled_domain_rows_are_the_lookup_s_rows_and_gradients(shape):
+    """Compiled, `domain_rows` is a one-hot product instead of an embedding lookup (inductor's lookup backward is
+    atomic adds into the few domain rows): the same rows exactly, the same gradient up to summation order."""
+    from recsys.models.domain_ops import domain_rows
+
+    torch.manual_seed(0)
+    domain = torch.randint(0, shape[0], (64,))
+    grads = []
+    for fn in (domain_rows, torch.compile(domain_rows, backend="inductor", fullgraph=True)):
+        table = torch.randn(*shape, requires_grad=True)
+        table.data.copy_(torch.arange(table.numel(), dtype=torch.float32).view(shape) / 7)
+        rows = fn(table, domain)
+        if fn is domain_rows:
+            expected = rows.detach()
+        else:
+            assert torch.equal(rows.detach(), expected)
+        (rows * torch.linspace(-1, 1, rows.numel()).view(rows.shape)).sum().backward()
+        grads.append(table.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
