@@ -26,6 +26,8 @@ import math
 import torch
 import torch.distributed as dist
 
+from recsys.models.domain_ops import domain_sums
+
 
 class _ScaleGrad(torch.autograd.Function):
     """Identity forward; gradient multiplied by `factor` in backward."""
@@ -67,8 +69,8 @@ def _global_cat(local: torch.Tensor, world: int) -> torch.Tensor:
 
 
 def _domain_counts(domain: torch.Tensor, num_domains: int, dtype: torch.dtype) -> torch.Tensor:
-    ones = torch.ones(domain.shape[0], dtype=dtype, device=domain.device)
-    return torch.zeros(num_domains, dtype=dtype, device=domain.device).index_add_(0, domain, ones)
+    ones = torch.ones(domain.shape[0], 1, dtype=dtype, device=domain.device)
+    return domain_sums(ones, domain, num_domains).squeeze(1)
 
 
 def _mean_over_present_pairs(values: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -83,7 +85,7 @@ def domain_distributions(z: torch.Tensor, domain: torch.Tensor, num_domains: int
                          across_ranks: bool = False):
     """-> (P [num_domains, D] rows summing to 1 where present, present [num_domains] bool)."""
     p = torch.softmax(z if tau == 1.0 else z / tau, dim=1)  # x / 1 is x: no pass over [B, D] for it
-    sums = torch.zeros(num_domains, z.shape[1], dtype=p.dtype, device=z.device).index_add_(0, domain, p)
+    sums = domain_sums(p, domain, num_domains)
     counts = _domain_counts(domain, num_domains, p.dtype)
     both = _global_sum(torch.cat([sums, counts.unsqueeze(1)], dim=1), _world(across_ranks))  # one collective
     sums, counts = both[:, :-1], both[:, -1].detach()

@@ -92,3 +92,27 @@ def test_compiled_domain_rows_are_the_lookup_s_rows_and_gradients(shape):
         (rows * torch.linspace(-1, 1, rows.numel()).view(rows.shape)).sum().backward()
         grads.append(table.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(compiled.cpp_compiler() is None, reason="no C++ compiler for inductor's CPU backend")
+def test_compiled_domain_sums_are_the_index_add_s_sums_and_gradients():
+    """Compiled, `domain_sums` is a product with the transposed domain mask (inductor's index_add is atomic adds
+    into the few domain rows): the same sums up to summation order and the same gradients, in fp32 rows' precision
+    under bf16 autocast too."""
+    from recsys.models.domain_ops import domain_sums
+
+    torch.manual_seed(0)
+    domain = torch.tensor([0, 2, 2, 0, 2, 0, 0, 2] * 8)  # domain 1 absent: its row stays zero
+    x0 = torch.randn(domain.shape[0], 5)
+    out, grads = [], []
+    for fn in (domain_sums, torch.compile(domain_sums, backend="inductor", fullgraph=True)):
+        x = x0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            sums = fn(x, domain, 3)
+        assert sums.dtype == torch.float32
+        (sums * torch.linspace(-1, 1, sums.numel()).view(sums.shape)).sum().backward()
+        out.append(sums.detach())
+        grads.append(x.grad)
+    assert torch.equal(out[1][1], torch.zeros(5))
+    torch.testing.assert_close(out[1], out[0], rtol=1e-5, atol=1e-6)
+    assert torch.equal(grads[1], grads[0])  # a gather both ways
