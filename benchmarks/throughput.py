@@ -88,6 +88,9 @@ CONFIGS: Dict[str, tuple] = {
 }
 PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled",
             "tr_peer_train_1_prebuilt_jit"}
+# --emulate-isa: the environment that limits each library's CPU dispatch to that ISA
+EMULATED_ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+                         "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
 PREBUILT_BATCHES = 16  # batches built before the timed window of a pre-built configuration (the peers use as many)
 DEFAULT_CONFIGS = ["peer_epnet", "peer_sharedbottom", "tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt",
                    "tr_peer_train_1", "tr_peer_train_2", "tr_full_train_1", "tr_full_train_2", "plain_full_train_1",
@@ -492,6 +495,10 @@ def render(report: Dict[str, Any]) -> str:
                      " / ".join(f"{x:,.0f}" for x in r["peak_rss_mb_per_process"]),
                      f"{r['load_avg_before']:.2f} -> {r['load_avg_after']:.2f}"
                      + (f"; {100 * frac:.2f}% of fp32 peak" if frac is not None else "")])
+    emulated = report.get("emulated_isa")
+    if emulated:
+        m = {**m, "cpu_capability": f"{m.get('cpu_capability')}; an older ISA emulated: "
+                                    + " ".join(f"{k}={v}" for k, v in emulated.items())}
     text = (f"# Throughput on {report['data']}\n\nMachine: {machine_line(m)}. Load average at the start "
             f"{m.get('load_avg_1min', float('nan')):.2f}. Training: global batch {report['global_batch']} (unless "
             f"the table says otherwise), {report['steps']} timed steps after {report['warmup']} warm-up steps, "
@@ -601,7 +608,14 @@ def main(argv=None) -> int:
                     "whose seconds each configuration reports")
     ap.add_argument("--repeat", type=int, help="interleaved rounds, each configuration reporting its median "
                     "(default 3; 1 with --quick)")
+    ap.add_argument("--emulate-isa", choices=sorted(EMULATED_ISA), help="every launch, the peers' too, on this "
+                    "CPU's code paths of an older ISA (ATen, oneDNN, MKL and FBGEMM limited to it) with the dense "
+                    "layers in fp32, as train.precision: auto runs them there: an approximation of such a CPU on "
+                    "this one (same cores, caches and clock)")
     args = ap.parse_args(argv)
+    if args.emulate_isa:  # before this process or a launch initialises torch's kernels (common.env_for_children)
+        os.environ.update(EMULATED_ISA[args.emulate_isa])
+        args.extra = ["train.precision=fp32", *args.extra]
     if args.worker:
         worker(json.loads(args.worker))
         return 0
@@ -632,7 +646,8 @@ def main(argv=None) -> int:
                               "warmup": args.warmup, "global_batch": spec.train.batch_size,
                               "eval_batch": spec.train.eval_batch_size, "overrides": args.extra,
                               "precision": resolve_precision(spec.train.precision, "cpu")[1],
-                              "peer_overrides": common.peer_overrides(args.data), "configs": {}}
+                              "peer_overrides": common.peer_overrides(args.data), "configs": {},
+                              "emulated_isa": EMULATED_ISA.get(args.emulate_isa)}
     stem = "throughput" if args.data == "amazon_sr" and not args.quick else f"throughput_{args.data}_quick"
     previous = args.results_dir / f"{stem}.json"
     if args.merge and previous.exists():  # re-measure some configurations, keep the others (each has its time)

@@ -111,11 +111,11 @@ class Trainer:
         self.rows = spec_table_rows(spec)
         self.text_tables, self.text_projection = text_inputs_for(spec, text_projection)
         model = build_model(spec, torch.device("meta"), self.rows, self.text_tables, self.text_projection)
-        self.update_path, why = update_path.choose(spec, ctx)
-        if self.update_path == "loop":
-            why += f"; tables {', '.join(update_path.take_loop_path(model.l0)) or '(none read by one feature)'}"
+        # FBGEMM's loop backward for the one-feature tables where this CPU runs it faster (recsys/train/update_path.py)
+        self.loop_path_tables, why = update_path.choose(spec, ctx, model.l0.ebc.embedding_bag_configs())
+        update_path.take_loop_path(model.l0, self.loop_path_tables)
         if ctx.is_main:
-            log.info("embedding update path %s: %s", self.update_path, why)
+            log.info("embedding update path: %s", why)
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
         frozen_tables |= {t.name for t in spec.tables if not t.trainable}

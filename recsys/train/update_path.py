@@ -1,4 +1,4 @@
-"""Which of FBGEMM's two CPU row-wise Adagrad backward paths a fused embedding table trains through.
+"""Which of FBGEMM's two CPU row-wise Adagrad backward paths each fused embedding table trains through.
 
 FBGEMM's CPU backward of a TorchRec table with a fused row-wise Adagrad (`split_embedding_backward_codegen_
 rowwise_adagrad_cpu`) takes one of two paths per table, from how many features read the table:
@@ -7,21 +7,27 @@ rowwise_adagrad_cpu`) takes one of two paths per table, from how many features r
   parallel over the updated rows;
 * read by SEVERAL features: a plain compiled loop over the updated rows, on one thread.
 
-Both apply the same update (`tests/train/test_update_path.py`). Which is faster depends on the CPU: the JIT
-row-wise kernel switches six times a row between legacy-SSE scalar and VEX-encoded 256-bit instructions, which some
-Intel cores pay ~100 ns a switch for (benchmarks/sse_avx_transition.c; on the 2-core Xeon with AVX512 + AMX ~500 ns
-a row against ~90 on the loop, benchmarks/tbe_backward.py) and other cores do not. So the choice is measured on the
-machine that trains (`probe`, ~0.1 s at start), not written into a default: `train.embedding_update_path: auto`
-runs the probe; `jit` / `loop` force a path.
+Both apply the same update (`tests/train/test_update_path.py`). Which is faster depends on the CPU and the table:
+the JIT row-wise kernel switches six times a row between legacy-SSE scalar and VEX-encoded 256-bit instructions,
+which some Intel cores pay ~100 ns a switch for (benchmarks/sse_avx_transition.c; on the 2-core Xeon with AVX512 +
+AMX ~500 ns a row against ~90 on the loop, benchmarks/tbe_backward.py) and other cores do not; and a table with few
+distinct rows a step but many values (categories) gains less from the loop than its serial pass costs. So the
+choice is measured per table on the machine that trains (`probe_table`: the table's own rows and width, a batch of
+bags as long as its feature's, both paths, forward + backward; ~0.1 s a table at start), not written into a
+default: `train.embedding_update_path: auto` takes the loop path for the tables it is clearly faster on; `jit` /
+`loop` force one path for every table one feature reads. A table with fewer rows than a batch has bags is not
+probed and stays on the JIT path: it updates at most that many rows a step, while its pad feature costs a forward
+pass over every bag, and uniform random ids would overstate its rows a step (amazon-sr's brand, category and query
+tables, 814-1,428 rows, on the loop path: the peers' configuration 0.89-0.99x in three runs).
 
-The loop path is taken by giving each table that one feature reads a second feature that never holds a value
-(`pad_key`): TorchRec then builds the table's kernel as a shared table's. The pad keys exist only inside the
-sharded module, which appends their (empty) lengths to every KJT it receives (`recsys.train.sharding`), so batches,
-checkpoints, bundles and serving never see them.
+The loop path is taken by giving such a table a second feature that never holds a value (`pad_key`): TorchRec then
+builds the table's kernel as a shared table's. The pad keys exist only inside the sharded module, which inserts
+their (empty) lengths into every KJT it receives (`recsys.train.sharding`), so batches, checkpoints, bundles and
+serving never see them.
 """
 from __future__ import annotations
 
-import logging
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Dict, List, Sequence, Tuple
@@ -30,15 +36,11 @@ import torch
 
 from recsys.spec.config import PAD_SUFFIX
 
-log = logging.getLogger(__name__)
-
 PATHS = ("auto", "jit", "loop")
-
-# The probe's table: 4,096 one-value bags over 50,000 rows of 16 wide (amazon-sr's user table at the peers' width);
-# the loop path is chosen only when the JIT path is this much slower per step, so that noise never flips a choice
-# that is close anyway
-_PROBE_ROWS, _PROBE_DIM, _PROBE_BATCH = 50_000, 16, 4096
-LOOP_MARGIN = 1.5
+# the loop path is chosen only where the table's step is this much faster on it, so that timing noise never flips a
+# choice that is close anyway (the pad feature itself costs a little in the forward, which the probe includes)
+LOOP_MARGIN = 1.3
+_PROBE_REPEAT = 6
 
 
 def pad_key(table: str) -> str:
@@ -55,11 +57,9 @@ def single_feature_tables(configs) -> List[str]:
     return [c.name for c in configs if len(c.feature_names) == 1]
 
 
-def with_pad_features(configs) -> list:
-    """`configs` with a pad feature added to every table that one feature reads (same tables, same rows)."""
-    import dataclasses
-
-    pads = set(single_feature_tables(configs))
+def with_pad_features(configs, tables: Sequence[str]) -> list:
+    """`configs` with a pad feature added to each of `tables` (same tables, same rows)."""
+    pads = set(tables)
     return [dataclasses.replace(c, feature_names=[*c.feature_names, pad_key(c.name)]) if c.name in pads else c
             for c in configs]
 
@@ -74,27 +74,26 @@ class ProbeResult:
         return "loop" if self.jit_ms > LOOP_MARGIN * self.loop_ms else "jit"
 
 
-def probe(repeat: int = 8) -> ProbeResult:
-    """Time one backward + update of the same table through each path on this machine (forward subtracted out by
-    timing forward + backward against forward alone would double the noise; the forward is the same op in both, so
-    the comparison keeps it in). Medians of `repeat` steps after 2 warm-up steps."""
+def probe_table(rows: int, dim: int, bag: int, batch: int, repeat: int = _PROBE_REPEAT) -> ProbeResult:
+    """One training step of a `rows` x `dim` table read by `batch` bags of `bag` uniform random ids, through each
+    path (forward and backward with the fused update; the loop path's forward includes the empty pad feature).
+    Medians of `repeat` steps after 2 warm-up steps."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
                                                                          SplitTableBatchedEmbeddingBagsCodegen)
 
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, _PROBE_ROWS, (_PROBE_BATCH,), generator=gen)
-    grad = torch.randn(_PROBE_BATCH, _PROBE_DIM, generator=gen)
+    ids = torch.randint(0, rows, (batch * bag,), generator=gen)
+    grad = torch.randn(batch, dim, generator=gen)
 
     def step_ms(features: int) -> float:
         tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(_PROBE_ROWS, _PROBE_DIM, EmbeddingLocation.HOST, ComputeDevice.CPU)], feature_table_map=[0] * features,
+            [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], feature_table_map=[0] * features,
             optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, pooling_mode=PoolingMode.SUM)
-        # one value a bag in the first feature, none in the others
-        offsets = torch.cat([torch.arange(_PROBE_BATCH + 1),
-                             torch.full(((features - 1) * _PROBE_BATCH,), _PROBE_BATCH)])
-        g = torch.cat([grad, torch.zeros(_PROBE_BATCH, (features - 1) * _PROBE_DIM)], dim=1)
+        # `bag` values a bag in the first feature, none in the pad
+        offsets = torch.cat([torch.arange(batch + 1) * bag, torch.full(((features - 1) * batch,), batch * bag)])
+        g = torch.cat([grad, torch.zeros(batch, (features - 1) * dim)], dim=1)
         times = []
         for i in range(repeat + 2):
             t0 = time.perf_counter()
@@ -103,27 +102,52 @@ def probe(repeat: int = 8) -> ProbeResult:
                 times.append(time.perf_counter() - t0)
         return sorted(times)[len(times) // 2] * 1e3
 
-    jit, loop = step_ms(1), step_ms(2)
-    return ProbeResult(jit_ms=jit, loop_ms=loop)
+    return ProbeResult(jit_ms=step_ms(1), loop_ms=step_ms(2))
 
 
-def resolve(setting: str, device_type: str) -> Tuple[str, str]:
-    """(path, why) for `train.embedding_update_path`; the JIT/loop choice exists on CPU only."""
+def bag_lengths(spec) -> Dict[str, int]:
+    """Feature -> the most values a bag of it holds (an id: 1; a sparse feature: max_values; a mean-pooled history,
+    one key holding it all: max_len): what the probe builds its bags of."""
+    out: Dict[str, int] = {}
+    for f in spec.features:
+        out[f.name] = {"id": 1, "sparse": getattr(f, "max_values", 1),
+                       "sequence": getattr(f, "max_len", 1)}.get(f.kind, 1)
+    return out
+
+
+def resolve(setting: str, device_type: str, configs, bags: Dict[str, int], batch: int) -> Tuple[List[str], str]:
+    """(tables to move to the loop path, why) for `train.embedding_update_path`; GPUs have one path."""
+    single = single_feature_tables(configs)
     if device_type != "cpu":
-        return "jit", f"{device_type}: FBGEMM's CPU paths do not apply"
-    if setting in ("jit", "loop"):
-        return setting, f"train.embedding_update_path: {setting}"
-    r = probe()
-    return r.chosen, (f"auto: probe on this CPU, one-feature table backward {r.jit_ms:.2f} ms on FBGEMM's JIT path "
-                      f"vs {r.loop_ms:.2f} ms on its loop path (loop taken when > {LOOP_MARGIN}x faster)")
+        return [], f"{device_type}: FBGEMM's CPU paths do not apply"
+    if setting == "jit" or not single:
+        return [], f"train.embedding_update_path: {setting}" + ("" if single else " (no table is read by one feature)")
+    if setting == "loop":
+        return single, f"train.embedding_update_path: loop, tables {', '.join(single)}"
+    by_name = {c.name: c for c in configs}
+    parts, loop = [], []
+    small = [n for n in single if by_name[n].num_embeddings < batch]
+    if small:  # no probe: at most that many rows updated a step, and the pad's forward pass costs every bag
+        parts.append(f"{', '.join(small)} fewer rows than a batch's {batch:,} bags: jit")
+    for name in (n for n in single if n not in small):
+        c = by_name[name]
+        bag = max(1, bags.get(c.feature_names[0], 1))
+        r = probe_table(c.num_embeddings, c.embedding_dim, bag, batch)
+        parts.append(f"{name} {r.jit_ms:.2f} / {r.loop_ms:.2f} ms")
+        if r.chosen == "loop":
+            loop.append(name)
+    return loop, (f"auto: a step of each one-feature table on this CPU, FBGEMM's JIT / loop path: {'; '.join(parts)} "
+                  f"(loop where > {LOOP_MARGIN}x faster): loop for {', '.join(loop) or 'none'}")
 
 
-def choose(spec, ctx) -> Tuple[str, str]:
-    """(path, why) for a training run: resolved on the main rank and shared with the others, since every rank's
-    sharded tables must read the same keys."""
+def choose(spec, ctx, configs) -> Tuple[List[str], str]:
+    """(tables to move to the loop path, why) for a training run: resolved on the main rank and shared with the
+    others, since every rank's sharded tables must read the same keys."""
     if spec.train.embedding_optimizer != "rowwise_adagrad":
-        return "jit", f"embedding_optimizer {spec.train.embedding_optimizer}: FBGEMM has one CPU path for it"
-    choice = [resolve(spec.train.embedding_update_path, ctx.device.type) if ctx.is_main else None]
+        return [], f"embedding_optimizer {spec.train.embedding_optimizer}: FBGEMM has one CPU path for it"
+    batch = max(1, spec.train.batch_size // ctx.world_size)
+    choice = [resolve(spec.train.embedding_update_path, ctx.device.type, configs, bag_lengths(spec), batch)
+              if ctx.is_main else None]
     if ctx.world_size > 1:
         import torch.distributed as dist
 
@@ -131,13 +155,11 @@ def choose(spec, ctx) -> Tuple[str, str]:
     return choice[0]
 
 
-def take_loop_path(l0) -> List[str]:
-    """Give `l0.ebc` (a TorchRec EmbeddingBagCollection on the meta device, before sharding) a pad feature for
-    every table one feature reads; returns those tables."""
+def take_loop_path(l0, tables: Sequence[str]) -> None:
+    """Give `l0.ebc` (a TorchRec EmbeddingBagCollection on the meta device, before sharding) a pad feature for each
+    of `tables`."""
     from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
-    configs = l0.ebc.embedding_bag_configs()
-    tables = single_feature_tables(configs)
     if tables:
-        l0.ebc = EmbeddingBagCollection(tables=with_pad_features(configs), device=torch.device("meta"))
-    return tables
+        l0.ebc = EmbeddingBagCollection(tables=with_pad_features(l0.ebc.embedding_bag_configs(), tables),
+                                        device=torch.device("meta"))

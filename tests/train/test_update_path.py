@@ -37,10 +37,11 @@ def test_the_loop_path_trains_what_the_jit_path_trains(group, tiny_spec, tmp_pat
                          f"train.embedding_update_path={path}")
         runs[path] = _train(spec, group, 6)
     (jit_losses, jit_state, jit_trainer), (loop_losses, loop_state, loop_trainer) = runs["jit"], runs["loop"]
-    assert jit_trainer.update_path == "jit" and loop_trainer.update_path == "loop"
+    assert jit_trainer.loop_path_tables == [] and loop_trainer.loop_path_tables  # MovieLens has one-feature tables
     keys = {p: _l0_of(t.dmp).ebc.input_dist.keys for p, t in (("jit", jit_trainer), ("loop", loop_trainer))}
     pads = [k for k in keys["loop"] if k.endswith("__update_pad")]
-    assert pads and not [k for k in keys["jit"] if k.endswith("__update_pad")]  # MovieLens has one-feature tables
+    assert sorted(pads) == sorted(f"{t}__update_pad" for t in loop_trainer.loop_path_tables)
+    assert not [k for k in keys["jit"] if k.endswith("__update_pad")]
     # the batches never carry the pads: the loader's order is the same for both
     assert jit_trainer.kjt_order == loop_trainer.kjt_order
     # same state-dict keys (a checkpoint of one path loads into the other), same training to rounding
@@ -72,36 +73,60 @@ def test_a_batch_in_any_key_order_gets_the_pads_and_scores_alike(group, tiny_spe
     torch.testing.assert_close(c, a[:37], rtol=1e-6, atol=1e-6)
 
 
-def test_pad_features_go_to_one_feature_tables_only():
+def test_pad_features_go_to_the_chosen_one_feature_tables_only():
     from torchrec.modules.embedding_configs import EmbeddingBagConfig
 
     from recsys.train.update_path import pad_key, single_feature_tables, with_pad_features
 
     configs = [EmbeddingBagConfig(name="item", embedding_dim=8, num_embeddings=10, feature_names=["a", "b"]),
-               EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=10, feature_names=["u"])]
-    assert single_feature_tables(configs) == ["user"]
-    padded = with_pad_features(configs)
-    assert [c.feature_names for c in padded] == [["a", "b"], ["u", pad_key("user")]]
-    assert [c.num_embeddings for c in padded] == [10, 10]
+               EmbeddingBagConfig(name="user", embedding_dim=8, num_embeddings=10, feature_names=["u"]),
+               EmbeddingBagConfig(name="brand", embedding_dim=8, num_embeddings=10, feature_names=["br"])]
+    assert single_feature_tables(configs) == ["user", "brand"]
+    padded = with_pad_features(configs, ["user"])
+    assert [c.feature_names for c in padded] == [["a", "b"], ["u", pad_key("user")], ["br"]]
+    assert [c.num_embeddings for c in padded] == [10, 10, 10]
 
 
-def test_auto_is_the_probe_s_choice_and_explicit_settings_are_honoured(monkeypatch):
+def _configs():
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
+    return [EmbeddingBagConfig(name="item", embedding_dim=8, num_embeddings=500, feature_names=["a", "b"]),
+            EmbeddingBagConfig(name="user", embedding_dim=16, num_embeddings=5000, feature_names=["u"]),
+            EmbeddingBagConfig(name="cat", embedding_dim=8, num_embeddings=90, feature_names=["c"])]
+
+
+def test_auto_takes_the_loop_path_per_table_where_the_probe_finds_it_faster(monkeypatch):
+    from torchrec.modules.embedding_configs import EmbeddingBagConfig
+
     from recsys.train import update_path as up
 
     assert up.ProbeResult(jit_ms=2.0, loop_ms=0.5).chosen == "loop"
     assert up.ProbeResult(jit_ms=0.6, loop_ms=0.5).chosen == "jit"  # within the margin: the default kernels
-    monkeypatch.setattr(up, "probe", lambda: up.ProbeResult(jit_ms=3.0, loop_ms=1.0))
-    path, why = up.resolve("auto", "cpu")
-    assert path == "loop" and "3.00 ms" in why and "1.00 ms" in why
-    monkeypatch.setattr(up, "probe", lambda: pytest.fail("an explicit setting runs no probe"))
-    assert up.resolve("jit", "cpu")[0] == "jit"
-    assert up.resolve("loop", "cpu")[0] == "loop"
-    assert up.resolve("auto", "cuda")[0] == "jit"  # FBGEMM's CPU paths only
+    seen = {}
+
+    def fake_probe(rows, dim, bag, batch):
+        seen[rows] = (dim, bag, batch)
+        return up.ProbeResult(jit_ms=3.0, loop_ms=1.0) if rows == 5000 else up.ProbeResult(jit_ms=1.0, loop_ms=1.2)
+
+    monkeypatch.setattr(up, "probe_table", fake_probe)
+    configs = _configs() + [EmbeddingBagConfig(name="tiny", embedding_dim=8, num_embeddings=40, feature_names=["t"])]
+    tables, why = up.resolve("auto", "cpu", configs, {"u": 1, "c": 7}, 64)
+    assert tables == ["user"] and "user 3.00 / 1.00 ms" in why and "cat 1.00 / 1.20 ms" in why
+    assert seen == {5000: (16, 1, 64), 90: (8, 7, 64)}  # each table's own shape and bag length; item is shared
+    assert "tiny fewer rows than a batch's 64 bags: jit" in why  # not probed
+
+
+def test_explicit_settings_are_honoured_without_a_probe(monkeypatch):
+    from recsys.train import update_path as up
+
+    monkeypatch.setattr(up, "probe_table", lambda *a: pytest.fail("an explicit setting runs no probe"))
+    assert up.resolve("jit", "cpu", _configs(), {}, 256)[0] == []
+    assert up.resolve("loop", "cpu", _configs(), {}, 256)[0] == ["user", "cat"]
+    assert up.resolve("auto", "cuda", _configs(), {}, 256)[0] == []  # FBGEMM's CPU paths only
 
 
 def test_the_probe_times_both_paths_on_this_machine():
-    from recsys.train.update_path import probe
+    from recsys.train.update_path import probe_table
 
-    r = probe(repeat=2)
+    r = probe_table(rows=2000, dim=8, bag=3, batch=128, repeat=2)
     assert r.jit_ms > 0 and r.loop_ms > 0 and r.chosen in ("jit", "loop")
-
