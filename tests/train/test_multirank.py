@@ -99,7 +99,12 @@ def _series(res: subprocess.CompletedProcess, key: str) -> list:
 VARIANTS = [("sharded", [], 1e-5),
             ("mmd", ["model.regularizer=mmd"], 1e-3),
             ("replicated_item", ["train.sharding_constraints.item=[data_parallel]"], 1e-5),
-            ("fp16_all_to_all", ["train.embedding_comm=fp16"], 3e-2)]
+            ("fp16_all_to_all", ["train.embedding_comm=fp16"], 3e-2),
+            # FBGEMM's loop path for the one-feature tables (empty pad features inside the sharded module), also
+            # for a column-wise table, whose shards TorchRec feeds by its own permutation
+            ("loop_path", ["train.embedding_update_path=loop"], 1e-5),
+            ("loop_path_column_wise", ["train.embedding_update_path=loop",
+                                       "train.sharding_constraints.user=[column_wise]"], 1e-5)]
 
 
 @pytest.mark.multirank
