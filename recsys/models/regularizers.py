@@ -148,8 +148,15 @@ def mmd_regularizer(z: torch.Tensor, domain: torch.Tensor, num_domains: int, max
 
 def divergence(kind: str, z: torch.Tensor, domain: torch.Tensor, num_domains: int,
                across_ranks: bool = False) -> torch.Tensor:
-    if kind == "js":
-        return js_regularizer(z, domain, num_domains, across_ranks)
-    if kind == "mmd":
-        return mmd_regularizer(z, domain, num_domains, across_ranks=across_ranks)
-    return z.sum() * 0.0
+    """The regulariser of `kind` in fp32 whatever the autocast. Under bf16 (`train.precision: auto` on AVX512-BF16 /
+    AMX CPUs and GPUs) z arrives in bf16 and everything computed from it stayed bf16: a count of a domain's samples
+    accumulated in bf16 stops at 256 (8 significant bits: 256 + 1 rounds back to 256), so at batch 4,096 the
+    larger domains' means came out 5-14x too large and the divergence measured nothing meaningful; the per-domain
+    means, logs and kernel distances also need more than bf16's 3 digits."""
+    with torch.autocast(z.device.type, enabled=False):
+        z = z.float()
+        if kind == "js":
+            return js_regularizer(z, domain, num_domains, across_ranks)
+        if kind == "mmd":
+            return mmd_regularizer(z, domain, num_domains, across_ranks=across_ranks)
+        return z.sum() * 0.0
