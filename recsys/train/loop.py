@@ -112,10 +112,16 @@ class Trainer:
         self.text_tables, self.text_projection = text_inputs_for(spec, text_projection)
         model = build_model(spec, torch.device("meta"), self.rows, self.text_tables, self.text_projection)
         # FBGEMM's loop backward for the one-feature tables where this CPU runs it faster (recsys/train/update_path.py)
-        self.loop_path_tables, why = update_path.choose(spec, ctx, model.l0.ebc.embedding_bag_configs())
+        # (a resumed run takes its first start's choice again: the two paths round differently)
+        record = self.out_dir / "embedding_update_path.json"
+        resuming = for_training and bool(checkpoint.list_checkpoints(self.ckpt_root))
+        self.loop_path_tables, why = update_path.choose(spec, ctx, model.l0.ebc.embedding_bag_configs(),
+                                                        record if resuming else None)
         update_path.take_loop_path(model.l0, self.loop_path_tables)
         if ctx.is_main:
             log.info("embedding update path: %s", why)
+            if for_training:
+                update_path.write_record(record, self.loop_path_tables, why)
         self.frozen = freeze_by_prefix(model, freeze) if freeze else []
         frozen_tables = {n.split(".")[-2] for n in self.frozen if ".embedding_bags." in n}
         frozen_tables |= {t.name for t in spec.tables if not t.trainable}

@@ -7,18 +7,20 @@ rowwise_adagrad_cpu`) takes one of two paths per table, from how many features r
   parallel over the updated rows;
 * read by SEVERAL features: a plain compiled loop over the updated rows, on one thread.
 
-Both apply the same update (`tests/train/test_update_path.py`). Which is faster depends on the CPU and the table:
-the JIT row-wise kernel switches six times a row between legacy-SSE scalar and VEX-encoded 256-bit instructions,
-which some Intel cores pay ~100 ns a switch for (benchmarks/sse_avx_transition.c; on the 2-core Xeon with AVX512 +
-AMX ~500 ns a row against ~90 on the loop, benchmarks/tbe_backward.py) and other cores do not; and a table with few
-distinct rows a step but many values (categories) gains less from the loop than its serial pass costs. So the
-choice is measured per table on the machine that trains (`probe_table`: the table's own rows and width, a batch of
-bags as long as its feature's, both paths, forward + backward; ~0.1 s a table at start), not written into a
-default: `train.embedding_update_path: auto` takes the loop path for the tables it is clearly faster on; `jit` /
-`loop` force one path for every table one feature reads. A table with fewer rows than a batch has bags is not
-probed and stays on the JIT path: it updates at most that many rows a step, while its pad feature costs a forward
-pass over every bag, and uniform random ids would overstate its rows a step (amazon-sr's brand, category and query
-tables, 814-1,428 rows, on the loop path: the peers' configuration 0.89-0.99x in three runs).
+Both apply the same update (`tests/train/test_update_path.py`), though not bit for bit (summation order). Which is
+faster depends on the CPU: the JIT row-wise kernel switches six times a row between legacy-SSE scalar and
+VEX-encoded 256-bit instructions, which some Intel cores pay ~100 ns a switch for (benchmarks/sse_avx_transition.c;
+on the 2-core Xeon with AVX512 + AMX ~500 ns a row against ~90 on the loop, benchmarks/tbe_backward.py) and other
+cores do not. So `train.embedding_update_path: auto` measures that property of the machine once per process
+(`probe`: a step of a 50,000 x 16 table, 4,096 one-value bags, on each path; ~0.1 s) and, where the JIT path is more
+than `LOOP_MARGIN` x slower, moves the one-feature tables with at least a batch's rows to the loop path; `jit` /
+`loop` force one path for every table one feature reads. The choice is deliberately coarse, so that it does not
+flip between runs: a table-by-table timing near the margin picked different paths in two runs of the same job under
+load, and the two paths round differently, which broke bit-exact resume. The probe's ratio is ~3.5x on the Xeon
+(and about 1x or below where the penalty is absent), far from the margin. A table with fewer rows than a batch has
+bags stays on the JIT path: it updates at most that many rows a step while its pad feature costs a forward pass over
+every bag (amazon-sr's brand, category and query tables, 814-1,428 rows, on the loop path made the peers'
+configuration 0.89-0.99x in three runs).
 
 The loop path is taken by giving such a table a second feature that never holds a value (`pad_key`): TorchRec then
 builds the table's kernel as a shared table's. The pad keys exist only inside the sharded module, which inserts
@@ -28,18 +30,25 @@ serving never see them.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import logging
 import time
 from dataclasses import dataclass
-from typing import Dict, List, Sequence, Tuple
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from recsys.spec.config import PAD_SUFFIX
 
+log = logging.getLogger(__name__)
+
 PATHS = ("auto", "jit", "loop")
-# the loop path is chosen only where the table's step is this much faster on it, so that timing noise never flips a
-# choice that is close anyway (the pad feature itself costs a little in the forward, which the probe includes)
-LOOP_MARGIN = 1.3
+# the loop path is chosen where the probe's JIT step is this much slower: the penalty is a property of the CPU
+# (~3.5x on the AMX Xeon, about 1x or below without it), so a margin this wide keeps load from flipping the choice
+LOOP_MARGIN = 2.0
+_PROBE_SHAPE = (50_000, 16, 1, 4096)  # rows, width, values a bag, bags: amazon-sr's user table at the peers' width
 _PROBE_REPEAT = 6
 
 
@@ -105,17 +114,13 @@ def probe_table(rows: int, dim: int, bag: int, batch: int, repeat: int = _PROBE_
     return ProbeResult(jit_ms=step_ms(1), loop_ms=step_ms(2))
 
 
-def bag_lengths(spec) -> Dict[str, int]:
-    """Feature -> the most values a bag of it holds (an id: 1; a sparse feature: max_values; a mean-pooled history,
-    one key holding it all: max_len): what the probe builds its bags of."""
-    out: Dict[str, int] = {}
-    for f in spec.features:
-        out[f.name] = {"id": 1, "sparse": getattr(f, "max_values", 1),
-                       "sequence": getattr(f, "max_len", 1)}.get(f.kind, 1)
-    return out
+@functools.lru_cache(maxsize=1)
+def probe() -> ProbeResult:
+    """This machine's JIT / loop step on the probe's table, measured once per process."""
+    return probe_table(*_PROBE_SHAPE)
 
 
-def resolve(setting: str, device_type: str, configs, bags: Dict[str, int], batch: int) -> Tuple[List[str], str]:
+def resolve(setting: str, device_type: str, configs, batch: int) -> Tuple[List[str], str]:
     """(tables to move to the loop path, why) for `train.embedding_update_path`; GPUs have one path."""
     single = single_feature_tables(configs)
     if device_type != "cpu":
@@ -124,35 +129,60 @@ def resolve(setting: str, device_type: str, configs, bags: Dict[str, int], batch
         return [], f"train.embedding_update_path: {setting}" + ("" if single else " (no table is read by one feature)")
     if setting == "loop":
         return single, f"train.embedding_update_path: loop, tables {', '.join(single)}"
-    by_name = {c.name: c for c in configs}
-    parts, loop = [], []
-    small = [n for n in single if by_name[n].num_embeddings < batch]
-    if small:  # no probe: at most that many rows updated a step, and the pad's forward pass costs every bag
-        parts.append(f"{', '.join(small)} fewer rows than a batch's {batch:,} bags: jit")
-    for name in (n for n in single if n not in small):
-        c = by_name[name]
-        bag = max(1, bags.get(c.feature_names[0], 1))
-        r = probe_table(c.num_embeddings, c.embedding_dim, bag, batch)
-        parts.append(f"{name} {r.jit_ms:.2f} / {r.loop_ms:.2f} ms")
-        if r.chosen == "loop":
-            loop.append(name)
-    return loop, (f"auto: a step of each one-feature table on this CPU, FBGEMM's JIT / loop path: {'; '.join(parts)} "
-                  f"(loop where > {LOOP_MARGIN}x faster): loop for {', '.join(loop) or 'none'}")
+    rows = {c.name: c.num_embeddings for c in configs}
+    large = [n for n in single if rows[n] >= batch]
+    small = f"; {', '.join(n for n in single if n not in large)} fewer rows than a batch's {batch:,} bags: jit" \
+        if len(large) < len(single) else ""
+    if not large:
+        return [], f"auto: no one-feature table with at least a batch's {batch:,} rows{small}"
+    r = probe()
+    tables = large if r.chosen == "loop" else []
+    return tables, (f"auto: FBGEMM's JIT / loop step on this CPU {r.jit_ms:.2f} / {r.loop_ms:.2f} ms (loop where > "
+                    f"{LOOP_MARGIN}x): {r.chosen} for {', '.join(large)}{small}")
 
 
-def choose(spec, ctx, configs) -> Tuple[List[str], str]:
+def choose(spec, ctx, configs, record: Optional[Path] = None) -> Tuple[List[str], str]:
     """(tables to move to the loop path, why) for a training run: resolved on the main rank and shared with the
-    others, since every rank's sharded tables must read the same keys."""
+    others, since every rank's sharded tables must read the same keys. `record` (a resumed run's file, written by
+    `write_record` at its first start): under `auto` its tables are taken again instead of a new probe, so that a
+    resumed run trains through the same kernels as before the interruption (the two paths round differently)."""
     if spec.train.embedding_optimizer != "rowwise_adagrad":
         return [], f"embedding_optimizer {spec.train.embedding_optimizer}: FBGEMM has one CPU path for it"
     batch = max(1, spec.train.batch_size // ctx.world_size)
-    choice = [resolve(spec.train.embedding_update_path, ctx.device.type, configs, bag_lengths(spec), batch)
-              if ctx.is_main else None]
+    choice = [None]
+    if ctx.is_main:
+        recorded = read_record(record, configs) if record is not None and spec.train.embedding_update_path == "auto" \
+            else None
+        choice = [(recorded, f"auto: as recorded at this run's first start ({record})") if recorded is not None
+                  else resolve(spec.train.embedding_update_path, ctx.device.type, configs, batch)]
     if ctx.world_size > 1:
         import torch.distributed as dist
 
         dist.broadcast_object_list(choice, src=0)
     return choice[0]
+
+
+def write_record(path: Path, tables: Sequence[str], why: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"loop_path_tables": list(tables), "why": why}, indent=1))
+    tmp.replace(path)
+
+
+def read_record(path: Path, configs) -> Optional[List[str]]:
+    """The recorded tables, or None (logged) when the file is absent, unreadable or names tables that are not
+    one-feature tables of `configs`: a file is checked before it is trusted, and a bad one only costs a probe."""
+    if not path.is_file():
+        return None
+    try:
+        tables = json.loads(path.read_text())["loop_path_tables"]
+        ok = isinstance(tables, list) and all(isinstance(t, str) for t in tables)
+    except (OSError, ValueError, KeyError, TypeError):
+        ok = False
+    if not ok or not set(tables) <= set(single_feature_tables(configs)):
+        log.warning("%s: not a record of this model's one-feature tables; probing again", path)
+        return None
+    return tables
 
 
 def take_loop_path(l0, tables: Sequence[str]) -> None:

@@ -95,34 +95,41 @@ def _configs():
             EmbeddingBagConfig(name="cat", embedding_dim=8, num_embeddings=90, feature_names=["c"])]
 
 
-def test_auto_takes_the_loop_path_per_table_where_the_probe_finds_it_faster(monkeypatch):
-    from torchrec.modules.embedding_configs import EmbeddingBagConfig
-
+def test_auto_moves_the_large_one_feature_tables_where_the_probe_says_so(monkeypatch):
     from recsys.train import update_path as up
 
-    assert up.ProbeResult(jit_ms=2.0, loop_ms=0.5).chosen == "loop"
-    assert up.ProbeResult(jit_ms=0.6, loop_ms=0.5).chosen == "jit"  # within the margin: the default kernels
-    seen = {}
+    assert up.ProbeResult(jit_ms=2.5, loop_ms=0.7).chosen == "loop"
+    assert up.ProbeResult(jit_ms=1.2, loop_ms=0.7).chosen == "jit"  # within the margin: the default kernels
+    monkeypatch.setattr(up, "probe", lambda: up.ProbeResult(jit_ms=3.0, loop_ms=1.0))
+    tables, why = up.resolve("auto", "cpu", _configs(), 256)
+    assert tables == ["user"] and "3.00 / 1.00 ms" in why  # cat (90 rows) has fewer rows than a batch's bags
+    assert "cat fewer rows than a batch's 256 bags: jit" in why
+    monkeypatch.setattr(up, "probe", lambda: up.ProbeResult(jit_ms=1.0, loop_ms=1.0))
+    assert up.resolve("auto", "cpu", _configs(), 256)[0] == []
+    monkeypatch.setattr(up, "probe", lambda: pytest.fail("no table large enough: no probe"))
+    assert up.resolve("auto", "cpu", _configs(), 8192)[0] == []
 
-    def fake_probe(rows, dim, bag, batch):
-        seen[rows] = (dim, bag, batch)
-        return up.ProbeResult(jit_ms=3.0, loop_ms=1.0) if rows == 5000 else up.ProbeResult(jit_ms=1.0, loop_ms=1.2)
 
-    monkeypatch.setattr(up, "probe_table", fake_probe)
-    configs = _configs() + [EmbeddingBagConfig(name="tiny", embedding_dim=8, num_embeddings=40, feature_names=["t"])]
-    tables, why = up.resolve("auto", "cpu", configs, {"u": 1, "c": 7}, 64)
-    assert tables == ["user"] and "user 3.00 / 1.00 ms" in why and "cat 1.00 / 1.20 ms" in why
-    assert seen == {5000: (16, 1, 64), 90: (8, 7, 64)}  # each table's own shape and bag length; item is shared
-    assert "tiny fewer rows than a batch's 64 bags: jit" in why  # not probed
+def test_a_resumed_run_takes_its_recorded_choice_and_checks_the_file(tmp_path, caplog):
+    from recsys.train import update_path as up
+
+    record = tmp_path / "embedding_update_path.json"
+    up.write_record(record, ["user"], "why")
+    assert up.read_record(record, _configs()) == ["user"]
+    for bad in ('{"loop_path_tables": ["item"]}', '{"loop_path_tables": "user"}', "not json", "{}"):
+        record.write_text(bad)  # a shared table, a wrong type, garbage: never trusted, probed again
+        assert up.read_record(record, _configs()) is None
+    assert "not a record of this model's one-feature tables" in caplog.text
+    assert up.read_record(tmp_path / "absent.json", _configs()) is None
 
 
 def test_explicit_settings_are_honoured_without_a_probe(monkeypatch):
     from recsys.train import update_path as up
 
-    monkeypatch.setattr(up, "probe_table", lambda *a: pytest.fail("an explicit setting runs no probe"))
-    assert up.resolve("jit", "cpu", _configs(), {}, 256)[0] == []
-    assert up.resolve("loop", "cpu", _configs(), {}, 256)[0] == ["user", "cat"]
-    assert up.resolve("auto", "cuda", _configs(), {}, 256)[0] == []  # FBGEMM's CPU paths only
+    monkeypatch.setattr(up, "probe", lambda: pytest.fail("an explicit setting runs no probe"))
+    assert up.resolve("jit", "cpu", _configs(), 256)[0] == []
+    assert up.resolve("loop", "cpu", _configs(), 256)[0] == ["user", "cat"]
+    assert up.resolve("auto", "cuda", _configs(), 256)[0] == []  # FBGEMM's CPU paths only
 
 
 def test_the_probe_times_both_paths_on_this_machine():
