@@ -44,7 +44,6 @@ from recsys.spec.config import PAD_SUFFIX
 
 log = logging.getLogger(__name__)
 
-PATHS = ("auto", "jit", "loop")
 # the loop path is chosen where the probe's JIT step is this much slower: the penalty is a property of the CPU
 # (~3.5x on the AMX Xeon, about 1x or below without it), so a margin this wide keeps load from flipping the choice
 LOOP_MARGIN = 2.0
