@@ -32,22 +32,12 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks import common  # noqa: E402
+from recsys.train.update_path import rowwise_adagrad_tbe  # noqa: E402
 
 # (rows, dim, pooled entries per bag): amazon-sr's user table (one id a sample), its item history (20 a sample, mean
 # pooled in the peers' configuration), a small table read several times a sample (categories)
 SHAPES = [(58_985, 16, 1), (58_985, 32, 1), (19_965, 16, 20), (997, 16, 5)]
 BATCH = 4096
-
-
-def _tbe(rows: int, dim: int, features: int):
-    from fbgemm_gpu.split_embedding_configs import EmbOptimType
-    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
-    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
-                                                                         SplitTableBatchedEmbeddingBagsCodegen)
-
-    return SplitTableBatchedEmbeddingBagsCodegen(
-        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], feature_table_map=[0] * features,
-        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.05, pooling_mode=PoolingMode.SUM)
 
 
 def _ms(fn, repeat: int) -> float:
@@ -69,7 +59,7 @@ def measure(rows: int, dim: int, per_bag: int, repeat: int) -> dict:
     out = {"rows": rows, "dim": dim, "entries": BATCH * per_bag,
            "distinct_rows": int(torch.unique(indices).numel())}
     for path, features in (("jit", 1), ("loop", 2)):
-        tbe = _tbe(rows, dim, features)
+        tbe = rowwise_adagrad_tbe(rows, dim, features, learning_rate=0.05)
         grad = torch.ones(BATCH // features, dim * features)
 
         def forward():

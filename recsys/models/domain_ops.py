@@ -36,7 +36,6 @@ def domain_rows(table: torch.Tensor, domain: torch.Tensor) -> torch.Tensor:
     return nn.functional.embedding(domain, table)
 
 
-
 class _MaskedSums(torch.autograd.Function):
     """Compiled `domain_sums`: forward the transposed mask times the rows in the rows' dtype (autocast off), backward
     each sample's row of the gradient, as `index_add_`'s backward is (a gather)."""

@@ -123,10 +123,10 @@ class PooledLayout:
     def __init__(self, keys: List[str], positions: Dict[str, List[str]]):
         self.keys = list(keys)  # every key the EBC must return
         self.positions = positions  # sequence name -> its position keys, in order
-        self._cache: Dict[Tuple[str, ...], Tuple[List[str], List[int]]] = {}
-        self._unread: Dict[Tuple[str, ...], List[str]] = {}  # output keys that are none of `keys`
+        # output key order -> (chunk names, chunk widths, chunks nobody reads: e.g. recsys.train.update_path's pads)
+        self._cache: Dict[Tuple[str, ...], Tuple[List[str], List[int], List[str]]] = {}
 
-    def layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int]]:
+    def layout(self, keys: List[str], lengths: List[int]) -> Tuple[List[str], List[int], List[str]]:
         cached = self._cache.get(tuple(keys))
         if cached is not None:
             return cached
@@ -146,10 +146,9 @@ class PooledLayout:
             else:
                 names.append(first_of.get(k, k))
                 sizes.append(n)
-        self._cache[tuple(keys)] = (names, sizes)
         read = set(self.keys) | set(self.positions)
-        self._unread[tuple(keys)] = [n for n in names if n not in read]
-        return names, sizes
+        self._cache[tuple(keys)] = (names, sizes, [n for n in names if n not in read])
+        return self._cache[tuple(keys)]
 
     def split(self, pooled, detach: bool = False) -> Dict[str, torch.Tensor]:
         """Feature (or whole contiguous sequence) name -> its pooled vectors."""
@@ -158,10 +157,10 @@ class PooledLayout:
             # run); the key order is not known to a Proxy, so trace the plain per-key path
             d = pooled.to_dict()
             return {k: d[k] for k in self.keys}
-        names, sizes = self.layout(pooled.keys(), pooled.length_per_key())
+        names, sizes, unread = self.layout(pooled.keys(), pooled.length_per_key())
         values = pooled.values().detach() if detach else pooled.values()
         chunks = dict(zip(names, torch.split(values, sizes, dim=1)))
-        for n in self._unread[tuple(pooled.keys())]:  # e.g. the empty pad features of recsys.train.update_path
+        for n in unread:
             del chunks[n]
         return chunks
 

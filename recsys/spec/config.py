@@ -317,8 +317,9 @@ class TrainSpec(StrictModel):
     compile: Union[Literal["auto"], bool] = "auto"
     # which of FBGEMM's two CPU backward paths trains a row-wise Adagrad table that one feature reads
     # (recsys/train/update_path.py): its JIT kernels, or the loop it uses for tables several features read. Same
-    # update; which is faster depends on the CPU (4-6x either way measured), so `auto` times both at start (~0.1 s)
-    # and logs which and why; `jit` / `loop` force one. GPUs have one path.
+    # update; which is faster depends on the CPU, so `auto` times both once at start (~0.1 s) and, where the JIT
+    # path is > 2x slower, moves the tables with at least a batch's rows; it logs which and why, and a resumed run
+    # takes its first start's choice. `jit` / `loop` force one for every such table. GPUs have one path.
     embedding_update_path: Literal["auto", "jit", "loop"] = "auto"
     # precision of the pooled embeddings (forward) and their gradients (backward) in the sharded all-to-all:
     # fp16/bf16 halve its bytes (TorchRec quantized comms; gloo has no bf16 codec, so bf16 is sent as fp16 on CPU)

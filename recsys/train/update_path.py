@@ -40,6 +40,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from recsys.fileio import write_text_atomic
 from recsys.spec.config import PAD_SUFFIX
 
 log = logging.getLogger(__name__)
@@ -82,23 +83,29 @@ class ProbeResult:
         return "loop" if self.jit_ms > LOOP_MARGIN * self.loop_ms else "jit"
 
 
-def probe_table(rows: int, dim: int, bag: int, batch: int, repeat: int = _PROBE_REPEAT) -> ProbeResult:
-    """One training step of a `rows` x `dim` table read by `batch` bags of `bag` uniform random ids, through each
-    path (forward and backward with the fused update; the loop path's forward includes the empty pad feature).
-    Medians of `repeat` steps after 2 warm-up steps."""
+def rowwise_adagrad_tbe(rows: int, dim: int, features: int, learning_rate: float = 0.01):
+    """FBGEMM's CPU kernel of one `rows` x `dim` table with a fused row-wise Adagrad, read by `features` features
+    (1: the JIT path; 2 or more: the loop path), SUM-pooled as TorchRec's tables here are."""
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation, PoolingMode
     from fbgemm_gpu.split_table_batched_embeddings_ops_training import (ComputeDevice,
                                                                          SplitTableBatchedEmbeddingBagsCodegen)
 
+    return SplitTableBatchedEmbeddingBagsCodegen(
+        [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], feature_table_map=[0] * features,
+        optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=learning_rate, pooling_mode=PoolingMode.SUM)
+
+
+def probe_table(rows: int, dim: int, bag: int, batch: int, repeat: int = _PROBE_REPEAT) -> ProbeResult:
+    """One training step of a `rows` x `dim` table read by `batch` bags of `bag` uniform random ids, through each
+    path (forward and backward with the fused update; the loop path's forward includes the empty pad feature).
+    Medians of `repeat` steps after 2 warm-up steps."""
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, rows, (batch * bag,), generator=gen)
     grad = torch.randn(batch, dim, generator=gen)
 
     def step_ms(features: int) -> float:
-        tbe = SplitTableBatchedEmbeddingBagsCodegen(
-            [(rows, dim, EmbeddingLocation.HOST, ComputeDevice.CPU)], feature_table_map=[0] * features,
-            optimizer=EmbOptimType.EXACT_ROWWISE_ADAGRAD, learning_rate=0.01, pooling_mode=PoolingMode.SUM)
+        tbe = rowwise_adagrad_tbe(rows, dim, features)
         # `bag` values a bag in the first feature, none in the pad
         offsets = torch.cat([torch.arange(batch + 1) * bag, torch.full(((features - 1) * batch,), batch * bag)])
         g = torch.cat([grad, torch.zeros(batch, (features - 1) * dim)], dim=1)
@@ -162,10 +169,7 @@ def choose(spec, ctx, configs, record: Optional[Path] = None) -> Tuple[List[str]
 
 
 def write_record(path: Path, tables: Sequence[str], why: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"loop_path_tables": list(tables), "why": why}, indent=1))
-    tmp.replace(path)
+    write_text_atomic(path, json.dumps({"loop_path_tables": list(tables), "why": why}, indent=1))
 
 
 def read_record(path: Path, configs) -> Optional[List[str]]:
