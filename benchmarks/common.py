@@ -125,10 +125,11 @@ def env_for_children() -> Dict[str, str]:
 # for the tables the data's spec has. Until 2026-12-01 the tower kept the default spec's 256-128, three times
 # EPNet's tower FLOPs: a speed comparison at unequal model size. Since amazon_sr.yaml dropped its user id embedding
 # (a quality choice made on valid, docs/search_quality.md) the peers' configuration has none either, while the peers
-# embed the user id: docs/cpu_speed.md gives the goal ratio with and without it.
+# embed the user id: docs/cpu_speed.md gives the goal ratio with and without it. Nor does it read the train counts
+# (`statistics.counts`), which the peers have no equivalent of.
 _PEER_TABLES = ("item", "brand", "category", "query")
 _PEER_MODEL = ["model.dim=16", "features.hist_items.pooling=mean", "model.tower=shared_bottom", "model.hidden=[128]",
-               "text.mode=none"]
+               "text.mode=none", "statistics.counts=[]"]
 
 
 def peer_overrides(data: str) -> List[str]:

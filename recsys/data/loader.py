@@ -381,7 +381,7 @@ class BatchLoader:
         b, part = item
         if self._dropout:  # seeded by (seed, epoch, rank, batch): a resumed epoch drops the same ids
             part = drop_ids(self.spec, part, np.random.default_rng([self.seed, self.epoch, self.rank, b, 2]))
-        return b, assemble(self.spec, part, order=self.kjt_order)
+        return b, assemble(self.spec, self.mapper.with_counts(part), order=self.kjt_order)
 
     def _pipeline(self, start_batch: int) -> "tn.BaseNode":
         """torchdata.nodes graph of one epoch from `start_batch`: blocks -> mapped on `workers` threads (in order)

@@ -55,10 +55,18 @@ class FeatureMapper:
             tt.name: arrowops.KeyIndex(self.schema.text_keys(tt.name)) for tt in spec.text.tables
             if any(f.kind == "text" and f.text_table == tt.name for f in spec.features)}
         self.dense_stats = self.schema.dense_stats
+        self.counts = self.schema.counts  # statistics.counts' train counts, read by `with_counts`
         # a KeyIndex too: `pc.index_in` against even these 3 values cost ~40 us per request (its hash set is built
         # on every call)
         self.domain_values = arrowops.KeyIndex(pa.array([d.match_value for d in spec.domains], pa.string()))
         self._load_side_features(side_tables)
+
+    def with_counts(self, a: Arrays) -> Arrays:
+        """The mapped arrays of a batch with the count features' columns (`recsys.data.statistics`) appended to
+        `dense`. Called on the batch as the model gets it: after id dropout, whose hidden ids read "unknown"."""
+        from recsys.data.statistics import with_counts
+
+        return with_counts(self.spec, self.counts, a)
 
     # -- ids -> rows ---------------------------------------------------------------------------------------
     def rows(self, table: str, arr) -> np.ndarray:

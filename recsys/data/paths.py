@@ -72,6 +72,10 @@ def text_table_path(spec: Spec, name: str) -> Path:
     return prepared_dir(spec) / "text_tables" / f"{name}.parquet"
 
 
+def counts_path(spec: Spec, table: str) -> Path:
+    return prepared_dir(spec) / "statistics" / f"{table}.npz"
+
+
 def stats_path(spec: Spec) -> Path:
     return prepared_dir(spec) / "stats.json"
 

@@ -8,7 +8,8 @@ and transforms, the text tables), so preparing a second spec into the same prepa
 and never changes what the first spec's model means.
 
 Layout of a schema folder: `schema.json` (sizes, dense stats, and the sha256 of every file) + `vocab/<table>.parquet`
-(key, row) + `text_tables/<name>.parquet` (row, key, text). Loading checks every file's sha256 before use.
+(key, row) + `text_tables/<name>.parquet` (row, key, text) + `statistics/<table>.npz` (train counts, `recsys.data.statistics`).
+Loading checks every file's sha256 before use.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,6 +27,9 @@ from recsys.errors import DataError
 from recsys.fileio import sha256_file
 from recsys.spec.config import Spec
 from recsys.spec.loader import job_command
+
+if TYPE_CHECKING:
+    from recsys.data.statistics import TableCounts
 
 SCHEMA_FILE = "schema.json"
 FORMAT = 1
@@ -44,7 +48,10 @@ def schema_fingerprint(spec: Spec) -> str:
     tables = [{k: v for k, v in t.model_dump(mode="json").items() if k in ("name", "index", "min_count",
                                                                            "num_buckets")} for t in spec.tables]
     texts = [t.model_dump(mode="json") for t in spec.text.tables]
-    blob = json.dumps([data, feats, tables, texts], sort_keys=True, separators=(",", ":"))
+    blob_parts = [data, feats, tables, texts]
+    if spec.statistics.counts:  # (absent otherwise, so the schemas of specs without counts keep their folders)
+        blob_parts.append(spec.statistics.model_dump(mode="json"))
+    blob = json.dumps(blob_parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -54,6 +61,7 @@ class ResolvedSchema:
     info: Dict[str, Any]
     vocab: Dict[str, pa.Array] = field(default_factory=dict)  # table -> keys; keys[i] has row i + 1
     text_tables: Dict[str, pa.Table] = field(default_factory=dict)  # name -> (row, key, text) ordered by row
+    counts: Dict[str, "TableCounts"] = field(default_factory=dict)  # id table -> its train counts (statistics)
 
     @property
     def table_rows(self) -> Dict[str, int]:
@@ -102,6 +110,10 @@ def write_schema(spec: Spec, stats: Dict[str, Any]) -> Path:
             files[f"vocab/{t.name}.parquet"] = paths.vocab_path(spec, t.name)
     for tt in spec.text.tables:
         files[f"text_tables/{tt.name}.parquet"] = paths.text_table_path(spec, tt.name)
+    from recsys.data.statistics import tables_counted
+
+    for table in tables_counted(spec):
+        files[f"statistics/{table}.npz"] = paths.counts_path(spec, table)
     info = {"format": FORMAT, "spec_name": spec.name, "fingerprint": schema_fingerprint(spec),
             "tables": table_num_rows(spec), "dense": stats["dense"],
             "files": {rel: sha256_file(src) for rel, src in files.items()}}
@@ -140,6 +152,11 @@ def load_schema(folder: Path, hint: str = "") -> ResolvedSchema:
     schema = ResolvedSchema(folder=folder, info=info)
     for rel in info["files"]:
         kind, name = rel.split("/", 1)
+        if kind == "statistics":
+            from recsys.data.statistics import TableCounts
+
+            schema.counts[name[:-len(".npz")]] = TableCounts.load(folder / rel)
+            continue
         name = name[:-len(".parquet")]
         if kind == "vocab":
             schema.vocab[name] = pq.read_table(folder / rel, columns=["key"])["key"].combine_chunks()

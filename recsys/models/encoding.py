@@ -4,7 +4,8 @@ Aspects per side (a side without features of an aspect simply lacks it):
 - `id`:     id features of the side; for the user also each behaviour sequence, read as target attention of the
             candidate item over the history plus a mean-pooled history (both from the shared item table), or with
             `pooling: mean` only the mean, pooled inside the EmbeddingBagCollection (one lookup output per sample).
-- `sparse`: sparse categorical and dense features of the side.
+- `sparse`: sparse categorical and dense features of the side; on the item side also the train counts
+            (`statistics.counts`, recsys.data.statistics).
 - `text`:   frozen LLM vectors (or hashed-token embeddings in text mode `random`) of the side's texts; a text history
             is pooled by attention on its cosine with the candidate's text and by its mean. The LLM vectors live in
             frozen TorchRec tables (TextEmbeddingBagCollection), sharded by the planner like the id tables.
@@ -25,6 +26,7 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
 from recsys.data.features import context_features, kjt_keys, sequence_keys, table_of_key, text_kjt_keys
+from recsys.data.statistics import COLUMNS_PER_COUNT
 from recsys.models.attention import grouped_target_attention, target_attention
 from recsys.models.fx import fx_tracing
 from recsys.models.precision import dense_autocast
@@ -266,6 +268,12 @@ class UserQueryItemEncoder(nn.Module):
                 widths[(f.side, "id")] = widths.get((f.side, "id"), 0) + n_pooled * table_dim[f.table]
             elif f.kind == "text" and self.text_mode != "none":
                 self.text_feats[f.side].append(f)
+        # the count features' columns follow the dense features' in `batch.dense` (recsys.data.statistics): two
+        # per count (log1p count, unknown flag), read with the candidate's sparse aspect
+        n_count_columns = COLUMNS_PER_COUNT * len(spec.statistics.counts)
+        if n_count_columns:
+            self.dense_index["item"].extend(range(dense_i, dense_i + n_count_columns))
+            widths[("item", "sparse")] = widths.get(("item", "sparse"), 0) + n_count_columns
 
         # text: frozen embedding tables (llm), trainable hashed tokens (random), or both side by side (hybrid)
         self.text_lookup = nn.ModuleDict()

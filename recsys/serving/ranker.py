@@ -155,7 +155,7 @@ class Ranker:
             torch.set_num_threads(threads)
         # `owner` (requests): each request's context features (user, histories, query) are looked up once and its
         # histories attended once per request, not once per candidate (recsys.data.batch.RequestGroups)
-        batch = assemble(self.spec, arrays, owner)
+        batch = assemble(self.spec, self.mapper.with_counts(arrays), owner)
         with torch.inference_mode():
             return self.model(batch).logits.float().numpy().astype(np.float64)
 

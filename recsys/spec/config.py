@@ -167,6 +167,28 @@ class TextFeature(StrictModel):
 Feature = Annotated[Union[IdFeature, SparseFeature, SequenceFeature, DenseFeature, TextFeature], Field(discriminator="kind")]
 
 
+class CountFeature(StrictModel):
+    """A count from the train split's positives, read for each row from ids the row already has (no column):
+    without `history`, how often the candidate (id feature `item`) was bought; with `history` (a sequence feature
+    over the same table), how many users bought both the candidate and one of the row's `last` newest history
+    items, summed over them. Computed by `recsys.data.statistics`; the model reads log1p(count) and an "unknown"
+    flag, set where the candidate's id is unseen (cold items, and the training rows id dropout hides)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    item: str
+    history: Optional[str] = None
+    last: int = Field(default=5, gt=0)
+
+
+class StatisticsSpec(StrictModel):
+    """Features counted from the train split (`recsys.data.statistics`). A row's counts leave out the users of
+    its own fold (`folds` folds by a hash of the user): a training row never counts its own purchase, and
+    training, evaluation and serving rows all see counts over the same share of users."""
+
+    folds: int = Field(default=5, ge=2, le=64)
+    counts: List[CountFeature] = Field(default_factory=list)
+
+
 # --------------------------------------------------------------------------------------------------------- tables
 class TableSpec(StrictModel):
     """An embedding table. `vocab`: rows from a vocabulary built at prepare time (row 0 = unseen id);
@@ -338,6 +360,7 @@ class Spec(StrictModel):
     domains: List[DomainSpec] = Field(min_length=1)
     features: List[Feature] = Field(min_length=1)
     tables: List[TableSpec] = Field(min_length=1)
+    statistics: StatisticsSpec = Field(default_factory=StatisticsSpec)
     text: TextSpec = Field(default_factory=TextSpec)
     model: ModelSpec = Field(default_factory=ModelSpec)
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -469,6 +492,30 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
             elif f.text_table not in text_table_names:
                 issues.append((("features", i, "text_table"),
                                f"unknown text table '{f.text_table}'; expected one of {_one_of(text_table_names)}"))
+
+    # counts read the ids of an id feature (and of a sequence feature over the same table)
+    feature_names = {f.name for f in spec.features}
+    for i, c in enumerate(spec.statistics.counts):
+        loc = ("statistics", "counts", i)
+        if c.name in feature_names:
+            issues.append(((*loc, "name"), f"name '{c.name}' is already a feature's; counts need names of their own"))
+        j = feature_index.get(c.item)
+        item = spec.features[j] if j is not None else None
+        if item is None or item.kind != "id":
+            issues.append(((*loc, "item"), f"'{c.item}' is not an id feature; expected one of "
+                           f"{_one_of(f.name for f in spec.features if f.kind == 'id')}"))
+        if c.history is not None:
+            k = feature_index.get(c.history)
+            hist = spec.features[k] if k is not None else None
+            if hist is None or hist.kind != "sequence":
+                issues.append(((*loc, "history"), f"'{c.history}' is not a sequence feature; expected one of "
+                               f"{_one_of(f.name for f in spec.features if f.kind == 'sequence')}"))
+            elif item is not None and item.kind == "id" and hist.table != item.table:
+                issues.append(((*loc, "history"), f"sequence '{c.history}' reads table '{hist.table}', item "
+                               f"'{c.item}' table '{item.table}': a co-count pairs ids of one table"))
+    for i, first in _first_dupes([c.name for c in spec.statistics.counts]).items():
+        issues.append((("statistics", "counts", i, "name"), f"duplicate count name '{spec.statistics.counts[i].name}' "
+                       f"(first at statistics.counts.{first})"))
 
     # a bucketized dense feature owns its table: its rows are bucket numbers, no other id space
     for i, f in enumerate(spec.features):

@@ -8,6 +8,9 @@ import shutil
 import pytest
 from serving_helpers import ML, REPO, run_job, sets
 
+COUNTS = ("statistics.counts=[{name: item_buys, item: item_id}, "
+          "{name: co_buys, item: item_id, history: hist_items, last: 5}]")
+
 
 @pytest.fixture(scope="session")
 def serving_env(tmp_path_factory):
@@ -24,8 +27,12 @@ def ml_model(ml_prepared, tiny_overrides, tmp_path_factory, serving_env):
     tmp = tmp_path_factory.mktemp("serving")
     prepared = tmp / "prepared"
     shutil.copytree(ml_prepared, prepared)
-    overrides = tiny_overrides(f"data.prepared_dir={prepared}", "train.max_steps=20", f"train.output_dir={tmp / 'run'}")
+    # with train counts (statistics.counts), which a bundle must carry and serving must compute as evaluation does
+    overrides = tiny_overrides(f"data.prepared_dir={prepared}", "train.max_steps=20", f"train.output_dir={tmp / 'run'}",
+                               COUNTS)
     common = ["--spec", str(ML), *sets(overrides)]
+    res = run_job("prepare_data.py", *common, env=serving_env)
+    assert res.returncode == 0, res.stderr[-3000:]
     res = run_job("pretrain.py", *common, env=serving_env)
     assert res.returncode == 0, res.stderr[-3000:]
     preds = tmp / "eval_test.npy"
