@@ -7,6 +7,7 @@ from typing import List
 from recsys.data import paths
 from recsys.data.paths import side_table_path, split_path
 from recsys.data.schema import check_file, row_columns, side_columns
+from recsys.data.statistics import tables_counted
 from recsys.models.build import spec_table_rows
 from recsys.errors import DataError
 from recsys.spec.config import Spec
@@ -27,6 +28,7 @@ def missing_prepared(spec: Spec) -> List[Path]:
              and t.name not in spec.bucket_tables()]
     if spec.features_of("dense"):
         need.append(paths.stats_path(spec))
+    need += [paths.counts_path(spec, t) for t in tables_counted(spec)]
     if spec.text.mode != "none":
         need += [paths.text_table_path(spec, n) for n in spec.used_text_tables()]
     return [p for p in need if not p.exists()]
