@@ -155,7 +155,12 @@ def load_schema(folder: Path, hint: str = "") -> ResolvedSchema:
         if kind == "statistics":
             from recsys.data.statistics import TableCounts
 
-            schema.counts[name[:-len(".npz")]] = TableCounts.load(folder / rel)
+            table = name[:-len(".npz")]
+            counts = TableCounts.load(folder / rel)
+            if counts.rows != info["tables"].get(table):
+                raise DataError(f"{folder / rel}: counts of {counts.rows} rows, table {table!r} has "
+                                f"{info['tables'].get(table)} in {sf}")
+            schema.counts[table] = counts
             continue
         name = name[:-len(".parquet")]
         if kind == "vocab":

@@ -3,7 +3,8 @@
 What an item's id embedding learns of its popularity and of what is bought with it is slow to learn for the rare
 items of a small domain; a count states it. On amazon-sr's search domain, among the candidates of the query's own
 category, a logistic regression over the default model's score, the candidate's train purchases and its train
-co-purchases with the history ranked at 0.713 where the model alone ranked at 0.674 (docs/search_quality.md).
+co-purchases with the history ranked at 0.693 where the model alone ranked at 0.674 (benchmarks/search_headroom.py,
+docs/search_quality.md).
 
 Two kinds of count per row (`recsys.spec.config.CountFeature`): the candidate's purchases (train positives), and
 its co-purchases: how many users bought both it and one of the row's `last` newest history items, summed over them.
@@ -84,6 +85,11 @@ class TableCounts:
                 or buys.dtype != np.int32 or keys.dtype != np.int64 or counts.dtype != np.int32):
             raise DataError(f"{path}: counts of unexpected shapes or types {buys.shape} {buys.dtype}, "
                             f"{keys.shape} {keys.dtype}, {counts.shape} {counts.dtype}")
+        rows = buys.shape[1]
+        if ((buys < 0).any() or (counts < 0).any() or (len(keys) and (keys[0] < 0 or keys[-1] >= rows * rows
+                                                                      or (np.diff(keys) <= 0).any()))):
+            raise DataError(f"{path}: counts out of range (negative counts, or pair keys unsorted or beyond "
+                            f"{rows} rows)")
         return cls(buys, keys, counts)
 
     def buys_outside(self, rows: np.ndarray, fold: np.ndarray) -> np.ndarray:

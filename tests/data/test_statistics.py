@@ -93,6 +93,10 @@ def test_counts_files_round_trip_and_bad_files_are_refused(tmp_path):
     np.savez(tmp_path / "shape.npz", buys=counts.buys, pair_keys=counts.pair_keys, pair_counts=counts.pair_counts[:, :1])
     with pytest.raises(DataError, match="unexpected shapes"):
         S.TableCounts.load(tmp_path / "shape.npz")
+    np.savez(tmp_path / "order.npz", buys=counts.buys, pair_keys=counts.pair_keys[::-1].copy(),
+             pair_counts=counts.pair_counts)
+    with pytest.raises(DataError, match="order.npz: counts out of range"):  # unsorted keys would be misread
+        S.TableCounts.load(tmp_path / "order.npz")
 
 
 @pytest.mark.parametrize("counts, message", [
