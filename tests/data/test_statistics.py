@@ -148,3 +148,22 @@ def test_batches_carry_the_counts_after_id_dropout(counted):
     plain = next(iter(BatchLoader(counted, "valid", 512, seed=3)))  # eval: nothing dropped
     assert (plain.dense[:, n_dense + 1].numpy() == (plain.sparse.to_dict()["item_id"].values().numpy() == 0)).all()
     assert schema_for(counted).counts["item"].folds == counted.statistics.folds
+
+
+def test_a_schema_whose_counts_do_not_fit_its_table_is_refused(counted, tmp_path):
+    import json
+    import shutil
+
+    from recsys.data.resolved import SCHEMA_FILE, load_schema, resolved_dir
+    from recsys.fileio import sha256_file
+
+    copy = tmp_path / "schema"
+    shutil.copytree(resolved_dir(counted), copy)
+    info = json.loads((copy / SCHEMA_FILE).read_text())
+    short = S.TableCounts.load(copy / "statistics" / "item.npz")
+    S.TableCounts(short.buys[:, :-1].copy(), short.pair_keys[:0], short.pair_counts[:0]).save(
+        copy / "statistics" / "item.npz")
+    info["files"]["statistics/item.npz"] = sha256_file(copy / "statistics" / "item.npz")  # consistent, yet wrong
+    (copy / SCHEMA_FILE).write_text(json.dumps(info))
+    with pytest.raises(DataError, match="item.npz: counts of .* rows, table 'item' has"):
+        load_schema(copy)
