@@ -246,9 +246,10 @@ def prepare(spec: Spec, force: bool = False) -> dict:
         rebuild(out, fp, f"text table {tt.name}", lambda tt=tt: build_text_table(spec, tt.name, load_side()))
     for table in statistics.tables_counted(spec):
         out = paths.counts_path(spec, table)
-        item = next(f for f in spec.features if f.kind == "id" and f.table == table
+        column = statistics.counted_columns(spec)[table]
+        item = next(f for f in spec.features if f.kind == "id" and f.table == table and f.column == column
                     and any(c.item == f.name for c in spec.statistics.counts))
-        fp = _fingerprint([data_fp, spec.statistics.folds, spec.table(table).model_dump(), item.model_dump()])
+        fp = _fingerprint([data_fp, spec.statistics.folds, spec.table(table).model_dump(), item.column, item.source])
         vocab = [paths.vocab_path(spec, table)] if paths.vocab_path(spec, table).exists() else []
         if not force and man.fresh(out, inputs + vocab, fp):
             log.info("counts %s up to date", table)

@@ -50,7 +50,11 @@ def schema_fingerprint(spec: Spec) -> str:
     texts = [t.model_dump(mode="json") for t in spec.text.tables]
     blob_parts = [data, feats, tables, texts]
     if spec.statistics.counts:  # (absent otherwise, so the schemas of specs without counts keep their folders)
-        blob_parts.append(spec.statistics.model_dump(mode="json"))
+        # what the counts files hold: the folds and which id column fills which table; not which counts the model
+        # reads of them (names, `last`, history features), as lengths and dims are left out above
+        from recsys.data.statistics import counted_columns
+
+        blob_parts.append({"folds": spec.statistics.folds, "counted": counted_columns(spec)})
     blob = json.dumps(blob_parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

@@ -114,8 +114,17 @@ class TableCounts:
 
 def tables_counted(spec: Spec) -> List[str]:
     """The id tables some count reads, sorted."""
-    item_table = {f.name: f.table for f in spec.features if f.kind == "id"}
-    return sorted({item_table[c.item] for c in spec.statistics.counts})
+    return sorted(counted_columns(spec))
+
+
+def counted_columns(spec: Spec) -> Dict[str, str]:
+    """Counted table -> the impression column its purchases are read from (the first count's id feature of it)."""
+    out: Dict[str, str] = {}
+    features = {f.name: f for f in spec.features if f.kind == "id"}
+    for c in spec.statistics.counts:
+        f = features[c.item]
+        out.setdefault(f.table, f.column)
+    return out
 
 
 def user_folds(user_hashes: np.ndarray, folds: int) -> np.ndarray:

@@ -167,3 +167,13 @@ def test_a_schema_whose_counts_do_not_fit_its_table_is_refused(counted, tmp_path
     (copy / SCHEMA_FILE).write_text(json.dumps(info))
     with pytest.raises(DataError, match="item.npz: counts of .* rows, table 'item' has"):
         load_schema(copy)
+
+
+def test_which_counts_the_model_reads_does_not_move_the_schema():
+    from recsys.data.resolved import schema_fingerprint
+
+    base = schema_fingerprint(_spec())
+    last = "statistics.counts=[{name: item_buys, item: item_id}, {name: co, item: item_id, history: hist_items, last: 9}]"
+    assert schema_fingerprint(load_spec(ML_SPEC, [last])) == base  # names, `last`: the model's reading
+    assert schema_fingerprint(_spec("statistics.folds=4")) != base  # folds: what the counts file holds
+    assert schema_fingerprint(load_spec(ML_SPEC, ["statistics.counts=[]"])) != base
