@@ -244,19 +244,13 @@ def prepare(spec: Spec, force: bool = False) -> dict:
         out = paths.text_table_path(spec, tt.name)
         fp = _fingerprint([data_fp, tt.model_dump()])
         rebuild(out, fp, f"text table {tt.name}", lambda tt=tt: build_text_table(spec, tt.name, load_side()))
-    for table in statistics.tables_counted(spec):
+    for table, item in statistics.counted_items(spec).items():
         out = paths.counts_path(spec, table)
-        column = statistics.counted_columns(spec)[table]
-        item = next(f for f in spec.features if f.kind == "id" and f.table == table and f.column == column
-                    and any(c.item == f.name for c in spec.statistics.counts))
-        fp = _fingerprint([data_fp, spec.statistics.folds, spec.table(table).model_dump(), item.column, item.source])
+        fp = _fingerprint([data_fp, spec.statistics.folds, spec.table(table).model_dump(), item.column])
         vocab = [paths.vocab_path(spec, table)] if paths.vocab_path(spec, table).exists() else []
         if not force and man.fresh(out, inputs + vocab, fp):
             log.info("counts %s up to date", table)
             continue
-        if item.source:
-            raise DataError(f"statistics.counts: id feature '{item.name}' reads side table '{item.source}'; counts "
-                            f"read the candidate's id from the impression rows")
         positives = statistics.train_positives(spec, paths.split_path(spec, "train"), item.column)
         counts = statistics.build(spec, table, positives, statistics.vocab_rows_of(spec, table),
                                   table_num_rows(spec)[table])

@@ -52,9 +52,10 @@ def schema_fingerprint(spec: Spec) -> str:
     if spec.statistics.counts:  # (absent otherwise, so the schemas of specs without counts keep their folders)
         # what the counts files hold: the folds and which id column fills which table; not which counts the model
         # reads of them (names, `last`, history features), as lengths and dims are left out above
-        from recsys.data.statistics import counted_columns
+        from recsys.data.statistics import counted_items
 
-        blob_parts.append({"folds": spec.statistics.folds, "counted": counted_columns(spec)})
+        blob_parts.append({"folds": spec.statistics.folds,
+                           "counted": {t: f.column for t, f in counted_items(spec).items()}})
     blob = json.dumps(blob_parts, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 

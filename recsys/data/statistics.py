@@ -35,7 +35,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys.errors import DataError
-from recsys.spec.config import Spec
+from recsys.spec.config import IdFeature, Spec
 
 log = logging.getLogger("recsys.data.statistics")
 
@@ -114,16 +114,16 @@ class TableCounts:
 
 def tables_counted(spec: Spec) -> List[str]:
     """The id tables some count reads, sorted."""
-    return sorted(counted_columns(spec))
+    return sorted(counted_items(spec))
 
 
-def counted_columns(spec: Spec) -> Dict[str, str]:
-    """Counted table -> the impression column its purchases are read from (the first count's id feature of it)."""
-    out: Dict[str, str] = {}
+def counted_items(spec: Spec) -> Dict[str, IdFeature]:
+    """Counted table -> the id feature whose impression column its purchases are read from (the first count's)."""
+    out: Dict[str, IdFeature] = {}
     features = {f.name: f for f in spec.features if f.kind == "id"}
     for c in spec.statistics.counts:
         f = features[c.item]
-        out.setdefault(f.table, f.column)
+        out.setdefault(f.table, f)
     return out
 
 

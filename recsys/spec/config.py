@@ -504,6 +504,9 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
         if item is None or item.kind != "id":
             issues.append(((*loc, "item"), f"'{c.item}' is not an id feature; expected one of "
                            f"{_one_of(f.name for f in spec.features if f.kind == 'id')}"))
+        elif item.source is not None:
+            issues.append(((*loc, "item"), f"id feature '{c.item}' reads side table '{item.source}'; counts read the "
+                           f"candidate's id from the impression rows"))
         if c.history is not None:
             k = feature_index.get(c.history)
             hist = spec.features[k] if k is not None else None

@@ -105,10 +105,15 @@ def test_counts_files_round_trip_and_bad_files_are_refused(tmp_path):
     ("[{name: c, item: user_id, history: hist_items}]", "a co-count pairs ids of one table"),
     ("[{name: item_id, item: item_id}]", "already a feature's"),
     ("[{name: c, item: item_id}, {name: c, item: item_id}]", "duplicate count name"),
+    ("[{name: c, item: movie_row}]", "reads side table 'movies'"),
 ])
 def test_bad_count_references_are_named(counts, message):
+    side_id = ("features=[{kind: id, name: movie_row, column: item_id, source: movies, side: item, table: item}, "
+               "{kind: id, name: item_id, column: item_id, side: item, table: item}, {kind: id, name: user_id, "
+               "column: user_id, side: user, table: user}, {kind: sequence, name: hist_items, column: hist_item_ids, "
+               "side: user, table: item, max_len: 20, target: item_id}]")
     with pytest.raises(SpecError, match=message):
-        load_spec(ML_SPEC, [f"statistics.counts={counts}"])
+        load_spec(ML_SPEC, [side_id, f"statistics.counts={counts}"])
 
 
 # ---------------------------------------------------------------------------------------------- prepared data
