@@ -110,7 +110,17 @@ class TokenTextLookup(nn.Module):
 
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """[n] text rows -> [n, dim] unit mean of their token vectors; row 0 (no text) stays zero."""
-        out = self.tokens(self.token_ids[rows])
+        ids = self.token_ids[rows]
+        if fx_tracing() or ids.device.type != "cpu":
+            out = self.tokens(ids)
+        else:
+            # the bags packed without their padding: a text has ~7-11 tokens of its 32 slots on amazon-sr, and the
+            # lookup and its backward (index sort, scatter into the table's gradient) go over every slot they are
+            # given, padding included. Same means (padding_idx is left out of a bag's mean either way). Not on GPU,
+            # where picking the real tokens waits for the device.
+            real = ids > 0
+            offsets = torch.cumsum(real.sum(1), 0) - real.sum(1)
+            out = self.tokens(ids[real], offsets)
         return nn.functional.normalize(out, dim=-1) * (rows.unsqueeze(1) > 0)
 
 
@@ -402,25 +412,46 @@ class UserQueryItemEncoder(nn.Module):
         nothing trains them. The one place text vectors come from, so a caller that must supply vectors for texts
         the tables lack (serving's cold texts) overrides this method."""
         feats = [f for side in SIDES for f in self.text_feats[side]]
+        tokens = self.token_vectors(feats, batch.text)
         if not self.spec.text.frozen:
-            return {f.name: self.text_lookup[_key(f.text_table)](batch.text[f.name]) for f in feats}
+            return tokens
         chunks = self.text_layout.split(self.text_ebc(batch.text_ids), detach=True)
         out: Dict[str, torch.Tensor] = {}
         for f in feats:
             v = (self.text_layout.history(chunks, f.name, f.max_len, self.frozen_text_dim) if f.sequence
                  else chunks[f.name])
             # .float(): an unsharded fp16 table returns fp16 (the fused kernels return fp32)
-            out[f.name] = self._with_tokens(v.float(), f, batch.text[f.name])
+            out[f.name] = self._with_tokens(v.float(), tokens.get(f.name))
         return out
 
-    def _with_tokens(self, frozen: torch.Tensor, f: TextFeature, rows: torch.Tensor) -> torch.Tensor:
-        """Mode hybrid: the frozen LLM vectors of text rows `rows` and their token vectors side by side, scaled by
+    def token_vectors(self, feats: List[TextFeature], rows: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """Modes random and hybrid: feature name -> the token vectors of its text rows `rows[name]` ([..., dim]);
+        other modes: {}. The features that read one text table are pooled in one lookup, so a text that is both a
+        candidate and in histories (amazon-sr: item_text and hist_text) is pooled once per batch, and each table's
+        lookup and backward run once, not once per feature."""
+        if not self.spec.text.tokens:
+            return {}
+        if fx_tracing():  # the traced graph only finds the EBCs' inputs (see PooledLayout.split): per feature
+            return {f.name: self.text_lookup[_key(f.text_table)](rows[f.name]) for f in feats}
+        by_table: Dict[str, List[TextFeature]] = {}
+        for f in feats:
+            by_table.setdefault(f.text_table, []).append(f)
+        out: Dict[str, torch.Tensor] = {}
+        for table, fs in by_table.items():
+            parts = [rows[f.name] for f in fs]
+            pooled = self.text_lookup[_key(table)](torch.cat([p.reshape(-1) for p in parts]))
+            for f, p, v in zip(fs, parts, pooled.split([p.numel() for p in parts])):
+                out[f.name] = v.view(p.shape + (pooled.shape[-1],))
+        return out
+
+    def _with_tokens(self, frozen: torch.Tensor, tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """Mode hybrid: the frozen LLM vectors of some text rows and their token vectors side by side, scaled by
         1/sqrt(2): two unit vectors make one unit vector, whose cosine with another text's is the mean of the LLM
         cosine and the token cosine (an exact match still scores 1, so the interactions keep their meaning).
-        Other modes: the frozen vectors as they are."""
-        if self.text_mode != "hybrid":
+        Other modes (`tokens` None): the frozen vectors as they are."""
+        if tokens is None:
             return frozen
-        return torch.cat([frozen, self.text_lookup[_key(f.text_table)](rows)], dim=-1) * HYBRID_SCALE
+        return torch.cat([frozen, tokens], dim=-1) * HYBRID_SCALE
 
     def grouped_text_vectors(self, batch: Batch) -> Dict[str, torch.Tensor]:
         """`text_vectors` for grouped rows (`batch.groups`, serving): a context feature's vectors once per request
@@ -436,16 +467,15 @@ class UserQueryItemEncoder(nn.Module):
             full = self.text_vectors(Batch(**{**batch.__dict__, "text_ids": None, "groups": None}))
             return {f.name: full[f.name].index_select(0, groups.first) if f.name in self.context else full[f.name]
                     for f in feats}
+        rows = {f.name: batch.text[f.name].index_select(0, groups.first) if f.name in self.context
+                else batch.text[f.name] for f in feats}
+        tokens = self.token_vectors(feats, rows)
+        if weights is None:  # mode random
+            return tokens
         out: Dict[str, torch.Tensor] = {}
         for f in feats:
-            rows = batch.text[f.name]
-            if f.name in self.context:
-                rows = rows.index_select(0, groups.first)
-            if weights is not None:
-                v = weights[f.text_table].index_select(0, rows.reshape(-1)).view(*rows.shape, -1)
-                out[f.name] = self._with_tokens(v, f, rows)
-            else:
-                out[f.name] = self.text_lookup[_key(f.text_table)](rows)
+            v = weights[f.text_table].index_select(0, rows[f.name].reshape(-1)).view(*rows[f.name].shape, -1)
+            out[f.name] = self._with_tokens(v, tokens.get(f.name))
         return out
 
     def _text_weights(self) -> Optional[Dict[str, torch.Tensor]]:

@@ -219,10 +219,18 @@ def test_hybrid_text_is_the_llm_vector_beside_trainable_tokens(llm_overrides, ba
     enc = task.model.l0
     assert enc.text_dim == llm.l0.text_dim + spec.text.random_dim
     batch = batches[0]
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+             for name, m in enc.text_lookup.items()]
     with torch.no_grad():
         got = enc.text_vectors(batch)
         want_llm = llm.l0.text_vectors(batch)
-    for f in [f for f in spec.features if f.kind == "text"]:
+    for h in hooks:
+        h.remove()
+    text_features = [f for f in spec.features if f.kind == "text"]
+    assert len({f.text_table for f in text_features}) < len(text_features), "the spec has features sharing a table"
+    assert sorted(calls) == sorted(enc.text_lookup), "one token lookup per table, for all its features together"
+    for f in text_features:
         v, rows = got[f.name], batch.text[f.name]
         half = llm.l0.text_dim
         torch.testing.assert_close(v[..., :half] * math.sqrt(2), want_llm[f.name], atol=1e-6, rtol=0)

@@ -1,5 +1,6 @@
 """Mode random / hybrid's hashed-token text vectors: each distinct text row of a batch is pooled once on CPU (a batch
-repeats its texts), with the vectors and gradients of pooling every copy."""
+repeats its texts), with the vectors and gradients of pooling every copy; its bags are packed without their padding,
+with the vectors and gradients of the padded bags."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,3 +43,19 @@ def test_repeated_rows_are_pooled_once_with_the_same_vectors_and_gradients(monke
     (_every_copy(lookup, rows) * weights).sum().backward()
     torch.testing.assert_close(grad_dedup, lookup.tokens.weight.grad)  # summation order differs: close, not equal
     assert torch.count_nonzero(grad_dedup) > 0
+
+
+def test_packed_bags_have_the_vectors_and_gradients_of_the_padded_bags():
+    lookup = _lookup(seed=1)
+    rows = torch.tensor([5, 0, 12, 7, 5])  # a short text, the no-text row, a repeat
+    got = lookup._pool(rows)
+    weights = torch.randn(got.shape)
+    (got * weights).sum().backward()
+    grad_packed = lookup.tokens.weight.grad.clone()
+    lookup.tokens.weight.grad = None
+    padded = torch.nn.functional.normalize(lookup.tokens(lookup.token_ids[rows]), dim=-1) * (rows.unsqueeze(1) > 0)
+    torch.testing.assert_close(got, padded, rtol=0, atol=1e-6)
+    assert torch.count_nonzero(got[1]) == 0
+    (padded * weights).sum().backward()
+    torch.testing.assert_close(grad_packed, lookup.tokens.weight.grad)
+    assert torch.count_nonzero(lookup.tokens.weight.grad[0]) == 0, "the padding token gets no gradient"

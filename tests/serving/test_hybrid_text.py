@@ -55,7 +55,5 @@ def test_hybrid_bundle_scores_like_the_model_and_takes_new_texts(llm_overrides, 
     torch.testing.assert_close(frozen[new], frozen[row], atol=2e-3, rtol=0)  # fp16-stored rows vs a fresh fp32 one
     lookup = l0.text_lookup[f"table_{table}"]
     assert torch.equal(lookup.token_ids[new], lookup.token_ids[row])
-    vec = l0._with_tokens(frozen[[row, new]].float(), next(f for f in spec.features
-                                                            if f.kind == "text" and f.text_table == table),
-                          torch.tensor([row, new]))
+    vec = l0._with_tokens(frozen[[row, new]].float(), lookup(torch.tensor([row, new])))
     torch.testing.assert_close(vec[1], vec[0], atol=2e-3, rtol=0)
