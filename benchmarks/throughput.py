@@ -75,6 +75,8 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_train_2": ("torchrec", "train", 2, "full"),
     # information: the full model without its train counts (`statistics.counts`: computed per batch by the loader)
     "tr_full_train_1_no_counts": ("torchrec", "train", 1, "full", ["statistics.counts=[]"]),
+    # information: the full model with LLM-only text (amazon-sr's default is hybrid: LLM vectors beside word tokens)
+    "tr_full_train_1_llm_text": ("torchrec", "train", 1, "full", ["text.mode=llm"]),
     "tr_peer_train_1": ("torchrec", "train", 1, "peer"),
     "tr_peer_train_2": ("torchrec", "train", 2, "peer"),
     # the same at a 4x larger global batch: per-step overheads (pipeline, DDP, all-to-all latency, Python) dominate
