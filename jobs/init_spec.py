@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     p.add_argument("--label-column", help="0/1 label column (default: label, clicked, ...)")
     p.add_argument("--user-column", help="user id column (default: user_id, uid, ...)")
     p.add_argument("--name", help="spec name (default: the folder's name)")
-    p.add_argument("--text-mode", choices=["llm", "random", "none"], default="llm",
+    p.add_argument("--text-mode", choices=["llm", "random", "hybrid", "none"], default="llm",
                    help="text.mode written when text columns are found (default llm)")
     args = p.parse_args(argv)
     from recsys.spec.scaffold import render

@@ -119,8 +119,8 @@ class TokenTextLookup(nn.Module):
             # given, padding included. Same means (padding_idx is left out of a bag's mean either way). Not on GPU,
             # where picking the real tokens waits for the device.
             real = ids > 0
-            offsets = torch.cumsum(real.sum(1), 0) - real.sum(1)
-            out = self.tokens(ids[real], offsets)
+            lengths = real.sum(1)
+            out = self.tokens(ids[real], torch.cumsum(lengths, 0) - lengths)
         return nn.functional.normalize(out, dim=-1) * (rows.unsqueeze(1) > 0)
 
 

@@ -60,6 +60,18 @@ def test_init_spec_guesses_each_column(spec_file):
     assert "# age/year-like" in text and "bucket(user_id, 100) < 10" in text  # guesses say why; few-shot shown
 
 
+@pytest.mark.parametrize("mode", ["llm", "hybrid"])
+def test_init_spec_writes_the_text_mode_asked_for(example, tmp_path, mode):
+    from recsys.spec.loader import load_spec
+    from recsys.spec.scaffold import render
+
+    path = tmp_path / "own.yaml"
+    path.write_text(render(example, name="own", text_mode=mode))
+    spec = load_spec(path)
+    assert spec.text.mode == mode and [t.name for t in spec.text.tables] == ["title"]
+    assert spec.text.random_dim == (16 if mode == "hybrid" else 64)
+
+
 def test_init_spec_bad_input_is_one_line(example, tmp_path):
     proc = _job("init_spec.py", "--data", str(example), "--domain-column", "nope")
     assert proc.returncode == 2 and proc.stderr.strip().startswith("error: --domain-column 'nope': no such column")
