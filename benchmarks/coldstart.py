@@ -90,11 +90,19 @@ def main() -> int:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--seed", type=int, default=2023)
     ap.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "runs" / "coldstart")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="spec override for every job of the protocol (e.g. text.mode=llm); needs --tag")
+    ap.add_argument("--tag", help="names this variant's runs and results (coldstart_<data>_<tag>.*)")
     args = ap.parse_args()
+    if args.extra and not args.tag:
+        ap.error("--set needs --tag: the variant's results must not overwrite the default's")
+    if args.tag and not args.tag.replace("_", "").isalnum():
+        ap.error(f"--tag {args.tag!r}: letters, digits and _ only")
     cfg = SETUPS[args.data]
     spec, held = cfg["spec"], cfg["held_out"]
-    base = args.out_dir / (args.data + ("-quick" if args.quick else ""))
-    common = [f"train.seed={args.seed}"]
+    variant = args.data + (f"_{args.tag}" if args.tag else "")
+    base = args.out_dir / (variant + ("-quick" if args.quick else ""))
+    common = [f"train.seed={args.seed}", *args.extra]
     if args.quick:
         common += ["train.max_steps=20"]
     pre_dir = base / "pretrain"
@@ -130,22 +138,24 @@ def main() -> int:
                 + set_args(common + sets + [f"train.output_dir={out}"])
             run(cmd, out / "log.txt")
         results[name] = json.loads(metrics_file.read_text())
-    table = render(results, held, args.data)
+    table = render(results, held, args.data, args.extra)
     print(table)
     dest = ROOT / "benchmarks" / "results"
     dest.mkdir(parents=True, exist_ok=True)
-    stem = f"coldstart_{args.data}" + ("_quick" if args.quick else "")
+    stem = f"coldstart_{variant}" + ("_quick" if args.quick else "")
     (dest / f"{stem}.md").write_text(table + "\n")
     summary = {"data": args.data, "held_out": held, "few_shot": cfg["few_shot"], "seed": args.seed,
-               "quick": args.quick, "commit": _commit(), "split": "test",
+               "quick": args.quick, "commit": _commit(), "split": "test", "overrides": args.extra,
                "rows": {k: v["domains"][held] for k, v in results.items()}}
     (dest / f"{stem}.json").write_text(json.dumps(summary, indent=1))
     return 0
 
 
-def render(results, held, data) -> str:
+def render(results, held, data, overrides=()) -> str:
     f = lambda v: "n/a" if v is None or v != v else f"{v:.4f}"  # noqa: E731
-    lines = [f"Cold-start on {data}: domain `{held}` held out of pretraining; test split, epoch chosen on valid.", "",
+    spec = f" Every job with `{' '.join('--set ' + o for o in overrides)}`." if overrides else ""
+    lines = [f"Cold-start on {data}: domain `{held}` held out of pretraining; test split, epoch chosen on valid.{spec}",
+             "",
              "| setting | AUC | GAUC | logloss | cold-item AUC |", "|---|---|---|---|---|"]
     for name, m in results.items():
         d = m["domains"][held]

@@ -248,3 +248,25 @@ def test_plain_task_runs_hybrid_text(llm_overrides):
         o.step()
     assert torch.isfinite(loss)
     assert any(not torch.equal(b, w) for b, w in zip(before, tokens))
+
+
+def test_coldstart_variant_needs_a_tag_and_names_its_overrides(tmp_path):
+    """benchmarks/coldstart.py --set runs the protocol under a spec override; without --tag its results would
+    overwrite the default's, so it is refused before any job starts; the rendered table says which override ran."""
+    cmd = [sys.executable, "benchmarks/coldstart.py", "--data", "movielens", "--out-dir", str(tmp_path)]
+    p = subprocess.run([*cmd, "--set", "text.mode=llm"], cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and "--set needs --tag" in p.stderr and "Traceback" not in p.stderr
+    p = subprocess.run([*cmd, "--set", "text.mode=llm", "--tag", "../x"], cwd=REPO, env=_env(), capture_output=True,
+                       text=True, timeout=60)
+    assert p.returncode == 2 and "letters, digits and _ only" in p.stderr
+    assert not any(tmp_path.iterdir()), "nothing ran"
+
+    import importlib.util
+
+    loaded = importlib.util.spec_from_file_location("coldstart", REPO / "benchmarks" / "coldstart.py")
+    coldstart = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(coldstart)
+    metrics = {"domains": {"d": {"auc": 0.7, "gauc": 0.6, "logloss": 0.5, "cold_auc": None}}}
+    table = coldstart.render({"(a) zero-shot": metrics}, "d", "movielens", ["text.mode=llm"])
+    assert "Every job with `--set text.mode=llm`" in table and "| (a) zero-shot | 0.7000 | 0.6000 | 0.5000 | n/a |" in table
