@@ -77,6 +77,12 @@ def projection_from_buffers(center: torch.Tensor, basis: torch.Tensor) -> "TextP
     return TextProjection(center=center.detach().cpu().numpy(), basis=b if b.shape[1] else None)
 
 
+def _data_dependent_shapes_cheap(t: torch.Tensor) -> bool:
+    """Whether ops whose output size depends on the values of `t` (torch.unique, boolean-mask indexing) are cheap
+    here: on a CPU tensor, outside fx tracing. On GPU they wait for the device to report the size."""
+    return t.device.type == "cpu" and not fx_tracing()
+
+
 class TokenTextLookup(nn.Module):
     """Text mode `random` (the paper's no-LLM ablation): text rows -> trainable hashed-token embeddings mean-pooled
     per text, unit-normalised; row 0 (no text) stays zero."""
@@ -96,14 +102,14 @@ class TokenTextLookup(nn.Module):
 
     def forward(self, rows: torch.Tensor) -> torch.Tensor:
         flat = rows.reshape(-1)
-        if fx_tracing() or flat.device.type != "cpu":
+        if not _data_dependent_shapes_cheap(flat):
             out = self._pool(flat)
         else:
             # Each distinct text row pooled once: a batch repeats its texts (amazon-sr, 4,096 samples: 8,822
             # distinct rows among the 81,920 history texts, 134 distinct queries), and pooling every copy (32
             # token lookups, their index sort and scatter in the backward) made mode hybrid's CPU step 5x mode
-            # llm's. Same vectors per row; the copies' gradients are summed by the gather's backward. Not on GPU,
-            # where torch.unique waits for the device and the lookups are cheap.
+            # llm's. Same vectors per row; the copies' gradients are summed by the gather's backward. (On GPU the
+            # lookups are cheap.)
             found = torch.unique(flat, return_inverse=True)
             out = self._pool(found[0]).index_select(0, found[1])
         return out.reshape(rows.shape + (self.dim,))  # no *-unpacking: the train pipeline fx-traces this
@@ -111,13 +117,12 @@ class TokenTextLookup(nn.Module):
     def _pool(self, rows: torch.Tensor) -> torch.Tensor:
         """[n] text rows -> [n, dim] unit mean of their token vectors; row 0 (no text) stays zero."""
         ids = self.token_ids[rows]
-        if fx_tracing() or ids.device.type != "cpu":
+        if not _data_dependent_shapes_cheap(ids):
             out = self.tokens(ids)
         else:
             # the bags packed without their padding: a text has ~7-11 tokens of its 32 slots on amazon-sr, and the
             # lookup and its backward (index sort, scatter into the table's gradient) go over every slot they are
-            # given, padding included. Same means (padding_idx is left out of a bag's mean either way). Not on GPU,
-            # where picking the real tokens waits for the device.
+            # given, padding included. Same means (padding_idx is left out of a bag's mean either way).
             real = ids > 0
             lengths = real.sum(1)
             out = self.tokens(ids[real], torch.cumsum(lengths, 0) - lengths)
