@@ -79,8 +79,9 @@ def projection_from_buffers(center: torch.Tensor, basis: torch.Tensor) -> "TextP
 
 def _data_dependent_shapes_cheap(t: torch.Tensor) -> bool:
     """Whether ops whose output size depends on the values of `t` (torch.unique, boolean-mask indexing) are cheap
-    here: on a CPU tensor, outside fx tracing. On GPU they wait for the device to report the size."""
-    return t.device.type == "cpu" and not fx_tracing()
+    here: on a CPU tensor, outside fx tracing. On GPU they wait for the device to report the size. fx_tracing()
+    first: under the train pipeline's fx trace `t` is a Proxy, whose device cannot be branched on."""
+    return not fx_tracing() and t.device.type == "cpu"
 
 
 class TokenTextLookup(nn.Module):
