@@ -69,6 +69,10 @@ CONFIGS: Dict[str, tuple] = {
     # information: the goal configuration with every one-feature table on FBGEMM's JIT backward path, whichever
     # path `train.embedding_update_path: auto` picks on this CPU (recsys/train/update_path.py)
     "tr_peer_train_1_prebuilt_jit": ("torchrec", "train", 1, "peer", ["train.embedding_update_path=jit"]),
+    # information: the goal configuration and the full model with their dense layers in fp32, whichever precision
+    # `train.precision: auto` picks on this CPU (recsys/models/precision.py): what auto's choice buys here
+    "tr_peer_train_1_prebuilt_fp32": ("torchrec", "train", 1, "peer", ["train.precision=fp32"]),
+    "tr_full_train_1_fp32": ("torchrec", "train", 1, "full", ["train.precision=fp32"]),
     "loader_1": ("loader", "loader", 1, "full"),
     "loader_2": ("loader", "loader", 2, "full"),
     "tr_full_train_1": ("torchrec", "train", 1, "full"),
@@ -91,7 +95,7 @@ CONFIGS: Dict[str, tuple] = {
     "plain_full_infer_1": ("plain", "infer", 1, "full"),
 }
 PREBUILT = {"tr_peer_train_1_prebuilt", "tr_peer256_train_1_prebuilt", "tr_peer_train_1_prebuilt_uncompiled",
-            "tr_peer_train_1_prebuilt_jit"}
+            "tr_peer_train_1_prebuilt_jit", "tr_peer_train_1_prebuilt_fp32"}
 # --emulate-isa: the environment that limits each library's CPU dispatch to that ISA
 EMULATED_ISA = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
                          "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2"}}
@@ -108,6 +112,19 @@ QUICK_CONFIGS_MOVIELENS = ["loader_1", "tr_full_train_1", "plain_full_train_1", 
 # ============================================================================================== worker (torchrun)
 def _overrides(variant: str, data: str, extra: List[str]) -> List[str]:
     return [*(common.peer_overrides(data) if variant == "peer" else []), *extra]
+
+
+def config_specs(names: List[str], data: str, extra: List[str]) -> List[List[str]]:
+    """The distinct spec overrides that the configurations `names` read prepared data with (the peers read the raw
+    files), the default spec's first."""
+    out: List[List[str]] = [list(extra)]
+    for name in names:
+        impl, _, _, variant, *own = CONFIGS[name]
+        if impl != "peer":
+            overrides = _overrides(variant, data, [*extra, *(own[0] if own else [])])
+            if overrides not in out:
+                out.append(overrides)
+    return out
 
 
 def _cycle(loader):
@@ -435,6 +452,8 @@ def ratios(configs: Dict[str, Any], metric: str = "samples_per_s") -> Dict[str, 
         "peers_config_uncompiled_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt_uncompiled", fastest),
         "peers_config_jit_path_prebuilt_vs_fastest_peer": over("tr_peer_train_1_prebuilt_jit", fastest),
         "peers_config_auto_vs_jit_update_path": over("tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_jit"),
+        "peers_config_auto_vs_fp32_precision": over("tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_fp32"),
+        "full_auto_vs_fp32_precision": over("tr_full_train_1", "tr_full_train_1_fp32"),
         "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
         "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
         "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
@@ -464,6 +483,10 @@ RATIO_LABELS = {
                                                       "pre-built / fastest peer (information)",
     "peers_config_auto_vs_jit_update_path": "peers' configuration, update path auto / jit (what the start-up probe "
                                             "buys on this CPU)",
+    "peers_config_auto_vs_fp32_precision": "peers' configuration, train.precision auto / fp32, pre-built (what "
+                                           "auto's choice of dense precision buys on this CPU)",
+    "full_auto_vs_fp32_precision": "full model, train.precision auto / fp32, 1 process (the same for the full "
+                                   "model)",
     "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
     "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
     "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",
@@ -638,10 +661,13 @@ def main(argv=None) -> int:
     from recsys.models.precision import resolve_precision
 
     spec = common.load(args.data, args.extra)
-    prepare(spec)
     names = args.configs or (list(CONFIGS) if args.all else DEFAULT_CONFIGS)
     if args.data != "amazon_sr":
         names = [n for n in names if CONFIGS[n][0] != "peer"]  # the peers are defined on amazon-sr's features
+    for overrides in config_specs(names, args.data, args.extra):
+        # each configuration that reads the prepared data reads its own resolved schema (the peers' configuration
+        # has no text and no counts): prepared here, once, so that no launch meets a missing one (a fresh machine)
+        prepare(common.load(args.data, overrides))
     machine = common.machine()
     print(f"machine: {machine_line(machine)}", flush=True)
     if args.load_robust:  # inherited by every launch (common.env_for_children copies os.environ)

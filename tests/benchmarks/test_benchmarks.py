@@ -139,9 +139,13 @@ def test_auc_quick_runs_and_skips_finished(tiny_sets, tmp_path):
 
 @pytest.mark.slow
 def test_throughput_quick(tiny_sets, tmp_path):
+    """On a fresh machine (nothing prepared yet) the benchmark prepares what its launches read (on amazon-sr the
+    peers' configuration reads a schema of its own: next test)."""
+    fresh = [f"data.prepared_dir={tmp_path / 'prepared'}" if s.startswith("data.prepared_dir=") else s
+             for s in tiny_sets]
     cmd = [sys.executable, "benchmarks/throughput.py", "--quick", "--data", "movielens", "--configs", "loader_1",
            "tr_peer_train_1_prebuilt",
-           "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path), *tiny_sets]
+           "--steps", "2", "--warmup", "1", "--results-dir", str(tmp_path), *fresh]
     p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
     report = json.loads((tmp_path / "throughput_movielens_quick.json").read_text())
@@ -183,6 +187,17 @@ def _run(impl, variant, rate, nproc=1, **kw):
     return {"impl": impl, "task": "train", "variant": variant, "nproc": nproc, "world_size": nproc,
             "batch_per_rank": 4096 // nproc, "samples_per_s": rate, "peak_rss_mb_per_process": [900.0] * nproc,
             "load_avg_before": 0.5, "load_avg_after": 0.6, **kw}
+
+
+def test_every_configuration_that_reads_prepared_data_gets_its_schema_prepared():
+    from benchmarks import common
+    from benchmarks.throughput import config_specs
+
+    got = config_specs(["peer_epnet", "tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_fp32", "tr_full_train_1",
+                        "plain_full_train_1", "tr_full_train_1_no_counts"], "amazon_sr", ["train.compile=off"])
+    peer = common.peer_overrides("amazon_sr")
+    assert got == [["train.compile=off"], [*peer, "train.compile=off"],
+                   [*peer, "train.compile=off", "train.precision=fp32"], ["train.compile=off", "statistics.counts=[]"]]
 
 
 def test_throughput_report_renders_with_only_some_configurations():
