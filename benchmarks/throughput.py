@@ -314,14 +314,16 @@ def worker(cfg: Dict[str, Any]) -> None:
 
 
 # ================================================================================================ parent measures
-def matmul_peak_gflops(n: int = 2048, reps: int = 8) -> float:
-    """Best fp32 GEMM rate of this process with all cores' threads: the denominator of the FLOP fraction."""
+def matmul_peak_gflops(n: int = 2048, reps: int = 8, dtype: str = "float32") -> float:
+    """Best GEMM rate of this process with all cores' threads; fp32's is the denominator of the FLOP fraction,
+    bf16's (measured only where bf16 is native: emulated, one 2048^3 product takes ~15 s) tells what
+    `train.precision: auto` can gain on this CPU."""
     import torch
 
     from recsys import hardware
 
     torch.set_num_threads(hardware.cpu_info().cores)
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=getattr(torch, dtype)), torch.randn(n, n, dtype=getattr(torch, dtype))
     for _ in range(2):
         a @ b
     best = float("inf")
@@ -564,8 +566,11 @@ def render(report: Dict[str, Any]) -> str:
         names = {"full": "full", "peer": "peers' configuration"}
         flops = ", ".join(f"{names.get(v, v)} {f['flops_per_sample'] / 1e6:.2f} MFLOP"
                           for v, f in report.get("flops", {}).items())
-        text += (f"\n\nfp32 matmul peak (2048^3 GEMM, all cores): {report['matmul_peak_gflops']:.1f} GFLOP/s. "
-                 f"FLOPs per sample (forward+backward, FlopCounterMode): {flops}. Dense precision: "
+        bf16 = report.get("matmul_peak_gflops_bf16")
+        bf16_text = (f" (bf16: {bf16:.1f} GFLOP/s, {bf16 / report['matmul_peak_gflops']:.2f}x)" if bf16 else
+                     " (bf16 not measured: not native here, or an older ISA emulated)")
+        text += (f"\n\nfp32 matmul peak (2048^3 GEMM, all cores): {report['matmul_peak_gflops']:.1f} GFLOP/s"
+                 f"{bf16_text}. FLOPs per sample (forward+backward, FlopCounterMode): {flops}. Dense precision: "
                  f"{report.get('precision', '?')}.\n")
     prof = report.get("profile_top_ops")
     if prof:
@@ -683,6 +688,8 @@ def main(argv=None) -> int:
     if args.merge and previous.exists():  # re-measure some configurations, keep the others (each has its time)
         report["configs"] = json.loads(previous.read_text()).get("configs", {})
     report["matmul_peak_gflops"] = matmul_peak_gflops()
+    report["matmul_peak_gflops_bf16"] = (matmul_peak_gflops(dtype="bfloat16")
+                                         if machine["bf16_native"] and not args.emulate_isa else None)
     report["flops"] = {v: flops_per_sample(args.data, v, args.extra)
                        for v in sorted({CONFIGS[n][3] for n in names if CONFIGS[n][0] != "peer"})}
     with tempfile.TemporaryDirectory(prefix="recsys_tput_") as tmp:

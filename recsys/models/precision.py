@@ -2,8 +2,9 @@
 
 `bf16` runs the dense matmuls (aspect projections, L1 gating, the L2 tower and heads) under autocast in bfloat16
 while weights, optimiser state, the embedding tables, the history attention and the text cosines stay float32.
-On CPUs with AVX512-BF16 or AMX (and on GPUs with bf16 units) a bf16 GEMM of the tower's shape is ~4.6x faster than
-fp32; on a CPU without them (AVX2, plain AVX512) oneDNN emulates it and it is ~100x *slower*. So `auto` (the
+On CPUs with AVX512-BF16 or AMX (and on GPUs with bf16 units) a bf16 GEMM of the tower's shape is faster than fp32
+(~4.6x with AMX on an Intel Xeon, 2.1-3.0x with AVX512-BF16 alone on an AMD EPYC, docs/cpu_speed.md); on a CPU
+without them (AVX2, plain AVX512) oneDNN emulates it and it is ~100x *slower*. So `auto` (the
 default) picks bf16 only where the device runs it natively and fp32 elsewhere; an explicit setting is honoured.
 The history attention is left in fp32 because casting its [B, L, D] inputs costs more than its small products
 save, and the cosine interactions that carry cold items keep full precision. The setting applies to training

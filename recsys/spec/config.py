@@ -329,7 +329,7 @@ class TrainSpec(StrictModel):
     # (each row group then decoded once per window); a number fixes the chunks per window.
     shuffle_buffer_row_groups: Optional[int] = Field(default=None, gt=0)
     # dense-layer compute precision: bf16 autocasts the dense matmuls (fp32 weights, tables and optimiser state;
-    # see recsys/models/precision.py): ~4.6x faster GEMMs where bf16 is native (AVX512-BF16, AMX, GPUs), ~100x
+    # see recsys/models/precision.py): 2-5x faster GEMMs where bf16 is native (AVX512-BF16, AMX, GPUs), ~100x
     # slower where it is emulated (AVX2). `auto` picks bf16 only where it is native and logs which and why.
     # Training steps only: evaluation and serving always run fp32.
     precision: Literal["auto", "fp32", "bf16"] = "auto"

@@ -155,6 +155,9 @@ def test_throughput_quick(tiny_sets, tmp_path):
         assert r["samples_per_s"] > 0 and r["peak_rss_mb_per_process"][0] > 0
     assert report["configs"]["tr_peer_train_1_prebuilt"]["prebuilt"] is True
     assert report["matmul_peak_gflops"] > 0 and report["flops"]["peer"]["flops_per_sample"] > 0
+    # bf16's GEMM rate beside fp32's where bf16 is native (emulated it would take minutes): what auto can gain
+    assert (report["matmul_peak_gflops_bf16"] or 0) > 0 if report["machine"]["bf16_native"] else \
+        report["matmul_peak_gflops_bf16"] is None
     assert report["configs"]["tr_peer_train_1_prebuilt"]["flop_fraction_of_peak"] > 0
     m = report["machine"]  # every result names the machine it was measured on
     assert m["cpu_model"] and m["cpu_capability"] == torch.backends.cpu.get_cpu_capability() and m["cores"] >= 1
