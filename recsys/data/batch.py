@@ -62,7 +62,8 @@ class Batch(Pipelineable):
     sparse:   KJT, keys = id and sparse feature names plus `<seq>@<i>` per sequence position, values = table rows
               (already mapped: 0 = unseen/missing id). Key order is fixed by `recsys.data.features.kjt_keys(spec)`.
     dense:    [B, n_dense] float32, columns in spec order of dense features (already transformed), then two per
-              train count (`statistics.counts`: log1p count, unknown flag; recsys.data.statistics).
+              train count (`statistics.counts`: log1p count, unknown flag) and history match (`statistics.matches`:
+              log1p matches, unknown flag; recsys.data.statistics).
     text:     text feature name -> int64 rows into its text table (0 = no text): [B] or [B, max_len] for sequences.
     seq_lengths: sequence feature name -> [B] int64 number of valid positions.
     labels:   [B] float32 in {0, 1}.

@@ -60,13 +60,16 @@ class FeatureMapper:
         # on every call)
         self.domain_values = arrowops.KeyIndex(pa.array([d.match_value for d in spec.domains], pa.string()))
         self._load_side_features(side_tables)
+        from recsys.data.statistics import match_value_rows
+
+        self.match_values = match_value_rows(spec, self)  # statistics.matches: each history row's value row
 
     def with_counts(self, a: Arrays) -> Arrays:
         """The mapped arrays of a batch with the count features' columns (`recsys.data.statistics`) appended to
         `dense`. Called on the batch as the model gets it: after id dropout, whose hidden ids read "unknown"."""
         from recsys.data.statistics import with_counts
 
-        return with_counts(self.spec, self.counts, a)
+        return with_counts(self.spec, self.counts, a, self.match_values)
 
     # -- ids -> rows ---------------------------------------------------------------------------------------
     def rows(self, table: str, arr) -> np.ndarray:

@@ -21,6 +21,11 @@ thus also trains the model for the counts of cold items, as it does for their em
 
 The counts are built by prepare (`build`), stored in the resolved schema (`statistics/<table>.npz`, sha256-checked
 with the rest of the schema, loaded without pickle) and so carried by checkpoints' schema hash and serving bundles.
+
+History matches (spec `statistics.matches`) need no train data: how many of the row's history items share the
+candidate's value of a side-table feature (its brand: "the user bought this brand before", known for cold items
+too). Each history item's value is read from the same side table through its id (`match_value_rows`, built by the
+FeatureMapper from its side tables and vocabularies, so a serving bundle's catalogue gives the same values).
 """
 from __future__ import annotations
 
@@ -35,14 +40,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from recsys.errors import DataError
-from recsys.spec.config import IdFeature, Spec
+from recsys.spec.config import COLUMNS_PER_STATISTIC, IdFeature, Spec
 
 log = logging.getLogger("recsys.data.statistics")
 
 # Pairs grow with the square of a user's items: a user with more distinct train items adds no co-purchases
 # (counted and logged). 200 items = at most 39,800 pairs from one user.
 MAX_ITEMS_FOR_PAIRS = 200
-COLUMNS_PER_COUNT = 2  # log1p(count), unknown flag
 
 
 @dataclass
@@ -196,12 +200,48 @@ def train_positives(spec: Spec, path: Path, item_column: str) -> pa.Table:
     return pa.table({"user": arrowops.apply_distinct(users, hash_user_keys), "item": items})
 
 
-def count_columns(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.ndarray]) -> np.ndarray:
-    """[rows, 2 x counts] float32 for mapped arrays `a` (after id dropout): per count, log1p(count) and the
-    "unknown" flag (the candidate's id is row 0)."""
+def match_value_rows(spec: Spec, mapper) -> Dict[str, np.ndarray]:
+    """Per `statistics.matches` entry: for every row of its history's table (0 = unseen, then vocabulary order),
+    that item's value row of the match's feature (its first value; 0 = none), read from the side table the
+    candidate's value comes from (`mapper`: a FeatureMapper, which holds the side table and the vocabularies), so
+    a history item and a candidate with the same value get the same row."""
+    from recsys.data import arrowops
+
+    features = {f.name: f for f in spec.features}
+    out: Dict[str, np.ndarray] = {}
+    for m in spec.statistics.matches:
+        feat, hist = features[m.feature], features[m.history]
+        if hist.table not in mapper.schema.vocab:
+            raise DataError(f"statistics.matches {m.name!r}: history '{m.history}' reads table '{hist.table}', "
+                            f"which has no vocabulary (a hash table's rows cannot be mapped back to ids)")
+        keys = mapper.schema.vocab[hist.table]
+        side_keys = mapper.side_keys[feat.source]
+        side_row = arrowops.lookup(keys, side_keys, missing=-1)
+        side_row = np.where(side_row < 0, len(side_keys), side_row)  # the side arrays' last row: no match
+        values, lens = mapper.side_arrays[feat.name], mapper.side_arrays[feat.name + "#len"]
+        first = np.where(lens[side_row] > 0, values[side_row, 0], 0).astype(np.int64)
+        out[m.name] = np.concatenate([np.zeros(1, np.int64), first])
+    return out
+
+
+def count_columns(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.ndarray],
+                  match_values: Dict[str, np.ndarray]) -> np.ndarray:
+    """[rows, spec.statistics.columns] float32 for mapped arrays `a` (after id dropout): per count, log1p(count)
+    and the "unknown" flag (the candidate's id is row 0); then per match, log1p(matches) and the "unknown" flag
+    (the candidate has no value). `match_values`: `match_value_rows`."""
     n = len(a["labels"])
     table_of = {f.name: f.table for f in spec.features if f.kind in ("id", "sequence")}
-    out = np.zeros((n, COLUMNS_PER_COUNT * len(spec.statistics.counts)), np.float32)
+    out = np.zeros((n, spec.statistics.columns), np.float32)
+    for j, m in enumerate(spec.statistics.matches):
+        col = COLUMNS_PER_STATISTIC * (len(spec.statistics.counts) + j)
+        cand = np.where(a["sp/" + m.feature + "#len"] > 0, a["sp/" + m.feature][:, 0], 0).astype(np.int64)
+        seq = a["seq/" + m.history].astype(np.int64)
+        filled = np.arange(seq.shape[1])[None, :] < a["seq/" + m.history + "#len"][:, None]
+        # history positions hidden by id dropout read row 0, whose value is "none": they never match
+        hist = np.where(filled, match_values[m.name][seq], 0)
+        matches = ((hist == cand[:, None]) & (hist > 0)).sum(1)
+        out[:, col] = np.log1p(np.where(cand > 0, matches, 0))
+        out[:, col + 1] = cand == 0
     if not spec.statistics.counts:
         return out
     fold = user_folds(a["user"], spec.statistics.folds)
@@ -219,14 +259,15 @@ def count_columns(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.nd
             h = np.where(pos >= 0, np.take_along_axis(seq, np.maximum(pos, 0), 1), 0).astype(np.int64)
             both = tc.pairs_outside(cand[:, None], h, fold[:, None])
             v = np.where(h > 0, both, 0).sum(1)
-        out[:, COLUMNS_PER_COUNT * j] = np.log1p(np.where(known, np.maximum(v, 0), 0))
-        out[:, COLUMNS_PER_COUNT * j + 1] = ~known
+        out[:, COLUMNS_PER_STATISTIC * j] = np.log1p(np.where(known, np.maximum(v, 0), 0))
+        out[:, COLUMNS_PER_STATISTIC * j + 1] = ~known
     return out
 
 
-def with_counts(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
-    """`a` with the count columns appended to its dense array (after the dense features' columns, the order the
-    model reads: `recsys.models.encoding`). Returns a new dict; `a` is not modified."""
-    if not spec.statistics.counts:
+def with_counts(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.ndarray],
+                match_values: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """`a` with the count and match columns appended to its dense array (after the dense features' columns, the
+    order the model reads: `recsys.models.encoding`). Returns a new dict; `a` is not modified."""
+    if not spec.statistics.columns:
         return a
-    return {**a, "dense": np.concatenate([a["dense"], count_columns(spec, counts, a)], axis=1)}
+    return {**a, "dense": np.concatenate([a["dense"], count_columns(spec, counts, a, match_values)], axis=1)}

@@ -9,8 +9,8 @@ Aspects per side (a side without features of an aspect simply lacks it):
             is pooled by attention on its cosine with the candidate's text and by its mean. The LLM vectors live in
             frozen TorchRec tables (TextEmbeddingBagCollection), sharded by the planner like the id tables.
 Each aspect is projected to `model.dim`. Besides the aspects L0 emits a few scalar *interactions* (text cosines of
-candidate vs query and vs history, attention logits, the train counts of `statistics.counts`) that L2 feeds straight
-to its heads: they carry cold-start items, whose id embedding has never been trained.
+candidate vs query and vs history, attention logits, the train counts and history matches of `statistics`) that L2
+feeds straight to its heads: they carry cold-start items, whose id embedding has never been trained.
 """
 from __future__ import annotations
 
@@ -25,7 +25,6 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from recsys.data.batch import Batch
 from recsys.data.features import context_features, kjt_keys, sequence_keys, table_of_key, text_kjt_keys
-from recsys.data.statistics import COLUMNS_PER_COUNT
 from recsys.models.attention import grouped_target_attention, target_attention
 from recsys.models.fx import fx_tracing
 from recsys.models.precision import dense_autocast
@@ -287,8 +286,8 @@ class UserQueryItemEncoder(nn.Module):
         # count (log1p count, unknown flag), read as interactions, so that every domain's head weighs them itself
         # (read with the candidate's sparse aspect instead they cost games_rec what they gave search: valid mean
         # domain AUC 0.8645 against 0.8670 as interactions, 3 seeds, docs/search_quality.md)
-        n_count_columns = COLUMNS_PER_COUNT * len(spec.statistics.counts)
-        self.count_columns = list(range(dense_i, dense_i + n_count_columns))
+        # (the same for statistics.matches, after the counts)
+        self.count_columns = list(range(dense_i, dense_i + spec.statistics.columns))
 
         # text: frozen embedding tables (llm), trainable hashed tokens (random), or both side by side (hybrid)
         self.text_lookup = nn.ModuleDict()

@@ -180,13 +180,35 @@ class CountFeature(StrictModel):
     last: int = Field(default=5, gt=0)
 
 
+COLUMNS_PER_STATISTIC = 2  # what the model reads of each count or match: log1p(value) and an "unknown" flag
+
+
+class MatchFeature(StrictModel):
+    """How many of the row's history items (sequence feature `history`) share the candidate's value of `feature`,
+    a one-value sparse feature read from a side table (e.g. the item's brand): "the user bought this brand before".
+    Needs no train data, so it holds for cold candidates too; each history item's value comes from the same side
+    table through its id. The model reads log1p(matches) and an "unknown" flag, set where the candidate has no
+    value. Computed by `recsys.data.statistics` beside the counts."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    feature: str
+    history: str
+
+
 class StatisticsSpec(StrictModel):
-    """Features counted from the train split (`recsys.data.statistics`). A row's counts leave out the users of
-    its own fold (`folds` folds by a hash of the user): a training row never counts its own purchase, and
-    training, evaluation and serving rows all see counts over the same share of users."""
+    """Features counted for each row (`recsys.data.statistics`). `counts` come from the train split; a row's
+    counts leave out the users of its own fold (`folds` folds by a hash of the user): a training row never counts
+    its own purchase, and training, evaluation and serving rows all see counts over the same share of users.
+    `matches` compare the candidate with its own row's history."""
 
     folds: int = Field(default=5, ge=2, le=64)
     counts: List[CountFeature] = Field(default_factory=list)
+    matches: List[MatchFeature] = Field(default_factory=list)
+
+    @property
+    def columns(self) -> int:
+        """How many values the counts and matches append to each row's dense array (two each)."""
+        return COLUMNS_PER_STATISTIC * (len(self.counts) + len(self.matches))
 
 
 # --------------------------------------------------------------------------------------------------------- tables
@@ -519,6 +541,37 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
     for i, first in _first_dupes([c.name for c in spec.statistics.counts]).items():
         issues.append((("statistics", "counts", i, "name"), f"duplicate count name '{spec.statistics.counts[i].name}' "
                        f"(first at statistics.counts.{first})"))
+
+    # matches compare a side-table value of the candidate with the same value of each history item
+    side_tables = {st.name: st for st in spec.data.side_tables}
+    count_names = {c.name for c in spec.statistics.counts}
+    for i, m in enumerate(spec.statistics.matches):
+        loc = ("statistics", "matches", i)
+        if m.name in feature_names or m.name in count_names:
+            issues.append(((*loc, "name"), f"name '{m.name}' is already a feature's or a count's"))
+        j = feature_index.get(m.feature)
+        feat = spec.features[j] if j is not None else None
+        if feat is None or feat.kind != "sparse" or feat.source is None:
+            issues.append(((*loc, "feature"), f"'{m.feature}' is not a sparse feature read from a side table; "
+                           f"expected one of {_one_of(f.name for f in spec.features if f.kind == 'sparse' and f.source)}"))
+            continue
+        k = feature_index.get(m.history)
+        hist = spec.features[k] if k is not None else None
+        if hist is None or hist.kind != "sequence":
+            issues.append(((*loc, "history"), f"'{m.history}' is not a sequence feature; expected one of "
+                           f"{_one_of(f.name for f in spec.features if f.kind == 'sequence')}"))
+            continue
+        side = side_tables.get(feat.source)
+        keyed = [f for f in spec.features if f.kind == "id" and f.source is None and side is not None
+                 and f.column == side.join_on]
+        if not any(f.table == hist.table for f in keyed):
+            issues.append(((*loc, "history"), f"sequence '{m.history}' reads table '{hist.table}', but side table "
+                           f"'{feat.source}' of '{m.feature}' is joined on column "
+                           f"'{side.join_on if side else '?'}', which no id feature of that table reads: a history "
+                           f"item's value is found through its id"))
+    for i, first in _first_dupes([m.name for m in spec.statistics.matches]).items():
+        issues.append((("statistics", "matches", i, "name"), f"duplicate match name "
+                       f"'{spec.statistics.matches[i].name}' (first at statistics.matches.{first})"))
 
     # a bucketized dense feature owns its table: its rows are bucket numbers, no other id space
     for i, f in enumerate(spec.features):

@@ -1,6 +1,7 @@
 """Train counts as features (spec `statistics.counts`, recsys.data.statistics): the counts leave out the row's own
 user fold, co-purchases read the newest history items, unseen ids read "unknown", the files are checked, the spec
-references are validated, and the loader's batches carry the columns after id dropout."""
+references are validated, and the loader's batches carry the columns after id dropout. History matches (spec
+`statistics.matches`): how many history items share the candidate's side-table value, against brute force."""
 from __future__ import annotations
 
 import itertools
@@ -62,7 +63,7 @@ def test_count_columns_read_the_newest_history_and_flag_unseen_candidates():
     seq = np.array([[1, 2, 3, 4, 0], [5, 6, 0, 0, 0], [1, 0, 2, 0, 0], [7, 8, 1, 0, 0]])
     a = {"labels": np.zeros(4, np.float32), "user": user, "id/item_id": np.array([2, 3, 5, 0]),
          "seq/hist_items": seq, "seq/hist_items#len": np.array([4, 2, 3, 3]), "dense": np.zeros((4, 1), np.float32)}
-    cols = S.count_columns(spec, {"item": counts}, a)
+    cols = S.count_columns(spec, {"item": counts}, a, {})
     assert cols.shape == (4, 4)
     fold = user % 3
     for r in range(3):
@@ -73,9 +74,47 @@ def test_count_columns_read_the_newest_history_and_flag_unseen_candidates():
         assert cols[r, 2] == pytest.approx(np.log1p(want)), r  # row 0: positions 1..3, row 2: the hidden id skipped
         assert cols[r, 1] == cols[r, 3] == 0.0
     assert cols[3].tolist() == [0.0, 1.0, 0.0, 1.0]  # unseen candidate: no count, flagged unknown
-    merged = S.with_counts(spec, {"item": counts}, a)
+    merged = S.with_counts(spec, {"item": counts}, a, {})
     assert merged["dense"].shape == (4, 5) and np.array_equal(merged["dense"][:, 1:], cols)
     assert a["dense"].shape == (4, 1)  # the input is left as it was
+
+
+def test_match_columns_count_the_history_items_that_share_the_candidates_value():
+    spec = _spec("statistics.matches=[{name: genre_matches, feature: item_genres, history: hist_items}]")
+    values = {"genre_matches": np.array([0, 5, 5, 6, 0, 7, 5])}  # item rows 0..6 -> their first genre row
+    seq = np.array([[1, 2, 3, 0], [4, 4, 1, 1], [5, 0, 6, 2], [1, 2, 6, 0], [1, 1, 1, 1]])
+    a = {"labels": np.zeros(5, np.float32), "user": hash_user_keys(pa.array([f"u{i}" for i in range(5)])),
+         "id/item_id": np.array([1, 2, 0, 3, 4]), "seq/hist_items": seq,
+         "seq/hist_items#len": np.array([3, 4, 3, 2, 2]),
+         "sp/item_genres": np.array([[5, 2], [0, 0], [7, 5], [5, 0], [6, 0]]),
+         "sp/item_genres#len": np.array([2, 0, 2, 1, 1]),
+         "dense": np.zeros((5, 1), np.float32)}
+    cols = S.count_columns(spec, {"item": _counts(folds=spec.statistics.folds)}, a, values)
+    assert cols.shape == (5, 6)  # two counts, then the match: log1p(matches), unknown flag
+    # row 0: history 1, 2 (genre 5) and 3 (6) against genre 5 -> 2; row 1: no value -> unknown; row 2: candidate
+    # unseen (id dropout, a cold item) yet its genre 7 is known: the hidden history position 0 never matches, 5 does;
+    # row 3: padding beyond the length (6) is not read; row 4: the history's genre 5 against 6
+    assert cols[:, 4].tolist() == pytest.approx(np.log1p([2, 0, 1, 2, 0]).tolist())
+    assert cols[:, 5].tolist() == [0.0, 1.0, 0.0, 0.0, 0.0]
+    assert cols[2, 1] == 1.0  # while the counts call the unseen candidate unknown
+
+
+@pytest.mark.parametrize("matches, message", [
+    ("[{name: m, feature: item_id, history: hist_items}]", "'item_id' is not a sparse feature read from a side"),
+    ("[{name: m, feature: item_genres, history: user_id}]", "'user_id' is not a sequence feature"),
+    ("[{name: m, feature: item_genres, history: hist_genres}]", "which no id feature of that table reads"),
+    ("[{name: item_buys, feature: item_genres, history: hist_items}]", "already a feature's or a count's"),
+    ("[{name: m, feature: item_genres, history: hist_items}, {name: m, feature: item_genres, history: hist_items}]",
+     "duplicate match name"),
+])
+def test_bad_match_references_are_named(matches, message):
+    features = ("features=[{kind: id, name: item_id, column: item_id, side: item, table: item}, {kind: id, name: "
+                "user_id, column: user_id, side: user, table: user}, {kind: sequence, name: hist_items, column: "
+                "hist_item_ids, side: user, table: item, max_len: 20, target: item_id}, {kind: sequence, name: "
+                "hist_genres, column: hist_item_ids, side: user, table: genre, max_len: 20}, {kind: sparse, name: "
+                "item_genres, column: genres, source: movies, separator: '|', side: item, table: genre}]")
+    with pytest.raises(SpecError, match=rf"statistics\.matches.*{message}"):
+        _spec(features, f"statistics.matches={matches}")
 
 
 def test_counts_files_round_trip_and_bad_files_are_refused(tmp_path):
@@ -153,6 +192,38 @@ def test_batches_carry_the_counts_after_id_dropout(counted):
     plain = next(iter(BatchLoader(counted, "valid", 512, seed=3)))  # eval: nothing dropped
     assert (plain.dense[:, n_dense + 1].numpy() == (plain.sparse.to_dict()["item_id"].values().numpy() == 0)).all()
     assert schema_for(counted).counts["item"].folds == counted.statistics.folds
+
+
+def test_batches_carry_the_history_matches_of_the_side_table(counted):
+    """A match read from the loader's batches equals one computed from the raw catalogue and the raw history ids."""
+    import pyarrow.parquet as pq
+
+    from recsys.data import paths
+    from recsys.data.features import sequence_kjt_keys
+    from recsys.data.loader import BatchLoader
+    from recsys.data.resolved import schema_for
+    from recsys.spec.config import MatchFeature
+
+    spec = counted.model_copy(update={"statistics": counted.statistics.model_copy(update={"matches": [
+        MatchFeature(name="genre_matches", feature="item_genres", history="hist_items")]})})
+    schema = schema_for(spec)
+    genre_row = {k: i + 1 for i, k in enumerate(schema.vocab["genre"].to_pylist())}
+    movies = pq.read_table(paths.side_table_path(spec, "movies"), columns=["item_id", "genres"]).to_pylist()
+    first_genre = {m["item_id"]: genre_row.get((m["genres"] or "").split("|")[0], 0) for m in movies}
+    item_key = dict(enumerate(schema.vocab["item"].to_pylist(), start=1))
+    n_dense = len([f for f in spec.features_of("dense") if not f.bucketized])
+    batch = next(iter(BatchLoader(spec, "valid", 256, seed=3)))
+    col = n_dense + 4
+    got = batch.dense[:, col:col + 2].numpy()
+    kjt = batch.sparse.to_dict()
+    positions = [kjt[k].to_dense() for k in sequence_kjt_keys(next(f for f in spec.features if f.name == "hist_items"))]  # one key a position
+    cand = [v.tolist()[:1] for v in kjt["item_genres"].to_dense()]
+    for r in range(batch.size):
+        c = cand[r][0] if cand[r] else 0
+        hist = [h for p in positions for h in p[r].tolist()]
+        want = sum(1 for h in hist if h > 0 and c > 0 and first_genre.get(item_key[h], 0) == c)
+        assert got[r].tolist() == pytest.approx([np.log1p(want), float(c == 0)]), r
+    assert (got[:, 0] > 0).mean() > 0.3  # the check above is not all zeros
 
 
 def test_a_schema_whose_counts_do_not_fit_its_table_is_refused(counted, tmp_path):

@@ -10,6 +10,7 @@ from serving_helpers import ML, REPO, run_job, sets
 
 COUNTS = ("statistics.counts=[{name: item_buys, item: item_id}, "
           "{name: co_buys, item: item_id, history: hist_items, last: 5}]")
+MATCHES = "statistics.matches=[{name: genre_matches, feature: item_genres, history: hist_items}]"
 
 
 @pytest.fixture(scope="session")
@@ -27,9 +28,10 @@ def ml_model(ml_prepared, tiny_overrides, tmp_path_factory, serving_env):
     tmp = tmp_path_factory.mktemp("serving")
     prepared = tmp / "prepared"
     shutil.copytree(ml_prepared, prepared)
-    # with train counts (statistics.counts), which a bundle must carry and serving must compute as evaluation does
+    # with train counts (statistics.counts), which a bundle must carry and serving must compute as evaluation does,
+    # and a history match (statistics.matches), which serving computes from the bundle's catalogue
     overrides = tiny_overrides(f"data.prepared_dir={prepared}", "train.max_steps=20", f"train.output_dir={tmp / 'run'}",
-                               COUNTS)
+                               COUNTS, MATCHES)
     common = ["--spec", str(ML), *sets(overrides)]
     res = run_job("prepare_data.py", *common, env=serving_env)
     assert res.returncode == 0, res.stderr[-3000:]
