@@ -2,8 +2,8 @@
 
 Defaults that depend on speed (dense precision, threads per process, how many processes a CPU box should run) are
 decided from these detected capabilities, never from timings taken on one machine: a bf16 matmul is 2-5x faster
-than fp32 on a CPU with AVX512-BF16 or AMX and ~100x slower on an AVX2 CPU, so a default tuned on one is a trap on the
-other. `describe()` is what benchmarks and run logs print to say which machine a figure came from."""
+than fp32 on a CPU with AVX512-BF16 or AMX and ~100x slower on an AVX2 CPU, so a default tuned on one is a trap on
+the other. `describe()` is what benchmarks and run logs print to say which machine a figure came from."""
 from __future__ import annotations
 
 import contextlib

@@ -552,8 +552,9 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
         j = feature_index.get(m.feature)
         feat = spec.features[j] if j is not None else None
         if feat is None or feat.kind != "sparse" or feat.source is None:
+            side_sparse = (f.name for f in spec.features if f.kind == "sparse" and f.source)
             issues.append(((*loc, "feature"), f"'{m.feature}' is not a sparse feature read from a side table; "
-                           f"expected one of {_one_of(f.name for f in spec.features if f.kind == 'sparse' and f.source)}"))
+                           f"expected one of {_one_of(side_sparse)}"))
             continue
         k = feature_index.get(m.history)
         hist = spec.features[k] if k is not None else None

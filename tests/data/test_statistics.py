@@ -216,7 +216,8 @@ def test_batches_carry_the_history_matches_of_the_side_table(counted):
     col = n_dense + 4
     got = batch.dense[:, col:col + 2].numpy()
     kjt = batch.sparse.to_dict()
-    positions = [kjt[k].to_dense() for k in sequence_kjt_keys(next(f for f in spec.features if f.name == "hist_items"))]  # one key a position
+    hist_feature = next(f for f in spec.features if f.name == "hist_items")
+    positions = [kjt[k].to_dense() for k in sequence_kjt_keys(hist_feature)]  # one KJT key a history position
     cand = [v.tolist()[:1] for v in kjt["item_genres"].to_dense()]
     for r in range(batch.size):
         c = cand[r][0] if cand[r] else 0
