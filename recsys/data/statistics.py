@@ -211,10 +211,7 @@ def match_value_rows(spec: Spec, mapper) -> Dict[str, np.ndarray]:
     out: Dict[str, np.ndarray] = {}
     for m in spec.statistics.matches:
         feat, hist = features[m.feature], features[m.history]
-        if hist.table not in mapper.schema.vocab:
-            raise DataError(f"statistics.matches {m.name!r}: history '{m.history}' reads table '{hist.table}', "
-                            f"which has no vocabulary (a hash table's rows cannot be mapped back to ids)")
-        keys = mapper.schema.vocab[hist.table]
+        keys = mapper.schema.vocab[hist.table]  # a vocabulary table: spec validation (check_references) says so
         side_keys = mapper.side_keys[feat.source]
         side_row = arrowops.lookup(keys, side_keys, missing=-1)
         side_row = np.where(side_row < 0, len(side_keys), side_row)  # the side arrays' last row: no match

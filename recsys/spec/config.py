@@ -562,6 +562,12 @@ def check_references(spec: "Spec") -> List[Tuple[Loc, str]]:
             issues.append(((*loc, "history"), f"'{m.history}' is not a sequence feature; expected one of "
                            f"{_one_of(f.name for f in spec.features if f.kind == 'sequence')}"))
             continue
+        hist_table = next((t for t in spec.tables if t.name == hist.table), None)
+        if hist_table is not None and hist_table.index != "vocab":
+            issues.append(((*loc, "history"), f"sequence '{m.history}' reads table '{hist.table}' of index "
+                           f"'{hist_table.index}': a history item's value is found through its id, which needs a "
+                           f"vocabulary (a hashed row cannot be mapped back to an id)"))
+            continue
         side = side_tables.get(feat.source)
         keyed = [f for f in spec.features if f.kind == "id" and f.source is None and side is not None
                  and f.column == side.join_on]

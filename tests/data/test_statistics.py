@@ -99,22 +99,24 @@ def test_match_columns_count_the_history_items_that_share_the_candidates_value()
     assert cols[2, 1] == 1.0  # while the counts call the unseen candidate unknown
 
 
-@pytest.mark.parametrize("matches, message", [
-    ("[{name: m, feature: item_id, history: hist_items}]", "'item_id' is not a sparse feature read from a side"),
-    ("[{name: m, feature: item_genres, history: user_id}]", "'user_id' is not a sequence feature"),
-    ("[{name: m, feature: item_genres, history: hist_genres}]", "which no id feature of that table reads"),
-    ("[{name: item_buys, feature: item_genres, history: hist_items}]", "already a feature's or a count's"),
+@pytest.mark.parametrize("matches, more, message", [
+    ("[{name: m, feature: item_id, history: hist_items}]", [], "'item_id' is not a sparse feature read from a side"),
+    ("[{name: m, feature: item_genres, history: user_id}]", [], "'user_id' is not a sequence feature"),
+    ("[{name: m, feature: item_genres, history: hist_genres}]", [], "which no id feature of that table reads"),
+    ("[{name: m, feature: item_genres, history: hist_items}]",
+     ["tables.item.index=hash", "tables.item.num_buckets=100"], "needs a vocabulary"),
+    ("[{name: item_buys, feature: item_genres, history: hist_items}]", [], "already a feature's or a count's"),
     ("[{name: m, feature: item_genres, history: hist_items}, {name: m, feature: item_genres, history: hist_items}]",
-     "duplicate match name"),
+     [], "duplicate match name"),
 ])
-def test_bad_match_references_are_named(matches, message):
+def test_bad_match_references_are_named(matches, more, message):
     features = ("features=[{kind: id, name: item_id, column: item_id, side: item, table: item}, {kind: id, name: "
                 "user_id, column: user_id, side: user, table: user}, {kind: sequence, name: hist_items, column: "
                 "hist_item_ids, side: user, table: item, max_len: 20, target: item_id}, {kind: sequence, name: "
                 "hist_genres, column: hist_item_ids, side: user, table: genre, max_len: 20}, {kind: sparse, name: "
                 "item_genres, column: genres, source: movies, separator: '|', side: item, table: genre}]")
     with pytest.raises(SpecError, match=rf"statistics\.matches.*{message}"):
-        _spec(features, f"statistics.matches={matches}")
+        _spec(features, f"statistics.matches={matches}", *more)
 
 
 def test_counts_files_round_trip_and_bad_files_are_refused(tmp_path):
