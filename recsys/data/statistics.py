@@ -226,26 +226,18 @@ def count_columns(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.nd
     """[rows, spec.statistics.columns] float32 for mapped arrays `a` (after id dropout): per count, log1p(count)
     and the "unknown" flag (the candidate's id is row 0); then per match, log1p(matches) and the "unknown" flag
     (the candidate has no value). `match_values`: `match_value_rows`."""
-    n = len(a["labels"])
     table_of = {f.name: f.table for f in spec.features if f.kind in ("id", "sequence")}
-    out = np.zeros((n, spec.statistics.columns), np.float32)
-    for j, m in enumerate(spec.statistics.matches):
-        col = COLUMNS_PER_STATISTIC * (len(spec.statistics.counts) + j)
-        cand = np.where(a["sp/" + m.feature + "#len"] > 0, a["sp/" + m.feature][:, 0], 0).astype(np.int64)
-        seq = a["seq/" + m.history].astype(np.int64)
-        filled = np.arange(seq.shape[1])[None, :] < a["seq/" + m.history + "#len"][:, None]
-        # history positions hidden by id dropout read row 0, whose value is "none": they never match
-        hist = np.where(filled, match_values[m.name][seq], 0)
-        matches = ((hist == cand[:, None]) & (hist > 0)).sum(1)
-        out[:, col] = np.log1p(np.where(cand > 0, matches, 0))
-        out[:, col + 1] = cand == 0
-    if not spec.statistics.counts:
-        return out
-    fold = user_folds(a["user"], spec.statistics.folds)
+    out = np.zeros((len(a["labels"]), spec.statistics.columns), np.float32)
+
+    def put(i: int, value: np.ndarray, known: np.ndarray) -> None:
+        """Statistic i's columns (counts first, then matches): log1p of its value where known, the unknown flag."""
+        out[:, COLUMNS_PER_STATISTIC * i] = np.log1p(np.where(known, np.maximum(value, 0), 0))
+        out[:, COLUMNS_PER_STATISTIC * i + 1] = ~known
+
+    fold = user_folds(a["user"], spec.statistics.folds) if spec.statistics.counts else None
     for j, c in enumerate(spec.statistics.counts):
         tc = counts[table_of[c.item]]
         cand = a["id/" + c.item].astype(np.int64)
-        known = cand > 0
         if c.history is None:
             v = tc.buys_outside(cand, fold)
         else:
@@ -256,8 +248,14 @@ def count_columns(spec: Spec, counts: Dict[str, TableCounts], a: Dict[str, np.nd
             h = np.where(pos >= 0, np.take_along_axis(seq, np.maximum(pos, 0), 1), 0).astype(np.int64)
             both = tc.pairs_outside(cand[:, None], h, fold[:, None])
             v = np.where(h > 0, both, 0).sum(1)
-        out[:, COLUMNS_PER_STATISTIC * j] = np.log1p(np.where(known, np.maximum(v, 0), 0))
-        out[:, COLUMNS_PER_STATISTIC * j + 1] = ~known
+        put(j, v, cand > 0)
+    for j, m in enumerate(spec.statistics.matches):
+        cand = np.where(a["sp/" + m.feature + "#len"] > 0, a["sp/" + m.feature][:, 0], 0).astype(np.int64)
+        seq = a["seq/" + m.history].astype(np.int64)
+        filled = np.arange(seq.shape[1])[None, :] < a["seq/" + m.history + "#len"][:, None]
+        # history positions hidden by id dropout read row 0, whose value is "none": they never match
+        hist = np.where(filled, match_values[m.name][seq], 0)
+        put(len(spec.statistics.counts) + j, ((hist == cand[:, None]) & (hist > 0)).sum(1), cand > 0)
     return out
 
 
