@@ -325,6 +325,9 @@ class TrainSpec(StrictModel):
     # both learning rates are multiplied by lr_decay ** epoch: later epochs refine instead of re-fitting the
     # embeddings of small domains (which is where multi-epoch CTR training overfits)
     lr_decay: float = Field(default=1.0, gt=0, le=1.0)
+    # decay of an exponential moving average of the trained weights, which the run is then evaluated, selected,
+    # checkpointed and shipped with (recsys/train/weight_average.py; 0.99 averages over the last ~100 steps); null = off
+    ema_decay: Optional[float] = Field(default=None, gt=0, lt=1.0)
     seed: int = 2023
     output_dir: str = "runs/default"
     checkpoint_every_steps: int = Field(default=0, ge=0)  # 0 = at epoch ends only

@@ -51,8 +51,9 @@ _verified: Dict[str, tuple] = {}
 
 
 def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Dict[str, Any], keep: int,
-         protect: Optional[Path] = None) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
+         protect: Optional[Path] = None, extra: Optional[Dict[str, Any]] = None) -> Path:
+    """Collective: every rank calls it. Returns the final folder. `extra`: more named state dicts to write beside
+    "model" and "optim" (the training weights under a weight average: recsys/train/weight_average.py)."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = root / f"step_{step:09d}"
     tmp = root / f"step_{step:09d}.tmp"
@@ -61,7 +62,8 @@ def save(root: Path, step: int, model: torch.nn.Module, optimizer: Any, meta: Di
         if tmp.exists():
             shutil.rmtree(tmp)
     _barrier()
-    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()}, checkpoint_id=str(tmp))
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict(), **(extra or {})},
+             checkpoint_id=str(tmp))
     _barrier()
     if rank == 0:
         manifest = dict(meta, step=step, files=_file_digests(tmp), format=FORMAT)
@@ -298,13 +300,22 @@ def _check_model_shapes(folder: Path, model_state: Dict[str, Any]) -> None:
                               f"by a different spec")
 
 
-def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None) -> Dict[str, Any]:
-    """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest."""
+def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None,
+         extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Collective. Loads weights (and the optimiser state when given) in place; returns the manifest. `extra`: named
+    state dicts `save` wrote beside them, loaded in place into the tensors given."""
     manifest = verify(folder)
     state: Dict[str, Any] = {"model": model.state_dict()}
     _check_model_shapes(folder, state["model"])
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
+    saved = saved_keys(folder) if extra else set()
+    for name, values in (extra or {}).items():
+        absent = [k for k in values if f"{name}.{k}" not in saved]
+        if absent:
+            raise CheckpointError(f"{folder}: holds no {name} for {absent[0]}" +
+                                  (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""))
+        state[name] = values
     try:
         safe_dcp.load(state, folder, allowed_files=manifest["files"].keys())
     except CheckpointError:

@@ -4,6 +4,7 @@ step, recsys.train.step), with per-epoch evaluation on valid, best-epoch selecti
 resume, TensorBoard scalars and a progress bar on rank 0."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -41,8 +42,10 @@ from recsys.train.numerics import FiniteGradGuard, describe_batch
 from recsys.train.report import epoch_line, plan_table
 from recsys.train.sharding import data_parallel_wrapper_for, pin_kjt_order, plan_for, sharders_for
 from recsys.train.step import make_train_step
+from recsys.train.weight_average import WeightAverage
 
 log = logging.getLogger("recsys.train.loop")
+TRAINING_WEIGHTS = "training_weights"  # a checkpoint's entry for them under a weight average (see Trainer.save)
 
 
 def seed_everything(seed: int) -> None:
@@ -163,6 +166,12 @@ class Trainer:
                                             *([self.table_optimizer] if self.table_optimizer else [])])
         # what the finite-gradient guard checks before a step: every gradient the step applies
         self.stepped_params: Dict[str, torch.Tensor] = {**dense, **dp_tables}
+        self.average: Optional[WeightAverage] = None
+        if spec.train.ema_decay is not None:
+            self.average = WeightAverage(self._averaged_weights(), spec.train.ema_decay)
+            if ctx.is_main:
+                log.info("weight average (decay %g) over %s values on rank 0", spec.train.ema_decay,
+                         f"{self.average.numel:,}")
         self.state = RunState()
         self.compiled: Optional[bool] = None  # train.compile's answer, decided when the run's length is known
         self._loaders: Dict[str, Any] = {}  # split -> its BatchLoader, kept across epochs (see _loader)
@@ -178,6 +187,16 @@ class Trainer:
 
             self.out_dir.mkdir(parents=True, exist_ok=True)
             self.writer = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+    def _averaged_weights(self) -> Dict[str, torch.Tensor]:
+        """The dense weights this run trains: not the TorchRec tables (recsys/train/weight_average.py says why),
+        not frozen layers."""
+        return {k: p for k, p in self.dmp.named_parameters()
+                if p.requires_grad and not is_text_table_key(k) and ".l0.ebc." not in f".{k}"}
+
+    def averaged(self):
+        """A block in which the model holds the weight average (train.ema_decay); nothing changes without one."""
+        return self.average.swapped() if self.average is not None else contextlib.nullcontext()
 
     def compile_dense(self, planned_steps: Optional[int]) -> bool:
         """Apply `train.compile` (recsys/models/compiled.py) for a run of `planned_steps` training steps in this
@@ -262,8 +281,12 @@ class Trainer:
     def save(self, protect_best: bool = True) -> Path:
         protect = (self.out_dir / self.state.best_checkpoint) if (protect_best and self.state.best_checkpoint) \
             else None
-        return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
-                               self.spec.train.keep_checkpoints, protect)
+        # the average goes where the weights are read from (evaluation, export, fine-tuning), the training weights
+        # beside it for a resume
+        with self.averaged():
+            extra = {TRAINING_WEIGHTS: self.average.state_dict()} if self.average is not None else None
+            return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
+                                   self.spec.train.keep_checkpoints, protect, extra)
 
     def resume(self, allow_spec_change: bool = False) -> bool:
         """Load the newest good checkpoint of this run; False when there is none. Broken newer checkpoints are
@@ -288,7 +311,9 @@ class Trainer:
         for name, p in self.dense_optimizer.params.items():
             if name not in with_state:
                 self.dense_optimizer.state.pop(p, None)
-        manifest = checkpoint.load(found, self.dmp, self.optimizer)
+        with self.averaged():  # as saved: the average in the weights' place, the training weights aside
+            extra = {TRAINING_WEIGHTS: self.average.state_dict()} if self.average is not None else None
+            manifest = checkpoint.load(found, self.dmp, self.optimizer, extra)
         for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
                   "history"):
             setattr(self.state, k, manifest[k])
@@ -319,7 +344,8 @@ class Trainer:
             t_epoch = time.perf_counter()
             self._set_learning_rates(epoch)
             self._train_epoch(epoch)
-            metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
+            with self.averaged():
+                metrics = evaluate_split(self.dmp, spec, "valid", self.ctx)
             overall = selection_score(metrics, spec.train.select_metric)
             self.state.history.append({"epoch": epoch, "valid": metrics})
             self._log_eval(metrics, epoch)
@@ -393,6 +419,8 @@ class Trainer:
                 self._raise_numerics(e, epoch, recent)
             self.state.step_in_epoch += 1
             self.state.global_step += 1
+            if self.average is not None:
+                self.average.update(self.state.global_step - 1)
             if crash_at is not None and self.state.global_step == crash_at:
                 log.error("RECSYS_TEST_CRASH_AT_STEP=%d: exiting hard (testing hook)", crash_at)
                 os._exit(1)
