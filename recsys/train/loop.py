@@ -25,7 +25,7 @@ from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from recsys import hardware
-from recsys.errors import NumericsError, RecsysError
+from recsys.errors import CheckpointError, NumericsError, RecsysError
 from recsys.data.resolved import check_checkpoint_schema, schema_for
 from recsys.logs import CONSOLE
 from recsys.models.build import build_model, spec_table_rows, text_inputs_for
@@ -306,8 +306,11 @@ class Trainer:
         # Parameters that never had a gradient (unused in this spec) have no state in the checkpoint: drop theirs.
         self.dense_optimizer.init_state()
         self.dense_optimizer.zero_grad(set_to_none=True)
-        with_state = {k[len("optim.state."):].rsplit(".", 1)[0] for k in checkpoint.saved_keys(found)
-                      if k.startswith("optim.state.")}
+        saved = checkpoint.saved_keys(found)
+        if self.average is not None and not any(k.startswith(TRAINING_WEIGHTS + ".") for k in saved):
+            raise CheckpointError(f"{found}: was trained without train.ema_decay, so it holds no training weights "
+                                  f"beside an average; resume it without train.ema_decay")
+        with_state = {k[len("optim.state."):].rsplit(".", 1)[0] for k in saved if k.startswith("optim.state.")}
         for name, p in self.dense_optimizer.params.items():
             if name not in with_state:
                 self.dense_optimizer.state.pop(p, None)

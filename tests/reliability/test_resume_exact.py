@@ -3,8 +3,9 @@
 Exactness holds because everything a step depends on is restored: model weights, dense Adam and the fused
 RowWiseAdagrad state (DCP), the loader position (epoch, batches consumed -- the batch order is a pure function of
 (seed, epoch, rank, world size), and batches the pipeline had prefetched but not trained are simply read again),
-each rank's torch/numpy/python RNG, step counters and the evaluation history. CPU gloo reductions are
-deterministic for the same shapes, so the comparison is bitwise (floats compared with ==)."""
+each rank's torch/numpy/python RNG, step counters and the evaluation history, and the training weights beside the
+weight average these runs keep (`train.ema_decay`: checkpoints hold the average in the weights' place). CPU gloo
+reductions are deterministic for the same shapes, so the comparison is bitwise (floats compared with ==)."""
 from __future__ import annotations
 
 import re
@@ -15,12 +16,13 @@ import pytest
 from reliability_helpers import SPEC, kill_when, small_overrides, summary, torchrun
 
 pytestmark = [pytest.mark.slow, pytest.mark.multirank]
+AVERAGED = {"train.ema_decay": "0.9"}
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(ml_prepared, tmp_path_factory):
     out = tmp_path_factory.mktemp("rel_baseline") / "run"
-    proc = torchrun(["--spec", str(SPEC), *small_overrides(ml_prepared, out)], out.parent / "torchrun.log")
+    proc = torchrun(["--spec", str(SPEC), *small_overrides(ml_prepared, out, **AVERAGED)], out.parent / "torchrun.log")
     assert proc.returncode == 0, proc.stderr[-4000:]
     return summary(out)
 
@@ -31,7 +33,7 @@ def _metrics(s: dict) -> list:
 
 def test_kill_9_mid_epoch_then_resume_is_exact(ml_prepared, tmp_path, uninterrupted):
     out = tmp_path / "run"
-    args = ["--spec", str(SPEC), *small_overrides(ml_prepared, out)]
+    args = ["--spec", str(SPEC), *small_overrides(ml_prepared, out, **AVERAGED)]
     # step 15 = epoch 1, 3 of 12 batches done: a mid-epoch checkpoint after one finished epoch
     kill_when(args, out / "checkpoints" / "step_000000015", tmp_path / "killed.log")
     time.sleep(1.0)  # nothing may still be writing after a kill of launcher and workers
@@ -50,7 +52,7 @@ def test_torchrun_max_restarts_resumes_by_itself(ml_prepared, tmp_path, uninterr
     out = tmp_path / "run"
     # RECSYS_TEST_CRASH_AT_STEP: every rank os._exit(1)s after global step 8 (first attempt only); the newest
     # checkpoint then is step 5, mid-epoch 0. torchrun restarts the workers, which resume from it.
-    proc = torchrun(["--spec", str(SPEC), *small_overrides(ml_prepared, out)], tmp_path / "torchrun.log",
+    proc = torchrun(["--spec", str(SPEC), *small_overrides(ml_prepared, out, **AVERAGED)], tmp_path / "torchrun.log",
                     max_restarts=1,
                     RECSYS_TEST_CRASH_AT_STEP="8")
     assert proc.returncode == 0, proc.stderr[-4000:]
