@@ -1,4 +1,4 @@
-"""An exponential moving average of the trained weights (`train.weight_average`), kept beside the training weights.
+"""An exponential moving average of the trained weights (`train.ema_decay`), kept beside the training weights.
 
 Each step moves the average towards the weights the step produced: avg <- avg + (1 - d) * (w - avg), with
 d = min(decay, (1 + t) / (10 + t)) at global step t, so a short run is not dominated by the random start. The
@@ -14,7 +14,8 @@ average of the dense weights alone gave the whole gain (valid 0.8778 against 0.8
 
 Checkpoints are written with the average in the weights' place ("model", which evaluation, export, serving and
 fine-tuning read without knowing of it) and the training weights under "training_weights", which only a resume
-reads back. `swapped()` exchanges the two in place, so both states have the same layout and sharding.
+reads back. `swapped()` exchanges the two in place, so either can be in the weights' place without a copy of the
+model.
 """
 from __future__ import annotations
 
