@@ -29,9 +29,10 @@ def ml_model(ml_prepared, tiny_overrides, tmp_path_factory, serving_env):
     prepared = tmp / "prepared"
     shutil.copytree(ml_prepared, prepared)
     # with train counts (statistics.counts), which a bundle must carry and serving must compute as evaluation does,
-    # and a history match (statistics.matches), which serving computes from the bundle's catalogue
+    # and a history match (statistics.matches), which serving computes from the bundle's catalogue; trained with a
+    # weight average (train.ema_decay), so the bundle must carry the average, not the last step's weights
     overrides = tiny_overrides(f"data.prepared_dir={prepared}", "train.max_steps=20", f"train.output_dir={tmp / 'run'}",
-                               COUNTS, MATCHES)
+                               COUNTS, MATCHES, "train.ema_decay=0.9")
     common = ["--spec", str(ML), *sets(overrides)]
     res = run_job("prepare_data.py", *common, env=serving_env)
     assert res.returncode == 0, res.stderr[-3000:]
