@@ -126,10 +126,11 @@ def env_for_children() -> Dict[str, str]:
 # EPNet's tower FLOPs: a speed comparison at unequal model size. Since amazon_sr.yaml dropped its user id embedding
 # (a quality choice made on valid, docs/search_quality.md) the peers' configuration has none either, while the peers
 # embed the user id: docs/cpu_speed.md gives the goal ratio with and without it. Nor does it read the train counts
-# (`statistics.counts`), which the peers have no equivalent of.
+# (`statistics.counts`), which the peers have no equivalent of, nor keep a weight average (`train.ema_decay`, which the
+# peers do not; on this model's few dense weights it would cost next to nothing).
 _PEER_TABLES = ("item", "brand", "category", "query")
 _PEER_MODEL = ["model.dim=16", "features.hist_items.pooling=mean", "model.tower=shared_bottom", "model.hidden=[128]",
-               "text.mode=none", "statistics.counts=[]"]
+               "text.mode=none", "statistics.counts=[]", "train.ema_decay=null"]
 
 
 def peer_overrides(data: str) -> List[str]:
