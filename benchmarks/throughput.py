@@ -81,6 +81,8 @@ CONFIGS: Dict[str, tuple] = {
     "tr_full_train_1_no_counts": ("torchrec", "train", 1, "full", ["statistics.counts=[]"]),
     # information: the full model with LLM-only text (amazon-sr's default is hybrid: LLM vectors beside word tokens)
     "tr_full_train_1_llm_text": ("torchrec", "train", 1, "full", ["text.mode=llm"]),
+    # information: the full model with 16-wide word vectors (amazon-sr's default until 2026-12-08 was 16, now 64)
+    "tr_full_train_1_words16": ("torchrec", "train", 1, "full", ["text.random_dim=16"]),
     # information: the full model without the moving average of its dense weights (`train.ema_decay`: one more
     # elementwise pass over them per step)
     "tr_full_train_1_no_ema": ("torchrec", "train", 1, "full", ["train.ema_decay=null"]),
@@ -460,6 +462,7 @@ def ratios(configs: Dict[str, Any], metric: str = "samples_per_s") -> Dict[str, 
         "peers_config_auto_vs_fp32_precision": over("tr_peer_train_1_prebuilt", "tr_peer_train_1_prebuilt_fp32"),
         "full_auto_vs_fp32_precision": over("tr_full_train_1", "tr_full_train_1_fp32"),
         "full_vs_no_weight_average": over("tr_full_train_1", "tr_full_train_1_no_ema"),
+        "full_vs_16_wide_words": over("tr_full_train_1", "tr_full_train_1_words16"),
         "full_vs_plain_reference_1_rank": over("tr_full_train_1", "plain_full_train_1"),
         "full_vs_plain_reference_2_ranks": over("tr_full_train_2", "plain_full_train_2"),
         "full_2_ranks_vs_1_rank": over("tr_full_train_2", "tr_full_train_1"),
@@ -494,6 +497,7 @@ RATIO_LABELS = {
     "full_auto_vs_fp32_precision": "full model, train.precision auto / fp32, 1 process (the same for the full "
                                    "model)",
     "full_vs_no_weight_average": "full model with / without its weight average (train.ema_decay), 1 process",
+    "full_vs_16_wide_words": "full model / the same with 16-wide word vectors (text.random_dim), 1 process",
     "full_vs_plain_reference_1_rank": "full model, TorchRec / plain-PyTorch reference, 1 process (goal: >= 1.0)",
     "full_vs_plain_reference_2_ranks": "full model, TorchRec / plain-PyTorch reference, 2 ranks",
     "full_2_ranks_vs_1_rank": "full model, 2 ranks / 1 process (TorchRec)",
