@@ -309,13 +309,7 @@ def load(folder: Path, model: torch.nn.Module, optimizer: Optional[Any] = None,
     _check_model_shapes(folder, state["model"])
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
-    saved = saved_keys(folder) if extra else set()
-    for name, values in (extra or {}).items():
-        absent = [k for k in values if f"{name}.{k}" not in saved]
-        if absent:
-            raise CheckpointError(f"{folder}: holds no {name} for {absent[0]}" +
-                                  (f" (+{len(absent) - 1} more)" if len(absent) > 1 else ""))
-        state[name] = values
+    state.update(extra or {})  # one its checkpoint lacks fails below as a CheckpointError naming the key
     try:
         safe_dcp.load(state, folder, allowed_files=manifest["files"].keys())
     except CheckpointError:

@@ -194,6 +194,11 @@ class Trainer:
         return {k: p for k, p in self.dmp.named_parameters()
                 if p.requires_grad and not is_text_table_key(k) and ".l0.ebc." not in f".{k}"}
 
+    def _aside_state(self) -> Optional[Dict[str, Any]]:
+        """What a checkpoint holds beside the model and optimiser: the training weights, while `averaged()` has the
+        average in their place (None without a weight average)."""
+        return {TRAINING_WEIGHTS: self.average.state_dict()} if self.average is not None else None
+
     def averaged(self):
         """A block in which the model holds the weight average (train.ema_decay); nothing changes without one."""
         return self.average.swapped() if self.average is not None else contextlib.nullcontext()
@@ -284,9 +289,8 @@ class Trainer:
         # the average goes where the weights are read from (evaluation, export, fine-tuning), the training weights
         # beside it for a resume
         with self.averaged():
-            extra = {TRAINING_WEIGHTS: self.average.state_dict()} if self.average is not None else None
             return checkpoint.save(self.ckpt_root, self.state.global_step, self.dmp, self.optimizer, self._meta(),
-                                   self.spec.train.keep_checkpoints, protect, extra)
+                                   self.spec.train.keep_checkpoints, protect, self._aside_state())
 
     def resume(self, allow_spec_change: bool = False) -> bool:
         """Load the newest good checkpoint of this run; False when there is none. Broken newer checkpoints are
@@ -315,8 +319,7 @@ class Trainer:
             if name not in with_state:
                 self.dense_optimizer.state.pop(p, None)
         with self.averaged():  # as saved: the average in the weights' place, the training weights aside
-            extra = {TRAINING_WEIGHTS: self.average.state_dict()} if self.average is not None else None
-            manifest = checkpoint.load(found, self.dmp, self.optimizer, extra)
+            manifest = checkpoint.load(found, self.dmp, self.optimizer, self._aside_state())
         for k in ("epoch", "step_in_epoch", "global_step", "best_metric", "best_epoch", "best_checkpoint",
                   "history"):
             setattr(self.state, k, manifest[k])
